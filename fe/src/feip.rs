@@ -1,0 +1,550 @@
+//! FEIP: inner-product functional encryption (Abdalla, Bourse, De Caro, Pointcheval, PKC 2015).
+//!
+//! In a group of prime order `q` with generator `G` (additive notation):
+//!
+//! * **Setup(n)**: `s_i ←$ Z_q`, `H_i = s_i·G`; `mpk = (H_1..H_n)`, `msk = (s_1..s_n)`.
+//! * **Encrypt(mpk, x ∈ Zⁿ)**: `r ←$ Z_q`; `C_0 = r·G`, `C_i = r·H_i + x_i·G`.
+//! * **KeyDerive(msk, y ∈ Zⁿ)**: `sk_y = Σ s_i·y_i mod q`.
+//! * **Decrypt(C, y, sk_y)**: `D = Σ y_i·C_i − sk_y·C_0 = r·Σ y_i s_i G + ⟨x,y⟩·G − sk_y·r·G
+//!   = ⟨x, y⟩·G`, then the bounded discrete log of `D` ([`crate::dlog`]).
+//!
+//! The key for `y` reveals `⟨x, y⟩` and (under DDH) nothing else about `x`. Negative values of
+//! `x` and `y` are residues mod `q`. [`FeipParams::x_bound`] bounds `|x_i|`; decryption
+//! searches `|⟨x, y⟩| ≤ x_bound·‖y‖₁` and fails with an error, never a wrong number, when the
+//! point is not within that bound (tampered ciphertext, key for another vector, or a value
+//! beyond the promise).
+//!
+//! Speed: encryption uses fixed-base tables for `G` and every `H_i`; decryption of many
+//! ciphertexts against many keys ([`decrypt_matrix`]) uses the small-scalar bucket method or
+//! per-point small-multiple tables, whichever costs fewer additions, a fixed-base table for a
+//! `C_0` shared by many keys, batched discrete logs, and all cores.
+
+use crate::dlog::{DlogTable, GeneratorTable};
+use crate::encoding::bound_for_key;
+use crate::error::{FeError, Result};
+use crate::group::{wrap, FeCurve, RawPoint};
+use crate::msm::{
+    best_window, msm_signed_with, recode_scalar, windows_for, FixedBase, SmallMultiples,
+};
+use crate::serial::{put_i64s, put_point, put_points, put_scalar, serde_via_bytes, Encode, Reader};
+use curv::arithmetic::{BigInt, Converter};
+use curv::elliptic::curves::{ECPoint, Point, Scalar};
+use zeroize::{Zeroize, Zeroizing};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Window of the fixed-base tables of encryption (`⌈256/w⌉+1` additions per element).
+const ENC_WINDOW: usize = 5;
+/// Window of the per-ciphertext `C_0` table in batched decryption.
+const C0_WINDOW: usize = 5;
+/// From this many keys on, a ciphertext's `C_0` gets a fixed-base table.
+const C0_TABLE_MIN_KEYS: usize = 6;
+/// Small-multiple tables are used only up to this largest key entry.
+const SMALL_MULTIPLES_MAX: u64 = 1 << 12;
+
+/// Public parameters: the vector length and the bound on plaintext entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeipParams {
+    /// Length of the vectors.
+    pub n: usize,
+    /// Bound on `|x_i|` for encrypted entries (255 for pixels).
+    pub x_bound: u64,
+}
+
+impl FeipParams {
+    /// Parameters for vectors of length `n` with `|x_i| ≤ x_bound`.
+    pub fn new(n: usize, x_bound: u64) -> Result<Self> {
+        if n == 0 || n > (1 << 24) {
+            return Err(FeError::OutOfRange {
+                what: "vector length",
+                value: n as i128,
+                bound: 1 << 24,
+            });
+        }
+        if x_bound == 0 || x_bound > (1 << 40) {
+            return Err(FeError::OutOfRange {
+                what: "plaintext bound",
+                value: x_bound as i128,
+                bound: 1 << 40,
+            });
+        }
+        Ok(FeipParams { n, x_bound })
+    }
+
+    fn check_len(&self, what: &'static str, got: usize) -> Result<()> {
+        if got != self.n {
+            return Err(FeError::LengthMismatch {
+                what,
+                got,
+                expected: self.n,
+            });
+        }
+        Ok(())
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.n as u64).to_le_bytes());
+        out.extend_from_slice(&self.x_bound.to_le_bytes());
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        let n = r.u64()?;
+        let b = r.u64()?;
+        Self::new(usize::try_from(n).unwrap_or(usize::MAX), b)
+    }
+}
+
+/// The master public key `(H_1..H_n)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeipPublicKey<E: FeCurve> {
+    params: FeipParams,
+    h: Vec<Point<E>>,
+}
+
+/// The master secret key `(s_1..s_n)`. Never leaves the authority; the scalars are zeroized
+/// when dropped (by `curv`), and [`crate::serial::write_atomic`] writes it with mode 0600.
+pub struct FeipMasterSecretKey<E: FeCurve> {
+    params: FeipParams,
+    s: Vec<Scalar<E>>,
+    /// The same scalars as little-endian 64-bit limbs, for fast key derivation.
+    limbs: Zeroizing<Vec<[u64; 4]>>,
+}
+
+impl<E: FeCurve> std::fmt::Debug for FeipMasterSecretKey<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "FeipMasterSecretKey {{ params: {:?}, s: <redacted> }}",
+            self.params
+        )
+    }
+}
+
+/// A function key: the vector `y` and `sk_y = ⟨s, y⟩ mod q`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeipFunctionKey<E: FeCurve> {
+    y: Vec<i64>,
+    sk: Scalar<E>,
+}
+
+/// A ciphertext `(C_0, C_1..C_n)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeipCiphertext<E: FeCurve> {
+    c0: Point<E>,
+    c: Vec<Point<E>>,
+}
+
+/// Generates a fresh key pair for `params`.
+pub fn setup<E: FeCurve>(params: FeipParams) -> (FeipPublicKey<E>, FeipMasterSecretKey<E>) {
+    let s: Vec<Scalar<E>> = (0..params.n).map(|_| Scalar::random()).collect();
+    let g = Point::<E>::generator();
+    let h = s.par_iter().map(|si| g * si).collect();
+    (
+        FeipPublicKey { params, h },
+        FeipMasterSecretKey::from_scalars(params, s),
+    )
+}
+
+/// Little-endian limbs of a scalar.
+fn limbs_of<E: FeCurve>(s: &Scalar<E>) -> [u64; 4] {
+    let b = Zeroizing::new(E::scalar_le_bytes(s));
+    let mut l = [0u64; 4];
+    for (i, limb) in l.iter_mut().enumerate() {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[8 * i..8 * i + 8]);
+        *limb = u64::from_le_bytes(w);
+    }
+    l
+}
+
+/// `acc += s·m` on 384-bit little-endian integers (no overflow for the sizes used here:
+/// `n < 2^24` terms below `2^256·2^64`).
+#[inline]
+fn mul_add(acc: &mut [u64; 6], s: &[u64; 4], m: u64) {
+    let mut carry: u128 = 0;
+    for i in 0..4 {
+        let t = u128::from(acc[i]) + u128::from(s[i]) * u128::from(m) + carry;
+        acc[i] = t as u64;
+        carry = t >> 64;
+    }
+    for a in acc.iter_mut().skip(4) {
+        let t = u128::from(*a) + carry;
+        *a = t as u64;
+        carry = t >> 64;
+    }
+}
+
+/// The integer in `acc` reduced mod `q`.
+fn reduce<E: FeCurve>(acc: &[u64; 6]) -> Scalar<E> {
+    let mut be = Zeroizing::new([0u8; 48]);
+    for (i, limb) in acc.iter().enumerate() {
+        be[40 - 8 * i..48 - 8 * i].copy_from_slice(&limb.to_be_bytes());
+    }
+    let mut n = BigInt::from_bytes(&be[..]);
+    let s = Scalar::from_bigint(&n);
+    n.zeroize();
+    s
+}
+
+impl<E: FeCurve> FeipPublicKey<E> {
+    /// The parameters.
+    pub fn params(&self) -> FeipParams {
+        self.params
+    }
+    /// The points `H_i`.
+    pub fn points(&self) -> &[Point<E>] {
+        &self.h
+    }
+}
+
+impl<E: FeCurve> FeipMasterSecretKey<E> {
+    /// The parameters.
+    pub fn params(&self) -> FeipParams {
+        self.params
+    }
+
+    /// The matching public key.
+    pub fn public_key(&self) -> FeipPublicKey<E> {
+        let g = Point::<E>::generator();
+        FeipPublicKey {
+            params: self.params,
+            h: self.s.par_iter().map(|si| g * si).collect(),
+        }
+    }
+
+    fn from_scalars(params: FeipParams, s: Vec<Scalar<E>>) -> Self {
+        let limbs = Zeroizing::new(s.iter().map(limbs_of).collect());
+        FeipMasterSecretKey { params, s, limbs }
+    }
+
+    /// Derives the key of `y` (length `n`): `sk_y = Σ s_i·y_i mod q`.
+    ///
+    /// The sum is taken over the integers (positive and negative terms apart, in 384-bit
+    /// accumulators that are zeroized afterwards) and reduced once.
+    pub fn derive_key(&self, y: &[i64]) -> Result<FeipFunctionKey<E>> {
+        self.params.check_len("key vector", y.len())?;
+        let mut pos = Zeroizing::new([0u64; 6]);
+        let mut neg = Zeroizing::new([0u64; 6]);
+        for (si, &yi) in self.limbs.iter().zip(y) {
+            if yi > 0 {
+                mul_add(&mut pos, si, yi.unsigned_abs());
+            } else if yi < 0 {
+                mul_add(&mut neg, si, yi.unsigned_abs());
+            }
+        }
+        let sk = reduce::<E>(&pos) - reduce::<E>(&neg);
+        Ok(FeipFunctionKey { y: y.to_vec(), sk })
+    }
+
+    /// Derives many keys in parallel.
+    pub fn derive_keys(&self, ys: &[Vec<i64>]) -> Result<Vec<FeipFunctionKey<E>>> {
+        ys.par_iter().map(|y| self.derive_key(y)).collect()
+    }
+}
+
+impl<E: FeCurve> FeipFunctionKey<E> {
+    /// The vector this key decrypts the inner product with.
+    pub fn vector(&self) -> &[i64] {
+        &self.y
+    }
+    /// The secret part `sk_y`.
+    pub fn secret(&self) -> &Scalar<E> {
+        &self.sk
+    }
+}
+
+impl<E: FeCurve> FeipCiphertext<E> {
+    /// `C_0 = r·G`.
+    pub fn c0(&self) -> &Point<E> {
+        &self.c0
+    }
+    /// `C_i = r·H_i + x_i·G`.
+    pub fn elements(&self) -> &[Point<E>] {
+        &self.c
+    }
+    /// Assembles a ciphertext from its points (for example read from a file).
+    pub fn from_parts(c0: Point<E>, c: Vec<Point<E>>) -> Self {
+        FeipCiphertext { c0, c }
+    }
+}
+
+/// Encrypts under a public key with precomputed fixed-base tables (build once, reuse).
+pub struct FeipEncryptor<E: FeCurve> {
+    pk: FeipPublicKey<E>,
+    g: GeneratorTable<E>,
+    h: Vec<FixedBase<E>>,
+}
+
+impl<E: FeCurve> FeipEncryptor<E> {
+    /// Precomputes the tables for `pk` (`n·53·16` points, about 150 KiB per element on
+    /// Ristretto, in parallel).
+    pub fn new(pk: &FeipPublicKey<E>) -> Self {
+        let small = pk.params.x_bound.min(1 << 16) as usize;
+        FeipEncryptor {
+            g: GeneratorTable::new(small, ENC_WINDOW),
+            h: pk
+                .h
+                .par_iter()
+                .map(|p| FixedBase::new(p.as_raw(), ENC_WINDOW))
+                .collect(),
+            pk: pk.clone(),
+        }
+    }
+
+    /// The public key.
+    pub fn public_key(&self) -> &FeipPublicKey<E> {
+        &self.pk
+    }
+
+    /// Encrypts `x` (length `n`, `|x_i| ≤ x_bound`).
+    pub fn encrypt(&self, x: &[i64]) -> Result<FeipCiphertext<E>> {
+        let p = self.pk.params;
+        p.check_len("plaintext vector", x.len())?;
+        if let Some(&v) = x.iter().find(|v| v.unsigned_abs() > p.x_bound) {
+            return Err(FeError::OutOfRange {
+                what: "plaintext entry",
+                value: v.into(),
+                bound: p.x_bound.into(),
+            });
+        }
+        let r = Scalar::<E>::random();
+        let digits = recode_scalar(&r, ENC_WINDOW);
+        let c0 = wrap(self.g.mul(&r));
+        let c = self
+            .h
+            .iter()
+            .zip(x)
+            .map(|(t, &xi)| {
+                let mut ci = t.mul_digits(&digits);
+                if xi != 0 {
+                    ci.add_point_assign(&self.g.mul_i64(xi));
+                }
+                wrap(ci)
+            })
+            .collect();
+        Ok(FeipCiphertext { c0, c })
+    }
+
+    /// Encrypts many vectors in parallel.
+    pub fn encrypt_many(&self, xs: &[Vec<i64>]) -> Result<Vec<FeipCiphertext<E>>> {
+        xs.par_iter().map(|x| self.encrypt(x)).collect()
+    }
+}
+
+/// Decrypts one inner product.
+pub fn decrypt<E: FeCurve>(
+    params: &FeipParams,
+    ct: &FeipCiphertext<E>,
+    key: &FeipFunctionKey<E>,
+    dlog: &DlogTable<E>,
+) -> Result<i64> {
+    let m = decrypt_matrix(
+        params,
+        std::slice::from_ref(ct),
+        std::slice::from_ref(key),
+        dlog,
+    )?;
+    m.into_iter()
+        .next()
+        .and_then(|row| row.into_iter().next())
+        .ok_or(FeError::InvalidOperation("empty result".into()))
+}
+
+/// Decrypts one ciphertext against many keys (the forward pass: one sample, H neuron rows).
+pub fn decrypt_many_keys<E: FeCurve>(
+    params: &FeipParams,
+    ct: &FeipCiphertext<E>,
+    keys: &[FeipFunctionKey<E>],
+    dlog: &DlogTable<E>,
+) -> Result<Vec<i64>> {
+    let mut m = decrypt_matrix(params, std::slice::from_ref(ct), keys, dlog)?;
+    Ok(m.pop().unwrap_or_default())
+}
+
+/// Decrypts many ciphertexts against one key (the backward pass: one neuron, every pixel).
+pub fn decrypt_many_ciphertexts<E: FeCurve>(
+    params: &FeipParams,
+    cts: &[FeipCiphertext<E>],
+    key: &FeipFunctionKey<E>,
+    dlog: &DlogTable<E>,
+) -> Result<Vec<i64>> {
+    let m = decrypt_matrix(params, cts, std::slice::from_ref(key), dlog)?;
+    Ok(m.into_iter().map(|r| r[0]).collect())
+}
+
+/// Per-key data prepared once for a whole batch.
+struct PreparedKey<'a> {
+    y: &'a [i64],
+    max_abs: u64,
+    bound: u64,
+    sk_digits: Vec<i32>,
+}
+
+/// Decrypts every ciphertext against every key: `out[c][k] = ⟨x_c, y_k⟩`.
+///
+/// Fails if any length differs from `params.n`, if some key's bound `x_bound·‖y‖₁` exceeds the
+/// solver's limit (checked before any work), or if any result is not within its bound.
+pub fn decrypt_matrix<E: FeCurve>(
+    params: &FeipParams,
+    cts: &[FeipCiphertext<E>],
+    keys: &[FeipFunctionKey<E>],
+    dlog: &DlogTable<E>,
+) -> Result<Vec<Vec<i64>>> {
+    for ct in cts {
+        params.check_len("ciphertext", ct.c.len())?;
+    }
+    let prepared: Vec<PreparedKey<'_>> = keys
+        .iter()
+        .map(|k| {
+            params.check_len("key vector", k.y.len())?;
+            let needed = bound_for_key(&k.y, params.x_bound);
+            dlog.check_bound(needed)?;
+            Ok(PreparedKey {
+                y: &k.y,
+                max_abs: k.y.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0),
+                bound: needed as u64,
+                sk_digits: recode_scalar(&k.sk, C0_WINDOW),
+            })
+        })
+        .collect::<Result<_>>()?;
+    let n = params.n;
+    let h = keys.len();
+    let m = prepared.iter().map(|k| k.max_abs).max().unwrap_or(0);
+    // Additions per ciphertext of the two strategies.
+    let c = best_window(n, m.max(1));
+    let windows = windows_for(m.max(1), c);
+    let cost_buckets = h * windows * (n + (1usize << c));
+    let cost_multiples = n * m as usize + h * n;
+    let use_multiples = m <= SMALL_MULTIPLES_MAX && cost_multiples < cost_buckets;
+    let bounds: Vec<u64> = prepared.iter().map(|k| k.bound).collect();
+    cts.par_iter()
+        .map(|ct| {
+            let pts: Vec<RawPoint<E>> = ct.c.iter().map(|p| p.as_raw().clone()).collect();
+            let c0 = ct.c0.as_raw();
+            let c0_table = (h >= C0_TABLE_MIN_KEYS).then(|| FixedBase::<E>::new(c0, C0_WINDOW));
+            let c0_term = |k: &PreparedKey<'_>, sk: &Scalar<E>| match &c0_table {
+                Some(t) => t.mul_digits(&k.sk_digits),
+                None => c0.scalar_mul(sk.as_raw()),
+            };
+            let d: Vec<RawPoint<E>> = if use_multiples {
+                let tables: Vec<SmallMultiples<E>> = (0..n)
+                    .map(|i| {
+                        let mi = prepared
+                            .iter()
+                            .map(|k| k.y[i].unsigned_abs())
+                            .max()
+                            .unwrap_or(0);
+                        SmallMultiples::new(&pts[i], mi as usize)
+                    })
+                    .collect();
+                prepared
+                    .par_iter()
+                    .zip(keys)
+                    .map(|(k, key)| {
+                        let mut acc = E::Point::zero();
+                        for (t, &yi) in tables.iter().zip(k.y) {
+                            t.add_to(&mut acc, yi);
+                        }
+                        acc.sub_point_assign(&c0_term(k, &key.sk));
+                        acc
+                    })
+                    .collect()
+            } else {
+                prepared
+                    .par_iter()
+                    .zip(keys)
+                    .map_init(Vec::new, |buckets, (k, key)| {
+                        let mut acc = msm_signed_with::<E>(&pts, k.y, k.max_abs, buckets);
+                        acc.sub_point_assign(&c0_term(k, &key.sk));
+                        acc
+                    })
+                    .collect()
+            };
+            dlog.solve_batch(&d, &bounds)
+                .into_iter()
+                .collect::<Result<Vec<i64>>>()
+        })
+        .collect()
+}
+
+impl<E: FeCurve> Encode<E> for FeipParams {
+    const KIND: u8 = 1;
+    const NAME: &'static str = "FEIP parameters";
+    fn encode_payload(&self, out: &mut Vec<u8>) {
+        self.encode(out)
+    }
+    fn decode_payload(r: &mut Reader<'_>) -> Result<Self> {
+        Self::decode(r)
+    }
+}
+
+impl<E: FeCurve> Encode<E> for FeipPublicKey<E> {
+    const KIND: u8 = 2;
+    const NAME: &'static str = "FEIP public key";
+    fn encode_payload(&self, out: &mut Vec<u8>) {
+        self.params.encode(out);
+        put_points(out, &self.h);
+    }
+    fn decode_payload(r: &mut Reader<'_>) -> Result<Self> {
+        let params = FeipParams::decode(r)?;
+        let h = r.points::<E>()?;
+        params.check_len("public key", h.len())?;
+        if h.iter().any(|p| p.is_zero()) {
+            return Err(FeError::InvalidEncoding("public key point (identity)"));
+        }
+        Ok(FeipPublicKey { params, h })
+    }
+}
+
+impl<E: FeCurve> Encode<E> for FeipMasterSecretKey<E> {
+    const KIND: u8 = 3;
+    const NAME: &'static str = "FEIP master secret key";
+    fn encode_payload(&self, out: &mut Vec<u8>) {
+        self.params.encode(out);
+        out.extend_from_slice(&(self.s.len() as u32).to_le_bytes());
+        for s in &self.s {
+            put_scalar(out, s);
+        }
+    }
+    fn decode_payload(r: &mut Reader<'_>) -> Result<Self> {
+        let params = FeipParams::decode(r)?;
+        let n = r.len(32)?;
+        params.check_len("master secret key", n)?;
+        let s = (0..n)
+            .map(|_| r.scalar::<E>())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(FeipMasterSecretKey::from_scalars(params, s))
+    }
+}
+
+impl<E: FeCurve> Encode<E> for FeipFunctionKey<E> {
+    const KIND: u8 = 4;
+    const NAME: &'static str = "FEIP function key";
+    fn encode_payload(&self, out: &mut Vec<u8>) {
+        put_i64s(out, &self.y);
+        put_scalar(out, &self.sk);
+    }
+    fn decode_payload(r: &mut Reader<'_>) -> Result<Self> {
+        let y = r.i64s()?;
+        let sk = r.scalar::<E>()?;
+        Ok(FeipFunctionKey { y, sk })
+    }
+}
+
+impl<E: FeCurve> Encode<E> for FeipCiphertext<E> {
+    const KIND: u8 = 5;
+    const NAME: &'static str = "FEIP ciphertext";
+    fn encode_payload(&self, out: &mut Vec<u8>) {
+        put_point(out, &self.c0);
+        put_points(out, &self.c);
+    }
+    fn decode_payload(r: &mut Reader<'_>) -> Result<Self> {
+        let c0 = r.point::<E>()?;
+        let c = r.points::<E>()?;
+        Ok(FeipCiphertext { c0, c })
+    }
+}
+
+serde_via_bytes!(FeipPublicKey);
+serde_via_bytes!(FeipFunctionKey);
+serde_via_bytes!(FeipCiphertext);

@@ -1,0 +1,123 @@
+//! The prime-order groups the schemes run on, through `curv-kzen`.
+//!
+//! Everything in this crate is generic over [`FeCurve`], a `curv` [`Curve`] plus the few
+//! curve-specific fast paths the schemes need:
+//!
+//! * a 128-bit *fingerprint* of many points at once, the key of the discrete-log table. On
+//!   Ristretto255 the canonical encoding needs one field inversion per point (about 3 µs), so
+//!   the fingerprint of `P` is taken from the encoding of `2P`, which dalek computes for a whole
+//!   batch with one shared inversion (Montgomery's trick). Doubling is a bijection in a group of
+//!   odd prime order, so fingerprints of distinct points collide only by accident of the
+//!   truncation to 128 bits (probability about 2^-128 per pair).
+//! * scalars as little-endian bytes, for windowed recoding.
+//!
+//! [`Ristretto`] (the default: fast, prime order, about 128-bit security) and [`Secp256k1`]
+//! are implemented.
+
+use curv::elliptic::curves::{Curve, ECPoint, ECScalar, Point, Scalar};
+pub use curv::elliptic::curves::{Ristretto, Secp256k1};
+
+/// The raw point type of a curve, on which the hot loops work directly.
+pub type RawPoint<E> = <E as Curve>::Point;
+
+/// A `curv` curve usable by the schemes of this crate.
+pub trait FeCurve: Curve {
+    /// Length in bytes of a compressed point encoding.
+    const POINT_LEN: usize;
+
+    /// Fingerprints of points for the discrete-log table: equal points give equal
+    /// fingerprints, the identity gives 0, distinct points differ except with probability
+    /// about 2^-128.
+    fn fingerprints(points: &[RawPoint<Self>]) -> Vec<u128>;
+
+    /// The scalar's canonical value as 32 little-endian bytes.
+    fn scalar_le_bytes(s: &Scalar<Self>) -> [u8; 32];
+}
+
+impl FeCurve for Ristretto {
+    const POINT_LEN: usize = 32;
+
+    fn fingerprints(points: &[RawPoint<Self>]) -> Vec<u128> {
+        use curve25519_dalek::ristretto::RistrettoPoint;
+        // dalek's batched encoding panics on the identity (a zero field element cannot be
+        // inverted), so the identity is answered directly and left out of the batch.
+        let mut out = vec![0u128; points.len()];
+        let (idx, raw): (Vec<usize>, Vec<RistrettoPoint>) = points
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !p.is_zero())
+            .map(|(i, p)| (i, *p.underlying_ref()))
+            .unzip();
+        let enc = RistrettoPoint::double_and_compress_batch(&raw);
+        for (i, e) in idx.into_iter().zip(enc) {
+            out[i] = fingerprint_bytes(e.as_bytes());
+        }
+        out
+    }
+
+    fn scalar_le_bytes(s: &Scalar<Self>) -> [u8; 32] {
+        s.as_raw().underlying_ref().to_bytes()
+    }
+}
+
+impl FeCurve for Secp256k1 {
+    const POINT_LEN: usize = 33;
+
+    fn fingerprints(points: &[RawPoint<Self>]) -> Vec<u128> {
+        // curv keeps secp256k1 points affine, so the encoding is cheap and needs no batching.
+        // The first byte (02 or 03) carries the sign of y: P and -P differ there.
+        points
+            .iter()
+            .map(|p| {
+                if p.is_zero() {
+                    0
+                } else {
+                    fingerprint_bytes(&p.serialize_compressed())
+                }
+            })
+            .collect()
+    }
+
+    fn scalar_le_bytes(s: &Scalar<Self>) -> [u8; 32] {
+        let be = s.as_raw().serialize();
+        let mut le = [0u8; 32];
+        for (d, b) in le.iter_mut().zip(be.iter().rev()) {
+            *d = *b;
+        }
+        le
+    }
+}
+
+fn fingerprint_bytes(b: &[u8]) -> u128 {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&b[..16]);
+    // Never 0 for a non-identity point: 0 is reserved for the identity.
+    u128::from_le_bytes(a).max(1)
+}
+
+/// The generator of the group as a raw point.
+pub(crate) fn generator<E: FeCurve>() -> RawPoint<E> {
+    E::Point::generator().clone()
+}
+
+/// Wraps a raw point computed from valid points back into curv's checked type.
+pub(crate) fn wrap<E: FeCurve>(p: RawPoint<E>) -> Point<E> {
+    // Sums and multiples of valid points of a prime-order group are valid, so this cannot
+    // fail; the checked constructor is still used, and a failure would surface as identity.
+    Point::from_raw(p).unwrap_or_else(|_| Point::zero())
+}
+
+/// A scalar from a signed machine integer (negative values map to q - |v|).
+pub fn scalar_from_i64<E: FeCurve>(v: i64) -> Scalar<E> {
+    let s = Scalar::<E>::from(v.unsigned_abs());
+    if v < 0 {
+        -s
+    } else {
+        s
+    }
+}
+
+/// `v * P` for a signed machine integer, by curv's scalar multiplication.
+pub fn mul_i64<E: FeCurve>(p: &Point<E>, v: i64) -> Point<E> {
+    p * scalar_from_i64::<E>(v)
+}
