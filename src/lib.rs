@@ -1,1 +1,42 @@
-//! cryptonn
+//! # cryptonn: training neural networks on functionally encrypted data
+//!
+//! The three roles of CryptoNN (Xu, Joshi and Li, 2019) as library modules:
+//!
+//! * [`authority`]: holds the master secret keys, publishes the public parameters and derives
+//!   function keys on request, under a key policy, with an audit log.
+//! * [`client`]: encodes and encrypts a dataset into an encrypted-dataset file ([`dataset`]).
+//! * [`trainer`]: trains a network whose first layer is computed over the encrypted data
+//!   ([`secure`]), asking the authority for keys at every step.
+//!
+//! They talk through [`protocol`]. The group is Ristretto255 ([`Curve`]).
+#![deny(missing_docs)]
+
+pub mod client;
+pub mod dataset;
+pub mod authority;
+pub mod protocol;
+pub mod secure;
+pub mod trainer;
+
+/// A progress bar on stderr, hidden when `show` is false or stderr is not a terminal.
+pub fn progress_bar(show: bool, len: u64, what: &str) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} (eta {eta})",
+    ) {
+        pb.set_style(style);
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// The group every role uses.
+pub type Curve = fe::Ristretto;
+
+/// Length of a first-layer row: 784 pixels and the bias input.
+pub const ROW_LEN: usize = 785;
+/// Bound on encrypted pixel values.
+pub const PIXEL_BOUND: u64 = 255;

@@ -251,6 +251,11 @@ impl<E: FeCurve> FeipFunctionKey<E> {
     pub fn secret(&self) -> &Scalar<E> {
         &self.sk
     }
+    /// Assembles a key from its vector and secret part (for example received over a network:
+    /// the authority need not echo the vector back).
+    pub fn from_parts(y: Vec<i64>, sk: Scalar<E>) -> Self {
+        FeipFunctionKey { y, sk }
+    }
 }
 
 impl<E: FeCurve> FeipCiphertext<E> {

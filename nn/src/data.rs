@@ -1,0 +1,425 @@
+//! Datasets of 8-bit images with class labels, and the fixed batch partition.
+//!
+//! Images are kept as raw pixel integers `0..=255`, one flattened image per row; the float
+//! value of a pixel is `pixel / 255` ([`crate::first_layer::PIXEL_SCALE`]).
+//!
+//! A dataset of `N` samples is cut into `ceil(N / B)` consecutive batches of `B` samples, the
+//! last one possibly shorter (or dropped). This partition is fixed: an encrypted dataset is
+//! encrypted batch by batch, so training may reorder batches between epochs but never change
+//! their contents. [`Dataset::shuffled`] offers a one-time seeded shuffle of the samples before
+//! partitioning.
+
+use std::ops::Range;
+use std::path::PathBuf;
+
+use ndarray::{Array2, ArrayView2, Axis, Slice};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::first_layer::{BIAS_PIXEL, PIXEL_SCALE};
+
+/// Errors of data loading, validation and partitioning.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A file could not be read or written.
+    #[error("cannot access {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A required file is missing from a data directory.
+    #[error("no {name} (or its uncompressed form) in {dir}")]
+    MissingFile {
+        /// The directory searched.
+        dir: PathBuf,
+        /// The standard file name looked for.
+        name: &'static str,
+    },
+    /// The gzip stream is corrupted or truncated.
+    #[error("corrupted or truncated gzip data in {what}: {source}")]
+    Gzip {
+        /// Which file or buffer.
+        what: String,
+        /// The decoder's error.
+        source: std::io::Error,
+    },
+    /// Decompressed data exceeds the size limit.
+    #[error("{what} decompresses to more than {limit} bytes")]
+    TooLarge {
+        /// Which file or buffer.
+        what: String,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The IDX header is shorter than its fixed size.
+    #[error("{what} is truncated: the IDX header needs {needed} bytes, found {found}")]
+    TruncatedHeader {
+        /// Which file or buffer.
+        what: String,
+        /// Header size.
+        needed: usize,
+        /// Bytes available.
+        found: usize,
+    },
+    /// The IDX magic number is not the expected one.
+    #[error("{what} has magic number {found:#010x}, expected {expected:#010x} ({kind})")]
+    BadMagic {
+        /// Which file or buffer.
+        what: String,
+        /// The expected magic.
+        expected: u32,
+        /// The magic found.
+        found: u32,
+        /// What the expected magic means.
+        kind: &'static str,
+    },
+    /// The header declares dimensions that are zero or absurdly large.
+    #[error("{what} declares invalid dimensions {dims:?}: {reason}")]
+    BadDims {
+        /// Which file or buffer.
+        what: String,
+        /// The declared dimensions.
+        dims: Vec<u32>,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The payload length does not match the header.
+    #[error("{what}: the header announces {expected} payload bytes but {found} are present ({})",
+        if found < expected { "truncated" } else { "trailing garbage" })]
+    PayloadLength {
+        /// Which file or buffer.
+        what: String,
+        /// Bytes required by the header.
+        expected: u64,
+        /// Bytes present.
+        found: u64,
+    },
+    /// Images and labels do not have the same number of items.
+    #[error("{images} images but {labels} labels")]
+    CountMismatch {
+        /// Number of images.
+        images: usize,
+        /// Number of labels.
+        labels: usize,
+    },
+    /// A label is not a valid class.
+    #[error("label {label} of item {index} is not below the number of classes {classes}")]
+    LabelOutOfRange {
+        /// Item index.
+        index: usize,
+        /// The label.
+        label: u8,
+        /// Number of classes.
+        classes: usize,
+    },
+    /// Image dimensions do not match the data.
+    #[error("images have {features} features per row, but rows x cols is {rows} x {cols}")]
+    ImageShape {
+        /// Features per row of the image matrix.
+        features: usize,
+        /// Declared image rows.
+        rows: usize,
+        /// Declared image columns.
+        cols: usize,
+    },
+    /// An invalid argument to a split or batching helper.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+}
+
+/// A set of images (rows of pixel integers) with labels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dataset {
+    /// Pixel integers, shape (N, rows * cols).
+    pub images: Array2<u8>,
+    /// One class label per image.
+    pub labels: Vec<u8>,
+    /// Image height in pixels.
+    pub rows: usize,
+    /// Image width in pixels.
+    pub cols: usize,
+}
+
+impl Dataset {
+    /// Builds a dataset, checking that shapes and counts agree.
+    pub fn new(
+        images: Array2<u8>,
+        labels: Vec<u8>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, DataError> {
+        if rows.checked_mul(cols) != Some(images.ncols()) {
+            return Err(DataError::ImageShape {
+                features: images.ncols(),
+                rows,
+                cols,
+            });
+        }
+        if images.nrows() != labels.len() {
+            return Err(DataError::CountMismatch {
+                images: images.nrows(),
+                labels: labels.len(),
+            });
+        }
+        Ok(Dataset {
+            images,
+            labels,
+            rows,
+            cols,
+        })
+    }
+
+    /// Number of samples N.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether the dataset has no samples.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Number of input features per sample (`rows * cols`).
+    pub fn features(&self) -> usize {
+        self.images.ncols()
+    }
+
+    /// Checks that every label is below `classes`.
+    pub fn check_labels(&self, classes: usize) -> Result<(), DataError> {
+        match self
+            .labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l as usize >= classes)
+        {
+            Some((index, &label)) => Err(DataError::LabelOutOfRange {
+                index,
+                label,
+                classes,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Number of samples of each class `0..classes` (labels beyond are not counted).
+    pub fn class_counts(&self, classes: usize) -> Vec<usize> {
+        let mut c = vec![0; classes];
+        for &l in &self.labels {
+            if let Some(x) = c.get_mut(l as usize) {
+                *x += 1;
+            }
+        }
+        c
+    }
+
+    /// All images normalized to floats `pixel / 255`, shape (N, features).
+    pub fn normalized(&self) -> Array2<f32> {
+        normalize(self.images.view())
+    }
+
+    /// Samples `range` as a new dataset (the range is clamped to the dataset).
+    pub fn slice(&self, range: Range<usize>) -> Dataset {
+        let end = range.end.min(self.len());
+        let start = range.start.min(end);
+        Dataset {
+            images: self
+                .images
+                .slice_axis(Axis(0), Slice::from(start..end))
+                .to_owned(),
+            labels: self.labels[start..end].to_vec(),
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
+    /// The first `n` samples (all of them if `n >= len`).
+    pub fn take(&self, n: usize) -> Dataset {
+        self.slice(0..n)
+    }
+
+    /// Splits into the first `n` samples and the rest.
+    pub fn split_at(&self, n: usize) -> Result<(Dataset, Dataset), DataError> {
+        if n > self.len() {
+            return Err(DataError::Invalid(format!(
+                "cannot split {} samples at {n}",
+                self.len()
+            )));
+        }
+        Ok((self.slice(0..n), self.slice(n..self.len())))
+    }
+
+    /// Splits into a first part holding `fraction` of the samples (rounded down) and the
+    /// rest, e.g. `split_fraction(0.9)` for a 90/10 train/validation split.
+    pub fn split_fraction(&self, fraction: f64) -> Result<(Dataset, Dataset), DataError> {
+        if !(0.0..=1.0).contains(&fraction) {
+            return Err(DataError::Invalid(format!(
+                "split fraction {fraction} outside [0, 1]"
+            )));
+        }
+        self.split_at((self.len() as f64 * fraction).floor() as usize)
+    }
+
+    /// A copy with the samples permuted by a seeded shuffle (ChaCha8 seeded with `seed`).
+    pub fn shuffled(&self, seed: u64) -> Dataset {
+        let mut idx: Vec<usize> = (0..self.len()).collect();
+        idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        Dataset {
+            images: self.images.select(Axis(0), &idx),
+            labels: idx.iter().map(|&i| self.labels[i]).collect(),
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
+    /// The fixed partition into batches of `batch_size` (see [`Batches::new`]).
+    pub fn batches(&self, batch_size: usize, drop_last: bool) -> Result<Batches, DataError> {
+        Batches::new(self.len(), batch_size, drop_last)
+    }
+
+    /// Pixel integers of samples `range` with the bias column [`BIAS_PIXEL`] appended,
+    /// shape (B, features + 1): the integer inputs `X_int` of the first layer.
+    pub fn augmented_pixels(&self, range: Range<usize>) -> Array2<u8> {
+        let end = range.end.min(self.len());
+        let start = range.start.min(end);
+        let n = self.features();
+        let mut out = Array2::from_elem((end - start, n + 1), BIAS_PIXEL);
+        out.slice_axis_mut(Axis(1), Slice::from(..n))
+            .assign(&self.images.slice_axis(Axis(0), Slice::from(start..end)));
+        out
+    }
+}
+
+/// `pixel / 255` element-wise.
+pub fn normalize(pixels: ArrayView2<u8>) -> Array2<f32> {
+    pixels.mapv(|p| p as f32 / PIXEL_SCALE)
+}
+
+/// A fixed partition of `0..n` into consecutive batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batches {
+    n: usize,
+    batch_size: usize,
+    count: usize,
+}
+
+impl Batches {
+    /// Batches `[0, B), [B, 2B), ...` of `n` samples; the last one is shorter when `B` does
+    /// not divide `n`, unless `drop_last`, which drops it. `batch_size` must be positive.
+    pub fn new(n: usize, batch_size: usize, drop_last: bool) -> Result<Self, DataError> {
+        if batch_size == 0 {
+            return Err(DataError::Invalid("batch size must be positive".into()));
+        }
+        let count = if drop_last {
+            n / batch_size
+        } else {
+            n.div_ceil(batch_size)
+        };
+        Ok(Batches {
+            n,
+            batch_size,
+            count,
+        })
+    }
+
+    /// Number of batches.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether there is no batch.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Number of samples of the partitioned set (covered or not).
+    pub fn samples(&self) -> usize {
+        self.n
+    }
+
+    /// The nominal batch size B.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// Number of samples covered by the batches.
+    pub fn covered(&self) -> usize {
+        (self.count * self.batch_size).min(self.n)
+    }
+
+    /// Sample indices of batch `i`, or `None` if there is no such batch.
+    pub fn range(&self, i: usize) -> Option<Range<usize>> {
+        if i >= self.count {
+            return None;
+        }
+        let start = i * self.batch_size;
+        Some(start..(start + self.batch_size).min(self.n))
+    }
+
+    /// Length of batch `i` (0 if there is no such batch).
+    pub fn batch_len(&self, i: usize) -> usize {
+        self.range(i).map_or(0, |r| r.len())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    fn toy() -> Dataset {
+        let images = Array2::from_shape_fn((10, 4), |(i, j)| (i * 4 + j) as u8);
+        Dataset::new(images, (0..10).map(|i| (i % 3) as u8).collect(), 2, 2).unwrap()
+    }
+
+    #[test]
+    fn batches_partition() {
+        let b = Batches::new(10, 4, false).unwrap();
+        assert_eq!(b.len(), 3);
+        assert_eq!(b.range(2), Some(8..10));
+        assert_eq!(b.range(3), None);
+        let d = Batches::new(10, 4, true).unwrap();
+        assert_eq!((d.len(), d.covered()), (2, 8));
+        assert!(Batches::new(10, 0, false).is_err());
+    }
+
+    #[test]
+    fn shuffle_is_seeded_permutation() {
+        let d = toy();
+        let a = d.shuffled(1);
+        assert_eq!(a, d.shuffled(1));
+        assert_ne!(a.labels, d.labels);
+        for (i, row) in a.images.rows().into_iter().enumerate() {
+            let orig = row[0] as usize / 4;
+            assert_eq!(a.labels[i], d.labels[orig]);
+        }
+    }
+
+    #[test]
+    fn splits_and_validation() {
+        let d = toy();
+        let (a, b) = d.split_fraction(0.7).unwrap();
+        assert_eq!((a.len(), b.len()), (7, 3));
+        assert_eq!(b.labels, vec![1, 2, 0]);
+        assert!(d.split_at(11).is_err());
+        assert!(d.check_labels(3).is_ok());
+        assert!(matches!(
+            d.check_labels(2),
+            Err(DataError::LabelOutOfRange { index: 2, .. })
+        ));
+        assert_eq!(d.class_counts(3), vec![4, 3, 3]);
+        assert!(Dataset::new(Array2::zeros((2, 4)), vec![0], 2, 2).is_err());
+        assert!(Dataset::new(Array2::zeros((1, 4)), vec![0], 3, 2).is_err());
+    }
+
+    #[test]
+    fn augmented_pixels_have_bias_column() {
+        let d = toy();
+        let x = d.augmented_pixels(1..3);
+        assert_eq!(x, array![[4, 5, 6, 7, 255], [8, 9, 10, 11, 255]]);
+    }
+}

@@ -1,0 +1,527 @@
+//! The training loop, resumable between batches.
+//!
+//! One step on batch `i` of a model with `L` dense layers (`f` the hidden activation):
+//!
+//! ```text
+//! Z_1 = first_layer.forward(i, W1)                       (B, n_1)   W1 = [W_1 | b_1]
+//! A_k = f(Z_k),  Z_{k+1} = A_k W_{k+1}^T + b_{k+1}        k = 1..L-1
+//! P   = softmax(Z_L)
+//! E   = first_layer.output_error(i, P) = P - Y            (B, K)
+//! D_L = E / B
+//! grad W_k = D_k^T A_{k-1},  grad b_k = sum_b D_k,  D_{k-1} = (D_k W_k) * f'(Z_{k-1})
+//! grad W1  = first_layer.backward(i, D_1)                 (n_1, n_0 + 1), bias column last
+//! ```
+//!
+//! The loop learns the labels only through `E`: it recovers `Y = round(P - E)` to report the
+//! loss `-(1/B) sum_b sum_k Y_bk log P_bk` and the training accuracy, as the secure trainer does.
+//!
+//! Batches are the first layer's fixed batches; each epoch visits them in an order drawn from
+//! ChaCha8 seeded with `(seed, epoch)` (or in index order). All state needed to continue an
+//! epoch (model, optimizer with its moments, [`EpochState`]) is serializable: [`Checkpoint`]
+//! stores it, and [`train_epoch_from`] resumes at the next batch with bit-identical results.
+
+use std::path::Path;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use ndarray::{Array2, Axis, Slice};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{DataError, Dataset};
+pub use crate::eval::{evaluate, Evaluation};
+use crate::first_layer::{FirstLayer, SeamError};
+use crate::layer::DenseGrad;
+use crate::loss::{argmax_rows, log_softmax, softmax};
+use crate::model::{decode_versioned, encode_versioned, read_file, Gradients, Model, ModelError};
+use crate::optim::Optimizer;
+
+/// File magic of a training checkpoint.
+pub const CHECKPOINT_MAGIC: [u8; 8] = *b"CNNCKPT\0";
+/// Current format version of a training checkpoint.
+pub const CHECKPOINT_VERSION: u32 = 1;
+
+/// Errors of training and evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The first layer failed.
+    #[error(transparent)]
+    Seam(#[from] SeamError),
+    /// A model or optimizer error.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A data error.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// A result of the first layer does not fit the model.
+    #[error("shape mismatch for {what}: expected {expected:?}, got {got:?}")]
+    Shape {
+        /// Which matrix.
+        what: &'static str,
+        /// Expected shape.
+        expected: (usize, usize),
+        /// Actual shape.
+        got: (usize, usize),
+    },
+    /// The loss became NaN or infinite.
+    #[error("training diverged (non-finite loss) in epoch {epoch}, batch {batch}")]
+    Diverged {
+        /// Epoch.
+        epoch: usize,
+        /// Batch index.
+        batch: usize,
+    },
+    /// An epoch state that does not match the first layer's batches.
+    #[error("invalid epoch state: {0}")]
+    State(String),
+    /// The caller's per-step callback failed (for example writing a checkpoint).
+    #[error("step callback failed: {0}")]
+    Callback(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Per-epoch results, as data for CSV files and plots.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// Epoch number, 0-based.
+    pub epoch: usize,
+    /// Mean training cross-entropy over the epoch's samples (with the weights of each step).
+    pub train_loss: f64,
+    /// Fraction of training samples classified correctly during the epoch.
+    pub train_accuracy: f64,
+    /// Test accuracy after the epoch, if a test set was given.
+    pub test_accuracy: Option<f64>,
+    /// Test cross-entropy after the epoch, if a test set was given.
+    pub test_loss: Option<f64>,
+    /// Training time of the epoch in seconds (evaluation excluded).
+    pub seconds: f64,
+}
+
+/// Loss and accuracy counts of one or more steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepStats {
+    /// Sum of per-sample cross-entropies.
+    pub loss_sum: f64,
+    /// Correctly classified samples.
+    pub correct: u64,
+    /// Samples seen.
+    pub samples: u64,
+}
+
+/// Progress through one epoch: everything needed to resume it at the next batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochState {
+    /// Epoch number, 0-based.
+    pub epoch: usize,
+    /// Batch indices in the order of this epoch.
+    pub order: Vec<usize>,
+    /// Position in `order` of the next batch to train on.
+    pub next: usize,
+    /// Accumulated statistics of the batches done so far.
+    pub stats: StepStats,
+    /// Training seconds spent so far in this epoch.
+    pub seconds: f64,
+}
+
+impl EpochMetrics {
+    /// Header line matching [`EpochMetrics::csv_row`].
+    pub const CSV_HEADER: &'static str =
+        "epoch,train_loss,train_accuracy,test_loss,test_accuracy,seconds";
+
+    /// The metrics as one CSV line (no newline); missing test figures are empty fields.
+    pub fn csv_row(&self) -> String {
+        let opt = |v: Option<f64>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
+        format!(
+            "{},{:.6},{:.6},{},{},{:.3}",
+            self.epoch,
+            self.train_loss,
+            self.train_accuracy,
+            opt(self.test_loss),
+            opt(self.test_accuracy),
+            self.seconds
+        )
+    }
+}
+
+impl EpochState {
+    /// Start of epoch `epoch` over `num_batches` batches, in the order of [`batch_order`].
+    pub fn new(epoch: usize, num_batches: usize, seed: u64, shuffle: bool) -> Self {
+        EpochState {
+            epoch,
+            order: batch_order(num_batches, seed, epoch, shuffle),
+            next: 0,
+            stats: StepStats::default(),
+            seconds: 0.0,
+        }
+    }
+
+    /// Whether every batch of the epoch is done.
+    pub fn is_done(&self) -> bool {
+        self.next >= self.order.len()
+    }
+
+    /// Training metrics of the batches done so far (no test figures).
+    pub fn metrics(&self) -> EpochMetrics {
+        let n = self.stats.samples.max(1) as f64;
+        EpochMetrics {
+            epoch: self.epoch,
+            train_loss: self.stats.loss_sum / n,
+            train_accuracy: self.stats.correct as f64 / n,
+            test_accuracy: None,
+            test_loss: None,
+            seconds: self.seconds,
+        }
+    }
+}
+
+/// The order of the batches in epoch `epoch`: `0..num_batches` shuffled by ChaCha8 seeded
+/// from `seed` and `epoch` if `shuffle`, else in index order.
+pub fn batch_order(num_batches: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..num_batches).collect();
+    if shuffle {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(epoch as u64);
+        order.shuffle(&mut rng);
+    }
+    order
+}
+
+/// Forward and backward pass on batch `batch`: the gradients of the mean cross-entropy
+/// with respect to every layer, and the batch's loss/accuracy counts. Does not update.
+pub fn compute_gradients<F: FirstLayer + ?Sized>(
+    model: &Model,
+    first_layer: &mut F,
+    batch: usize,
+) -> Result<(Gradients, StepStats), TrainError> {
+    let spec = model.spec();
+    let act = spec.activation;
+    let layers = model.layers();
+    let n_layers = layers.len();
+    let bsz = first_layer.batch_len(batch);
+    if bsz == 0 {
+        return Err(TrainError::State(format!(
+            "batch {batch} is empty or missing"
+        )));
+    }
+    let w1 = model.first_layer_matrix();
+    let z1 = first_layer.forward(batch, w1.view())?;
+    check("first-layer output", (bsz, spec.first_width()), z1.dim())?;
+
+    // zs[k] = Z_{k+1}, acts[k] = f(zs[k]) for hidden layers.
+    let mut zs: Vec<Array2<f32>> = Vec::with_capacity(n_layers);
+    let mut acts: Vec<Array2<f32>> = Vec::with_capacity(n_layers.saturating_sub(1));
+    zs.push(z1);
+    for layer in &layers[1..] {
+        let a = act.forward(zs[zs.len() - 1].view());
+        zs.push(layer.forward(a.view()));
+        acts.push(a);
+    }
+    let logits = &zs[n_layers - 1];
+    let p = softmax(logits.view());
+    let e = first_layer.output_error(batch, p.view())?;
+    check("output error", p.dim(), e.dim())?;
+
+    // Loss and accuracy from Y = round(P - E).
+    let logp = log_softmax(logits.view());
+    let preds = argmax_rows(p.view());
+    let mut stats = StepStats {
+        samples: bsz as u64,
+        ..StepStats::default()
+    };
+    for b in 0..bsz {
+        let mut label = None;
+        let mut ones = 0;
+        for k in 0..p.ncols() {
+            let y = (p[[b, k]] - e[[b, k]]).round();
+            if y != 0.0 {
+                stats.loss_sum -= (y * logp[[b, k]]) as f64;
+            }
+            if y == 1.0 {
+                ones += 1;
+                label = Some(k);
+            }
+        }
+        if ones == 1 && label == Some(preds[b]) {
+            stats.correct += 1;
+        }
+    }
+
+    // Back-propagation through the clear layers.
+    let mut grads: Vec<DenseGrad> = Vec::with_capacity(n_layers);
+    let mut delta = e.mapv(|v| v / bsz as f32);
+    for k in (1..n_layers).rev() {
+        let input = &acts[k - 1];
+        grads.push(layers[k].param_grad(input.view(), delta.view()));
+        let up = layers[k].input_grad(delta.view());
+        delta = act.backward(zs[k - 1].view(), input.view(), up.view());
+    }
+    let g1 = first_layer.backward(batch, delta.view())?;
+    let n_in = spec.n_in();
+    check(
+        "first-layer gradient",
+        (spec.first_width(), n_in + 1),
+        g1.dim(),
+    )?;
+    grads.push(DenseGrad {
+        dw: g1.slice_axis(Axis(1), Slice::from(..n_in)).to_owned(),
+        db: g1.index_axis(Axis(1), n_in).to_owned(),
+    });
+    grads.reverse();
+    Ok((Gradients { layers: grads }, stats))
+}
+
+fn check(
+    what: &'static str,
+    expected: (usize, usize),
+    got: (usize, usize),
+) -> Result<(), TrainError> {
+    if expected != got {
+        return Err(TrainError::Shape {
+            what,
+            expected,
+            got,
+        });
+    }
+    Ok(())
+}
+
+/// One training step on batch `batch`: gradients, then an optimizer update.
+pub fn train_step<F: FirstLayer + ?Sized>(
+    model: &mut Model,
+    first_layer: &mut F,
+    optimizer: &mut Optimizer,
+    batch: usize,
+) -> Result<StepStats, TrainError> {
+    let (grads, stats) = compute_gradients(model, first_layer, batch)?;
+    optimizer.step(model, &grads)?;
+    Ok(stats)
+}
+
+fn progress_bar(show: bool, len: usize, done: usize, epoch: usize) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len as u64);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {pos}/{len} batches {msg} [{elapsed_precise}<{eta_precise}]",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_prefix(format!("epoch {epoch}"));
+    pb.set_position(done as u64);
+    pb
+}
+
+/// Trains one full epoch: the first layer's batches in the order of [`batch_order`]
+/// (`shuffle` = true), with the learning rate of epoch `epoch`, optionally showing a progress
+/// bar. Returns the epoch's training metrics (test fields `None`).
+pub fn train_epoch<F: FirstLayer + ?Sized>(
+    model: &mut Model,
+    first_layer: &mut F,
+    optimizer: &mut Optimizer,
+    epoch: usize,
+    seed: u64,
+    progress: bool,
+) -> Result<EpochMetrics, TrainError> {
+    let mut state = EpochState::new(epoch, first_layer.num_batches(), seed, true);
+    train_epoch_from(
+        model,
+        first_layer,
+        optimizer,
+        &mut state,
+        progress,
+        |_, _, _, _| Ok(()),
+    )
+}
+
+/// Continues the epoch described by `state` from batch position `state.next` to the end.
+///
+/// After every step `after_step(model, optimizer, first_layer, state)` is called with
+/// `state.next` already advanced: a caller can write a [`Checkpoint`] there and later resume
+/// from it, which gives the same weights, bit for bit, as an uninterrupted run. A
+/// [`crate::first_layer::Quantized`] first layer's rounding stream must be saved and restored
+/// too ([`Checkpoint::rounding_stream`]), which is why the callback sees the first layer.
+pub fn train_epoch_from<F, C>(
+    model: &mut Model,
+    first_layer: &mut F,
+    optimizer: &mut Optimizer,
+    state: &mut EpochState,
+    progress: bool,
+    mut after_step: C,
+) -> Result<EpochMetrics, TrainError>
+where
+    F: FirstLayer + ?Sized,
+    C: FnMut(&Model, &Optimizer, &F, &EpochState) -> Result<(), TrainError>,
+{
+    let nb = first_layer.num_batches();
+    let mut sorted = state.order.clone();
+    sorted.sort_unstable();
+    if sorted != (0..nb).collect::<Vec<_>>() {
+        return Err(TrainError::State(format!(
+            "the batch order is not a permutation of the first layer's {nb} batches"
+        )));
+    }
+    if state.next > state.order.len() {
+        return Err(TrainError::State(format!(
+            "next batch position {} past the end of {}",
+            state.next,
+            state.order.len()
+        )));
+    }
+    optimizer.set_epoch(state.epoch);
+    let pb = progress_bar(progress, state.order.len(), state.next, state.epoch);
+    while state.next < state.order.len() {
+        let started = Instant::now();
+        let batch = state.order[state.next];
+        let st = train_step(model, first_layer, optimizer, batch)?;
+        if !st.loss_sum.is_finite() {
+            return Err(TrainError::Diverged {
+                epoch: state.epoch,
+                batch,
+            });
+        }
+        state.stats.loss_sum += st.loss_sum;
+        state.stats.correct += st.correct;
+        state.stats.samples += st.samples;
+        state.next += 1;
+        state.seconds += started.elapsed().as_secs_f64();
+        if !pb.is_hidden() {
+            let m = state.metrics();
+            pb.set_message(format!(
+                "loss {:.4} acc {:.2}%",
+                m.train_loss,
+                100.0 * m.train_accuracy
+            ));
+            pb.inc(1);
+        }
+        after_step(model, optimizer, first_layer, state)?;
+    }
+    pb.finish_and_clear();
+    Ok(state.metrics())
+}
+
+/// Settings of [`fit`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitConfig {
+    /// Number of epochs.
+    pub epochs: usize,
+    /// Seed of the per-epoch batch orders.
+    pub seed: u64,
+    /// Shuffle the order of the batches every epoch (their contents never change).
+    pub shuffle_batches: bool,
+    /// Show a progress bar on the terminal.
+    pub progress: bool,
+}
+
+impl Default for FitConfig {
+    fn default() -> Self {
+        FitConfig {
+            epochs: 10,
+            seed: 0,
+            shuffle_batches: true,
+            progress: true,
+        }
+    }
+}
+
+/// Trains `cfg.epochs` epochs, evaluating on `test` after each one if given.
+pub fn fit<F: FirstLayer + ?Sized>(
+    model: &mut Model,
+    first_layer: &mut F,
+    optimizer: &mut Optimizer,
+    test: Option<&Dataset>,
+    cfg: &FitConfig,
+) -> Result<Vec<EpochMetrics>, TrainError> {
+    fit_with(model, first_layer, optimizer, test, cfg, |_, _| Ok(()))
+}
+
+/// Like [`fit`], calling `on_epoch(model, metrics)` after each epoch (to print or save).
+pub fn fit_with<F, C>(
+    model: &mut Model,
+    first_layer: &mut F,
+    optimizer: &mut Optimizer,
+    test: Option<&Dataset>,
+    cfg: &FitConfig,
+    mut on_epoch: C,
+) -> Result<Vec<EpochMetrics>, TrainError>
+where
+    F: FirstLayer + ?Sized,
+    C: FnMut(&Model, &EpochMetrics) -> Result<(), TrainError>,
+{
+    let mut history = Vec::with_capacity(cfg.epochs);
+    for epoch in 0..cfg.epochs {
+        let mut state = EpochState::new(
+            epoch,
+            first_layer.num_batches(),
+            cfg.seed,
+            cfg.shuffle_batches,
+        );
+        let mut m = train_epoch_from(
+            model,
+            first_layer,
+            optimizer,
+            &mut state,
+            cfg.progress,
+            |_, _, _, _| Ok(()),
+        )?;
+        if let Some(test) = test {
+            let ev = evaluate(model, test)?;
+            m.test_accuracy = Some(ev.accuracy);
+            m.test_loss = Some(ev.loss);
+        }
+        on_epoch(model, &m)?;
+        history.push(m);
+    }
+    Ok(history)
+}
+
+/// Everything needed to resume training between two batches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The model after the last completed step.
+    pub model: Model,
+    /// The optimizer, moments and step count included.
+    pub optimizer: Optimizer,
+    /// Position in the current epoch.
+    pub state: EpochState,
+    /// Metrics of the completed epochs.
+    pub history: Vec<EpochMetrics>,
+    /// State of the first layer's rounding randomness
+    /// ([`crate::first_layer::Quantized::rounding_stream`]; 0 if unused).
+    pub rounding_stream: u64,
+}
+
+impl Checkpoint {
+    /// Encodes as magic + version + bincode.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ModelError> {
+        encode_versioned(&CHECKPOINT_MAGIC, CHECKPOINT_VERSION, "checkpoint", self)
+    }
+
+    /// Decodes and validates a checkpoint written by [`Checkpoint::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ModelError> {
+        let c: Checkpoint =
+            decode_versioned(&CHECKPOINT_MAGIC, CHECKPOINT_VERSION, "checkpoint", bytes)?;
+        c.model.validate()?;
+        Ok(c)
+    }
+
+    /// Writes atomically: to `path` + `.tmp`, then renamed over `path`, so that a process
+    /// killed while saving leaves the previous checkpoint intact.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), ModelError> {
+        let path = path.as_ref();
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = std::path::PathBuf::from(tmp);
+        crate::model::write_file(&tmp, &self.to_bytes()?)?;
+        std::fs::rename(&tmp, path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Reads a checkpoint from `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ModelError> {
+        Self::from_bytes(&read_file(path.as_ref())?)
+    }
+}

@@ -1,0 +1,964 @@
+//! The authority: holds the master secret keys, publishes the public parameters and derives
+//! function keys for authenticated callers, under a [`Policy`], with an [audit log](audit).
+//!
+//! # Key directory
+//!
+//! [`init`] writes, into a directory it creates with mode 0700 if needed:
+//!
+//! | file | content | mode |
+//! |---|---|---|
+//! | `row.msk` | FEIP master secret key for rows (length [`crate::ROW_LEN`]) | 0600 |
+//! | `col.msk` | FEIP master secret key for columns (length = batch size) | 0600 |
+//! | `febo.msk` | FEBO master secret key | 0600 |
+//! | `params.bin` | the [`PublicParams`] (bincode, as in the [protocol](crate::protocol)) | 0644 |
+//! | `token` | the callers' bearer token, 64 hex digits and a newline | 0600 |
+//!
+//! [`load`] reads them back, validates every key, checks that the public parameters match the
+//! secret keys, and refuses secret files that group or others may read.
+//!
+//! # Serving
+//!
+//! [`spawn`] (or the blocking [`serve`]) answers the [protocol](crate::protocol) on an
+//! already-bound [`TcpListener`], one thread per connection up to a cap. Every request must
+//! carry the token (compared in constant time); a failed authentication is answered with
+//! [`Response::Refused`] and closes the connection. Key requests are checked by
+//! [`Policy::check`]; a refused request is answered with [`Response::Refused`] and the
+//! connection stays open. A frame longer than the limit, a frame that does not decode or a
+//! wrong protocol version is answered with [`Response::Error`] and closes the connection.
+//! Idle connections are closed after a timeout. Keys are derived in parallel, and every
+//! request that issues keys is logged (digests, not vectors) before the keys are sent.
+//!
+//! The master secret keys never leave this module except into their 0600 files.
+
+pub mod audit;
+pub mod policy;
+
+pub use audit::{AuditEntry, AuditLog, KeyKind, Outcome};
+pub use policy::Policy;
+
+use crate::protocol::{
+    self, PublicParams, Request, RequestFrame, Response, MAX_FRAME, PROTOCOL_VERSION,
+};
+use crate::{Curve, PIXEL_BOUND, ROW_LEN};
+use bincode::Options;
+use curv::elliptic::curves::Point;
+use fe::febo::{FeboMasterSecretKey, Op};
+use fe::feip::{FeipMasterSecretKey, FeipParams};
+use fe::{Encode, FeCurve};
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, ErrorKind, Read};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use subtle::ConstantTimeEq;
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+/// File of the row FEIP master secret key.
+pub const ROW_MSK_FILE: &str = "row.msk";
+/// File of the column FEIP master secret key.
+pub const COL_MSK_FILE: &str = "col.msk";
+/// File of the FEBO master secret key.
+pub const FEBO_MSK_FILE: &str = "febo.msk";
+/// File of the public parameters.
+pub const PARAMS_FILE: &str = "params.bin";
+/// File of the bearer token.
+pub const TOKEN_FILE: &str = "token";
+/// Default name of the audit log inside the key directory.
+pub const AUDIT_FILE: &str = "audit.log";
+
+/// Default idle timeout of a connection.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default cap on concurrent connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Longest accepted token, in bytes.
+pub const MAX_TOKEN_LEN: usize = 1024;
+
+/// Largest key or parameter file read by [`load`].
+const MAX_KEY_FILE: u64 = 64 << 20;
+/// Most threads answering connections over the cap at once.
+const MAX_TURNING_AWAY: usize = 16;
+/// How often the accept loop looks at the shutdown flag.
+const ACCEPT_POLL: Duration = Duration::from_millis(10);
+
+/// Errors of the authority.
+#[derive(Debug, Error)]
+pub enum AuthorityError {
+    /// Reading or writing a file or socket failed.
+    #[error("I/O error on {}: {source}", .path.display())]
+    Io {
+        /// The file, directory or address.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// `init` found existing keys and was not told to overwrite them.
+    #[error(
+        "{} already holds authority keys; use --force to overwrite them (every dataset \
+         encrypted under the old keys becomes useless)",
+        .0.display()
+    )]
+    AlreadyInitialized(PathBuf),
+    /// A secret file may be read by group or others.
+    #[error(
+        "{} is readable by group or others (mode {mode:04o}); restrict it with `chmod 600 {}`",
+        .path.display(),
+        .path.display()
+    )]
+    InsecurePermissions {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A key or parameter file is invalid.
+    #[error("{}: {source}", .path.display())]
+    BadKeyFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: fe::FeError,
+    },
+    /// The key files do not belong together, or do not fit the system's parameters.
+    #[error("inconsistent key directory {}: {reason}", .path.display())]
+    Inconsistent {
+        /// The directory.
+        path: PathBuf,
+        /// What does not fit.
+        reason: String,
+    },
+    /// A scheme operation failed.
+    #[error(transparent)]
+    Fe(#[from] fe::FeError),
+    /// A token is empty, too long or contains characters other than printable ASCII.
+    #[error("invalid token: {0}")]
+    InvalidToken(String),
+    /// The key policy is unusable.
+    #[error("invalid policy: {0}")]
+    Policy(String),
+    /// A parameter is out of range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> AuthorityError {
+    AuthorityError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The master secret keys and public parameters of one authority.
+pub struct Authority {
+    params: PublicParams,
+    row: FeipMasterSecretKey<Curve>,
+    col: FeipMasterSecretKey<Curve>,
+    febo: FeboMasterSecretKey<Curve>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("batch_size", &self.batch_size())
+            .field("master_keys", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Authority {
+    /// Generates fresh master keys for batches of `batch_size` samples, in memory only (see
+    /// [`init`] to write them to a directory).
+    pub fn generate(batch_size: usize) -> Result<Self, AuthorityError> {
+        if batch_size == 0 {
+            return Err(AuthorityError::InvalidArgument(
+                "the batch size must be at least 1".into(),
+            ));
+        }
+        let (row_pk, row) = fe::feip::setup::<Curve>(FeipParams::new(ROW_LEN, PIXEL_BOUND)?);
+        let (col_pk, col) = fe::feip::setup::<Curve>(FeipParams::new(batch_size, PIXEL_BOUND)?);
+        let (febo_pk, febo) = fe::febo::setup::<Curve>();
+        Ok(Authority {
+            params: PublicParams {
+                row: row_pk,
+                col: col_pk,
+                febo: febo_pk,
+            },
+            row,
+            col,
+            febo,
+        })
+    }
+
+    /// The public parameters.
+    pub fn params(&self) -> &PublicParams {
+        &self.params
+    }
+
+    /// The batch size the column key was made for.
+    pub fn batch_size(&self) -> usize {
+        self.params.batch_size()
+    }
+
+    /// Answers a request under `policy`, without authentication or audit (the server adds
+    /// both): the parameters, the keys, [`Response::Refused`] with the policy's reason, or
+    /// [`Response::Error`] for a request that cannot be served (an invalid commitment).
+    pub fn answer(&self, policy: &Policy, request: &Request) -> Response {
+        if let Err(reason) = policy.check(request) {
+            return Response::Refused(reason);
+        }
+        self.derive(request).unwrap_or_else(Response::Error)
+    }
+
+    /// Derives what `request` asks for, with no policy check.
+    fn derive(&self, request: &Request) -> Result<Response, String> {
+        let feip = |msk: &FeipMasterSecretKey<Curve>, ys: &[Vec<i32>]| {
+            let ys: Vec<Vec<i64>> = ys
+                .par_iter()
+                .map(|y| y.iter().map(|&v| i64::from(v)).collect())
+                .collect();
+            msk.derive_keys(&ys)
+                .map(|keys| {
+                    Response::FeipSecrets(
+                        keys.iter()
+                            .map(|k| k.secret().to_bytes().to_vec())
+                            .collect(),
+                    )
+                })
+                .map_err(|e| e.to_string())
+        };
+        match request {
+            Request::Params => Ok(Response::Params(self.params.clone())),
+            Request::RowKeys(ys) => feip(&self.row, ys),
+            Request::ColKeys(ys) => feip(&self.col, ys),
+            Request::FeboKeys(reqs) => {
+                let parsed = reqs
+                    .par_iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        let bad = |what: &str| format!("basic-operation key {i}: {what}");
+                        if r.commitment.len() != <Curve as FeCurve>::POINT_LEN {
+                            return Err(bad("commitment has the wrong length"));
+                        }
+                        let p = Point::<Curve>::from_bytes(&r.commitment)
+                            .map_err(|_| bad("commitment is not a valid group element"))?;
+                        if p.is_zero() {
+                            return Err(bad("commitment is the identity"));
+                        }
+                        Ok((p, r.op, r.operand))
+                    })
+                    .collect::<Result<Vec<(Point<Curve>, Op, i64)>, String>>()?;
+                self.febo
+                    .derive_keys(&parsed)
+                    .map(Response::FeboKeys)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// Options of [`init`].
+#[derive(Debug, Clone, Default)]
+pub struct InitOptions {
+    /// The callers' token; a random one (32 bytes, hex) when `None`.
+    pub token: Option<String>,
+    /// Overwrite existing keys.
+    pub force: bool,
+}
+
+/// What [`init`] made.
+#[derive(Debug, Clone)]
+pub struct Initialized {
+    /// The public parameters.
+    pub params: PublicParams,
+    /// The token callers must present.
+    pub token: String,
+}
+
+/// Checks that a token is usable: 1 to [`MAX_TOKEN_LEN`] printable ASCII characters, no spaces.
+pub fn validate_token(token: &str) -> Result<(), AuthorityError> {
+    if token.is_empty() {
+        return Err(AuthorityError::InvalidToken("the token is empty".into()));
+    }
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(AuthorityError::InvalidToken(format!(
+            "the token is longer than {MAX_TOKEN_LEN} bytes"
+        )));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(AuthorityError::InvalidToken(
+            "the token must be printable ASCII without spaces".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A fresh random token: 32 bytes from the operating system, in hex.
+pub fn generate_token() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    audit::hex(&b)
+}
+
+/// The bincode options of the parameters file (those of the protocol's frames).
+fn params_codec() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .with_limit(MAX_KEY_FILE)
+}
+
+/// Generates master keys for batches of `batch_size` samples and writes them, the public
+/// parameters and a token into `dir` (see the [module documentation](self)).
+///
+/// Refuses if `dir` already holds any of the files, unless `opts.force`.
+pub fn init(
+    dir: &Path,
+    batch_size: usize,
+    opts: &InitOptions,
+) -> Result<Initialized, AuthorityError> {
+    let token = match &opts.token {
+        Some(t) => {
+            validate_token(t)?;
+            t.clone()
+        }
+        None => generate_token(),
+    };
+    let files = [
+        ROW_MSK_FILE,
+        COL_MSK_FILE,
+        FEBO_MSK_FILE,
+        PARAMS_FILE,
+        TOKEN_FILE,
+    ];
+    if !opts.force && files.iter().any(|f| dir.join(f).exists()) {
+        return Err(AuthorityError::AlreadyInitialized(dir.to_path_buf()));
+    }
+    if !dir.is_dir() {
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            b.mode(0o700);
+        }
+        b.create(dir).map_err(|e| io_err(dir, e))?;
+    }
+    let auth = Authority::generate(batch_size)?;
+    let write = |name: &str, bytes: &[u8], secret: bool| {
+        let path = dir.join(name);
+        fe::serial::write_atomic(&path, bytes, secret)
+            .map_err(|source| AuthorityError::BadKeyFile { path, source })
+    };
+    write(ROW_MSK_FILE, &zeroizing(auth.row.to_bytes()), true)?;
+    write(COL_MSK_FILE, &zeroizing(auth.col.to_bytes()), true)?;
+    write(FEBO_MSK_FILE, &zeroizing(auth.febo.to_bytes()), true)?;
+    let params = params_codec().serialize(&auth.params).map_err(|e| {
+        AuthorityError::InvalidArgument(format!("cannot encode the public parameters: {e}"))
+    })?;
+    write(PARAMS_FILE, &params, false)?;
+    write(TOKEN_FILE, format!("{token}\n").as_bytes(), true)?;
+    Ok(Initialized {
+        params: auth.params,
+        token,
+    })
+}
+
+fn zeroizing(v: Vec<u8>) -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(v)
+}
+
+/// Refuses a secret file that group or others may access (Unix only).
+fn check_secret_mode(path: &Path) -> Result<(), AuthorityError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(AuthorityError::InsecurePermissions {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Reads a whole file of at most [`MAX_KEY_FILE`] bytes.
+fn read_small(path: &Path) -> Result<Vec<u8>, AuthorityError> {
+    let f = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let mut out = Vec::new();
+    f.take(MAX_KEY_FILE + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| io_err(path, e))?;
+    if out.len() as u64 > MAX_KEY_FILE {
+        return Err(io_err(
+            path,
+            std::io::Error::new(ErrorKind::InvalidData, "file too large"),
+        ));
+    }
+    Ok(out)
+}
+
+fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, AuthorityError> {
+    check_secret_mode(path)?;
+    Ok(zeroizing(read_small(path)?))
+}
+
+/// Reads the public parameters file written by [`init`] (in `dir`, or any copy of it).
+pub fn read_params(path: &Path) -> Result<PublicParams, AuthorityError> {
+    let bytes = read_small(path)?;
+    params_codec()
+        .deserialize(&bytes)
+        .map_err(|e| AuthorityError::BadKeyFile {
+            path: path.to_path_buf(),
+            source: fe::FeError::Malformed(e.to_string()),
+        })
+}
+
+/// Reads the token file of `dir`, refusing it if group or others may read it.
+pub fn read_token(dir: &Path) -> Result<String, AuthorityError> {
+    let path = dir.join(TOKEN_FILE);
+    let bytes = read_secret(&path)?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| AuthorityError::InvalidToken(format!("{} is not UTF-8", path.display())))?;
+    let token = text.trim_end_matches(['\n', '\r']).to_string();
+    validate_token(&token)?;
+    Ok(token)
+}
+
+/// Loads and validates the keys in `dir` written by [`init`].
+///
+/// Fails if a secret file may be read by group or others, if any file is malformed, if the
+/// keys do not fit the system's parameters, or if the public parameters are not those of the
+/// secret keys.
+pub fn load(dir: &Path) -> Result<Authority, AuthorityError> {
+    let decode_secret = |name: &str| -> Result<(PathBuf, Zeroizing<Vec<u8>>), AuthorityError> {
+        let path = dir.join(name);
+        let bytes = read_secret(&path)?;
+        Ok((path, bytes))
+    };
+    let bad = |path: PathBuf| move |source: fe::FeError| AuthorityError::BadKeyFile { path, source };
+    let (p, b) = decode_secret(ROW_MSK_FILE)?;
+    let row = FeipMasterSecretKey::<Curve>::from_bytes(&b).map_err(bad(p))?;
+    let (p, b) = decode_secret(COL_MSK_FILE)?;
+    let col = FeipMasterSecretKey::<Curve>::from_bytes(&b).map_err(bad(p))?;
+    let (p, b) = decode_secret(FEBO_MSK_FILE)?;
+    let febo = FeboMasterSecretKey::<Curve>::from_bytes(&b).map_err(bad(p))?;
+    let params = read_params(&dir.join(PARAMS_FILE))?;
+    let inconsistent = |reason: String| AuthorityError::Inconsistent {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let expected_row = FeipParams::new(ROW_LEN, PIXEL_BOUND)?;
+    if row.params() != expected_row {
+        return Err(inconsistent(format!(
+            "the row key is for {:?}, expected {:?}",
+            row.params(),
+            expected_row
+        )));
+    }
+    if col.params().x_bound != PIXEL_BOUND {
+        return Err(inconsistent(format!(
+            "the column key bounds entries by {}, expected {PIXEL_BOUND}",
+            col.params().x_bound
+        )));
+    }
+    let (row_pk, col_pk) = rayon::join(|| row.public_key(), || col.public_key());
+    if params.row != row_pk || params.col != col_pk || params.febo != febo.public_key() {
+        return Err(inconsistent(format!(
+            "{PARAMS_FILE} does not hold the public keys of the master secret keys"
+        )));
+    }
+    Ok(Authority {
+        params,
+        row,
+        col,
+        febo,
+    })
+}
+
+/// How a server runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The token every request must carry.
+    pub token: String,
+    /// The key policy (its lengths are set from the authority's parameters).
+    pub policy: Policy,
+    /// The audit log file (appended to; created with mode 0600).
+    pub audit: PathBuf,
+    /// Largest accepted request frame, in bytes (default and at most [`MAX_FRAME`]).
+    pub frame_limit: usize,
+    /// A connection that sends nothing for this long is closed (default 60 s).
+    pub idle_timeout: Duration,
+    /// Most connections served at once (default 64); more are answered with an error.
+    pub max_connections: usize,
+    /// Print one line per request on stderr.
+    pub verbose: bool,
+}
+
+impl ServerConfig {
+    /// The default configuration with the given token and audit file.
+    pub fn new(token: impl Into<String>, audit: impl Into<PathBuf>) -> Self {
+        ServerConfig {
+            token: token.into(),
+            policy: Policy::default(),
+            audit: audit.into(),
+            frame_limit: MAX_FRAME,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            verbose: false,
+        }
+    }
+}
+
+/// The expected token, kept as its SHA-256 so comparisons take the same time whatever the
+/// presented token's length and content.
+struct TokenCheck([u8; 32]);
+
+impl TokenCheck {
+    fn new(token: &str) -> Self {
+        TokenCheck(Sha256::digest(token.as_bytes()).into())
+    }
+
+    fn matches(&self, presented: &str) -> bool {
+        let h: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let eq: bool = h.ct_eq(&self.0).into();
+        eq && !presented.is_empty()
+    }
+}
+
+/// State shared by the accept loop and the connection threads.
+struct Shared {
+    authority: Authority,
+    token: TokenCheck,
+    policy: Policy,
+    audit: AuditLog,
+    frame_limit: usize,
+    idle_timeout: Duration,
+    max_connections: usize,
+    verbose: bool,
+    shutdown: Arc<AtomicBool>,
+    active: AtomicUsize,
+    /// Threads answering connections over the cap.
+    turning_away: AtomicUsize,
+    next_id: AtomicU64,
+    /// Open connections, to close them at shutdown.
+    live: Mutex<HashMap<u64, TcpStream>>,
+}
+
+/// A running server (see [`spawn`]). Dropping it shuts the server down.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    shutdown: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<(), AuthorityError>>>,
+}
+
+impl ServerHandle {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, closes open connections and waits for the accept loop to end.
+    pub fn shutdown(mut self) -> Result<(), AuthorityError> {
+        self.stop()
+    }
+
+    /// Waits for the server to stop (it runs until [`ServerHandle::shutdown`] is called from
+    /// elsewhere, so in practice: forever).
+    pub fn wait(mut self) -> Result<(), AuthorityError> {
+        match self.thread.take() {
+            Some(t) => join(t),
+            None => Ok(()),
+        }
+    }
+
+    fn stop(&mut self) -> Result<(), AuthorityError> {
+        self.shutdown.store(true, Ordering::SeqCst);
+        match self.thread.take() {
+            Some(t) => join(t),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+fn join(t: JoinHandle<Result<(), AuthorityError>>) -> Result<(), AuthorityError> {
+    t.join().unwrap_or_else(|_| {
+        Err(AuthorityError::InvalidArgument(
+            "the server thread panicked".into(),
+        ))
+    })
+}
+
+fn prepare(
+    listener: &TcpListener,
+    authority: Authority,
+    config: ServerConfig,
+    shutdown: Arc<AtomicBool>,
+) -> Result<Arc<Shared>, AuthorityError> {
+    validate_token(&config.token)?;
+    let row_len = authority.params.row.params().n;
+    let col_len = authority.batch_size();
+    let policy = config.policy.with_lengths(row_len, col_len);
+    policy.validate().map_err(AuthorityError::Policy)?;
+    if config.max_connections == 0 {
+        return Err(AuthorityError::InvalidArgument(
+            "max_connections must be at least 1".into(),
+        ));
+    }
+    if config.idle_timeout.is_zero() {
+        return Err(AuthorityError::InvalidArgument(
+            "the idle timeout must be positive".into(),
+        ));
+    }
+    let audit = AuditLog::open(&config.audit).map_err(|e| io_err(&config.audit, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| io_err(Path::new("listener"), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| io_err(Path::new(&addr.to_string()), e))?;
+    Ok(Arc::new(Shared {
+        authority,
+        token: TokenCheck::new(&config.token),
+        policy,
+        audit,
+        frame_limit: config.frame_limit.clamp(1, MAX_FRAME),
+        idle_timeout: config.idle_timeout,
+        max_connections: config.max_connections,
+        verbose: config.verbose,
+        shutdown,
+        active: AtomicUsize::new(0),
+        turning_away: AtomicUsize::new(0),
+        next_id: AtomicU64::new(0),
+        live: Mutex::new(HashMap::new()),
+    }))
+}
+
+/// Serves on `listener` until `shutdown` is set (checked every 10 ms), then closes the open
+/// connections and returns. Fails only at start (bad token, policy or audit file).
+pub fn serve(
+    listener: TcpListener,
+    authority: Authority,
+    config: ServerConfig,
+    shutdown: Arc<AtomicBool>,
+) -> Result<(), AuthorityError> {
+    let shared = prepare(&listener, authority, config, shutdown)?;
+    accept_loop(&listener, &shared);
+    Ok(())
+}
+
+/// Starts serving on `listener` in a background thread (bind `127.0.0.1:0` for an ephemeral
+/// port and read it back with [`ServerHandle::local_addr`]).
+pub fn spawn(
+    listener: TcpListener,
+    authority: Authority,
+    config: ServerConfig,
+) -> Result<ServerHandle, AuthorityError> {
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let shared = prepare(&listener, authority, config, shutdown.clone())?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| io_err(Path::new("listener"), e))?;
+    let thread = std::thread::Builder::new()
+        .name("authority-accept".into())
+        .spawn(move || {
+            accept_loop(&listener, &shared);
+            Ok(())
+        })
+        .map_err(|e| io_err(Path::new(&addr.to_string()), e))?;
+    Ok(ServerHandle {
+        addr,
+        shutdown,
+        thread: Some(thread),
+    })
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    while !shared.shutdown.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, peer)) => admit(shared, stream, peer),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                // Out of file descriptors and the like: wait and retry rather than die.
+                if shared.verbose {
+                    eprintln!("authority: accept failed: {e}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    let live = std::mem::take(&mut *shared.live.lock().unwrap_or_else(|e| e.into_inner()));
+    for s in live.values() {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+}
+
+/// Removes a connection from the books when its thread ends, however it ends.
+struct ConnectionGuard {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.shared
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+        self.shared.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let setup = || -> std::io::Result<TcpStream> {
+        stream.set_nonblocking(false)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(shared.idle_timeout))?;
+        stream.set_write_timeout(Some(shared.idle_timeout))?;
+        stream.try_clone()
+    };
+    let Ok(control) = setup() else {
+        return;
+    };
+    if shared.active.load(Ordering::SeqCst) >= shared.max_connections {
+        if shared.verbose {
+            eprintln!("authority: {peer}: refused, too many connections");
+        }
+        turn_away(shared, stream);
+        return;
+    }
+    shared.active.fetch_add(1, Ordering::SeqCst);
+    let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+    shared
+        .live
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id, control);
+    let guard = ConnectionGuard {
+        shared: shared.clone(),
+        id,
+    };
+    let spawned = std::thread::Builder::new()
+        .name(format!("authority-conn-{id}"))
+        .spawn(move || {
+            let g = guard;
+            connection(&g.shared, stream, peer);
+        });
+    // If the thread could not start, the closure (and the guard in it) is dropped here,
+    // which undoes the bookkeeping and closes the stream.
+    if let Err(e) = spawned {
+        if shared.verbose {
+            eprintln!("authority: {peer}: cannot start a thread: {e}");
+        }
+    }
+}
+
+/// Answers a connection over the cap with an error, from a short-lived thread (at most
+/// [`MAX_TURNING_AWAY`] at once; beyond that the connection is just closed). The thread
+/// half-closes and drains what the caller sends for a moment, so the caller reads the error
+/// rather than a reset.
+fn turn_away(shared: &Arc<Shared>, stream: TcpStream) {
+    if shared.turning_away.fetch_add(1, Ordering::SeqCst) >= MAX_TURNING_AWAY {
+        shared.turning_away.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
+    let sh = shared.clone();
+    let work = move || {
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+        let mut w = BufWriter::new(&stream);
+        let _ = protocol::write_frame(
+            &mut w,
+            &Response::Error("too many connections; try again later".into()),
+        );
+        drop(w);
+        let _ = stream.shutdown(Shutdown::Write);
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let mut buf = [0u8; 4096];
+        let mut r = &stream;
+        while Instant::now() < deadline {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        sh.turning_away.fetch_sub(1, Ordering::SeqCst);
+    };
+    if std::thread::Builder::new()
+        .name("authority-busy".into())
+        .spawn(work)
+        .is_err()
+    {
+        shared.turning_away.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn kind_of(request: &Request) -> (KeyKind, usize) {
+    match request {
+        Request::Params => (KeyKind::Params, 0),
+        Request::RowKeys(ys) => (KeyKind::Row, ys.len()),
+        Request::ColKeys(ys) => (KeyKind::Col, ys.len()),
+        Request::FeboKeys(r) => (KeyKind::Febo, r.len()),
+    }
+}
+
+fn connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    let mut writer = BufWriter::new(stream);
+    let peer_s = peer.to_string();
+    let log_error = |kind: KeyKind, count: usize, outcome: Outcome, reason: &str| {
+        let mut e = AuditEntry::new(&peer_s, kind, outcome, count);
+        e.reason = Some(reason.to_string());
+        // Best effort: nothing is issued on this path, so a failed write loses no key record.
+        let _ = shared.audit.record(&e);
+        if shared.verbose {
+            eprintln!("authority: {peer_s}: {outcome:?}: {reason}");
+        }
+    };
+    loop {
+        if shared.shutdown.load(Ordering::SeqCst) {
+            return;
+        }
+        let body = match protocol::read_frame_bytes(&mut reader, shared.frame_limit) {
+            Ok(b) => b,
+            Err(protocol::ProtocolError::FrameTooLarge(n)) => {
+                let msg = format!(
+                    "frame of {n} bytes exceeds the limit of {} bytes",
+                    shared.frame_limit
+                );
+                log_error(KeyKind::Unknown, 0, Outcome::Error, &msg);
+                let _ = protocol::write_frame(&mut writer, &Response::Error(msg));
+                return;
+            }
+            Err(protocol::ProtocolError::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                if shared.verbose {
+                    eprintln!("authority: {peer_s}: idle, closing the connection");
+                }
+                return;
+            }
+            // The caller closed the connection (or it broke): nothing to answer.
+            Err(_) => return,
+        };
+        let frame: RequestFrame = match protocol::decode(&body) {
+            Ok(f) => f,
+            Err(e) => {
+                let msg = e.to_string();
+                log_error(KeyKind::Unknown, 0, Outcome::Error, &msg);
+                let _ = protocol::write_frame(&mut writer, &Response::Error(msg));
+                return;
+            }
+        };
+        drop(body);
+        if frame.version != PROTOCOL_VERSION {
+            let msg = format!(
+                "protocol version {} is not supported (this authority speaks version {})",
+                frame.version, PROTOCOL_VERSION
+            );
+            log_error(KeyKind::Unknown, 0, Outcome::Error, &msg);
+            let _ = protocol::write_frame(&mut writer, &Response::Error(msg));
+            return;
+        }
+        let (kind, count) = kind_of(&frame.request);
+        if !shared.token.matches(&frame.token) {
+            let msg = "authentication failed";
+            log_error(kind, count, Outcome::Refused, msg);
+            let _ = protocol::write_frame(&mut writer, &Response::Refused(msg.into()));
+            return;
+        }
+        let start = Instant::now();
+        let response = respond(shared, &peer_s, &frame.request);
+        if shared.verbose && kind != KeyKind::Params {
+            let what = match &response {
+                Response::Refused(r) => format!("refused: {r}"),
+                Response::Error(r) => format!("error: {r}"),
+                _ => "issued".to_string(),
+            };
+            eprintln!(
+                "authority: {peer_s}: {count} {kind:?} keys {what} in {:.1} ms",
+                start.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        match protocol::write_frame(&mut writer, &response) {
+            Ok(()) => {}
+            Err(protocol::ProtocolError::FrameTooLarge(n)) => {
+                let msg = format!(
+                    "the answer ({n} bytes) exceeds the frame limit; ask for fewer keys at once"
+                );
+                if protocol::write_frame(&mut writer, &Response::Error(msg)).is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Answers an authenticated request: policy, derivation, audit (before anything is sent).
+fn respond(shared: &Shared, peer: &str, request: &Request) -> Response {
+    let (kind, count) = kind_of(request);
+    let response = shared.authority.answer(&shared.policy, request);
+    if kind == KeyKind::Params {
+        return response;
+    }
+    let mut entry = match &response {
+        Response::Refused(reason) | Response::Error(reason) => {
+            let outcome = if matches!(response, Response::Refused(_)) {
+                Outcome::Refused
+            } else {
+                Outcome::Error
+            };
+            let mut e = AuditEntry::new(peer, kind, outcome, count);
+            e.reason = Some(reason.clone());
+            e
+        }
+        _ => {
+            let mut e = AuditEntry::new(peer, kind, Outcome::Issued, count);
+            e.keys = match request {
+                Request::RowKeys(ys) | Request::ColKeys(ys) => ys
+                    .par_iter()
+                    .map(|y| audit::feip_record(kind, y))
+                    .collect(),
+                Request::FeboKeys(reqs) => reqs.par_iter().map(audit::febo_record).collect(),
+                Request::Params => Vec::new(),
+            };
+            e
+        }
+    };
+    match shared.audit.record(&entry) {
+        Ok(()) => response,
+        Err(e) => {
+            entry.keys.clear();
+            if shared.verbose {
+                eprintln!("authority: cannot write the audit log: {e}");
+            }
+            if matches!(entry.outcome, Outcome::Issued) {
+                Response::Error("the authority cannot write its audit log; no keys issued".into())
+            } else {
+                response
+            }
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! The key policy: which function keys the authority agrees to derive.
+//!
+//! A key for `y` reveals `⟨x, y⟩` for every encrypted `x`; a key for a unit vector `e_i`
+//! reveals pixel `i` itself. The policy refuses such requests by shape: vectors of the wrong
+//! length, entries too large, too few non-zero entries, too many keys in one request, FEBO
+//! operations that training does not need. The defaults never refuse normal training (8-bit
+//! weights and deltas; the trainer zeroes the gradient of a neuron whose delta column has fewer
+//! than two non-zero entries, and asks only for subtraction keys with quantized predictions).
+//!
+//! The policy is a shape check, not a proof of privacy: a caller can still combine several
+//! accepted keys (for example `y` and `y + e_i`) to isolate one pixel. The audit log records a
+//! digest of every vector, so such patterns can be found afterwards.
+//!
+//! Policies are read from JSON files; every field is optional and takes its default when
+//! absent. With every default spelled out:
+//!
+//! ```json
+//! {
+//!   "max_abs": 32767,
+//!   "min_nonzero_row": 16,
+//!   "min_nonzero_col": 2,
+//!   "max_feip_vectors": 4096,
+//!   "max_febo_keys": 65536,
+//!   "febo_ops": ["Sub"],
+//!   "max_febo_operand": 4096
+//! }
+//! ```
+
+use crate::protocol::{FeboKeyRequest, Request};
+use crate::Curve;
+use fe::febo::Op;
+use fe::FeCurve;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// What the authority agrees to derive keys for. See the [module documentation](self).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    /// Largest `|entry|` of an inner-product key vector (default 32767: 16-bit keys; training
+    /// uses 8-bit ones).
+    pub max_abs: u32,
+    /// Fewest non-zero entries of a row key vector (default 16).
+    pub min_nonzero_row: usize,
+    /// Fewest non-zero entries of a column key vector (default 2).
+    pub min_nonzero_col: usize,
+    /// Most vectors in one row or column request (default 4096).
+    pub max_feip_vectors: usize,
+    /// Most keys in one FEBO request (default 65536).
+    pub max_febo_keys: usize,
+    /// FEBO operations allowed (default: only `Sub`, the output error `a - y`).
+    pub febo_ops: Vec<Op>,
+    /// Largest `|operand|` of a FEBO key (default 4096, the trainer's label scale).
+    pub max_febo_operand: u64,
+    /// Length of row vectors; not configurable, set from the public parameters
+    /// ([`Policy::with_lengths`]). Default [`crate::ROW_LEN`].
+    #[serde(skip)]
+    pub row_len: usize,
+    /// Length of column vectors (the batch size); not configurable, set from the public
+    /// parameters ([`Policy::with_lengths`]). Default [`DEFAULT_BATCH_SIZE`].
+    #[serde(skip)]
+    pub col_len: usize,
+}
+
+/// The batch size a default policy assumes until [`Policy::with_lengths`] sets the real one.
+pub const DEFAULT_BATCH_SIZE: usize = 64;
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            max_abs: 32767,
+            min_nonzero_row: 16,
+            min_nonzero_col: 2,
+            max_feip_vectors: 4096,
+            max_febo_keys: 65536,
+            febo_ops: vec![Op::Sub],
+            max_febo_operand: 4096,
+            row_len: crate::ROW_LEN,
+            col_len: DEFAULT_BATCH_SIZE,
+        }
+    }
+}
+
+impl Policy {
+    /// The same policy for rows of length `row_len` and columns of length `col_len`.
+    pub fn with_lengths(mut self, row_len: usize, col_len: usize) -> Self {
+        self.row_len = row_len;
+        self.col_len = col_len;
+        self
+    }
+
+    /// Parses a JSON policy; absent fields take their defaults, unknown fields are errors.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| format!("invalid policy: {e}"))
+    }
+
+    /// Reads a JSON policy file (see [`Policy::from_json`]).
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read policy file {}: {e}", path.display()))?;
+        Self::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The policy as pretty JSON (its configurable fields).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Checks that the policy is usable: its non-zero minimums fit in the vector lengths (a
+    /// policy that refuses every key of a kind is almost certainly a mistake).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.min_nonzero_row > self.row_len {
+            return Err(format!(
+                "min_nonzero_row = {} exceeds the row length {}: every row key would be refused",
+                self.min_nonzero_row, self.row_len
+            ));
+        }
+        if self.min_nonzero_col > self.col_len {
+            return Err(format!(
+                "min_nonzero_col = {} exceeds the batch size {}: every column key would be refused",
+                self.min_nonzero_col, self.col_len
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a request against the policy: `Ok` if every key it asks for may be issued,
+    /// otherwise the reason of the first violation. Pure: no I/O, no keys involved.
+    pub fn check(&self, request: &Request) -> Result<(), String> {
+        match request {
+            Request::Params => Ok(()),
+            Request::RowKeys(ys) => self.check_feip("row", ys, self.row_len, self.min_nonzero_row),
+            Request::ColKeys(ys) => {
+                self.check_feip("column", ys, self.col_len, self.min_nonzero_col)
+            }
+            Request::FeboKeys(reqs) => self.check_febo(reqs),
+        }
+    }
+
+    fn check_feip(
+        &self,
+        kind: &str,
+        ys: &[Vec<i32>],
+        len: usize,
+        min_nonzero: usize,
+    ) -> Result<(), String> {
+        if ys.len() > self.max_feip_vectors {
+            return Err(format!(
+                "{} {kind} vectors in one request; the policy allows at most {}",
+                ys.len(),
+                self.max_feip_vectors
+            ));
+        }
+        for (k, y) in ys.iter().enumerate() {
+            if y.len() != len {
+                return Err(format!(
+                    "{kind} vector {k} has length {}, expected {len}",
+                    y.len()
+                ));
+            }
+            let mut nonzero = 0usize;
+            for (i, &v) in y.iter().enumerate() {
+                if v.unsigned_abs() > self.max_abs {
+                    return Err(format!(
+                        "{kind} vector {k}: entry {v} at position {i} exceeds the policy's \
+                         max_abs {}",
+                        self.max_abs
+                    ));
+                }
+                nonzero += usize::from(v != 0);
+            }
+            if nonzero < min_nonzero {
+                return Err(format!(
+                    "{kind} vector {k} has {nonzero} non-zero entries; the policy requires at \
+                     least {min_nonzero} (a key with few non-zero entries reveals single values)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_febo(&self, reqs: &[FeboKeyRequest]) -> Result<(), String> {
+        if reqs.len() > self.max_febo_keys {
+            return Err(format!(
+                "{} basic-operation keys in one request; the policy allows at most {}",
+                reqs.len(),
+                self.max_febo_keys
+            ));
+        }
+        for (k, r) in reqs.iter().enumerate() {
+            if !self.febo_ops.contains(&r.op) {
+                return Err(format!(
+                    "basic-operation key {k}: operation {:?} is not allowed (allowed: {:?})",
+                    r.op, self.febo_ops
+                ));
+            }
+            if r.operand.unsigned_abs() > self.max_febo_operand {
+                return Err(format!(
+                    "basic-operation key {k}: operand {} exceeds the policy's max_febo_operand {}",
+                    r.operand, self.max_febo_operand
+                ));
+            }
+            if r.commitment.len() != <Curve as FeCurve>::POINT_LEN {
+                return Err(format!(
+                    "basic-operation key {k}: commitment has {} bytes, expected {}",
+                    r.commitment.len(),
+                    <Curve as FeCurve>::POINT_LEN
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn dense(len: usize, nonzero: usize, v: i32) -> Vec<i32> {
+        (0..len).map(|i| if i < nonzero { v } else { 0 }).collect()
+    }
+
+    fn febo(op: Op, operand: i64) -> FeboKeyRequest {
+        FeboKeyRequest {
+            commitment: vec![0u8; 32],
+            op,
+            operand,
+        }
+    }
+
+    #[test]
+    fn defaults_accept_training_shaped_requests() {
+        let p = Policy::default().with_lengths(785, 64);
+        assert_eq!(p.validate(), Ok(()));
+        assert_eq!(p.check(&Request::Params), Ok(()));
+        let rows = vec![dense(785, 785, -127); 128];
+        assert_eq!(p.check(&Request::RowKeys(rows)), Ok(()));
+        assert_eq!(p.check(&Request::RowKeys(vec![dense(785, 16, 1)])), Ok(()));
+        let cols = vec![dense(64, 2, 127); 128];
+        assert_eq!(p.check(&Request::ColKeys(cols)), Ok(()));
+        let fb = vec![febo(Op::Sub, 4096), febo(Op::Sub, -4096), febo(Op::Sub, 0)];
+        assert_eq!(p.check(&Request::FeboKeys(fb)), Ok(()));
+        assert_eq!(p.check(&Request::RowKeys(vec![])), Ok(()));
+    }
+
+    #[test]
+    fn refuses_unit_and_sparse_vectors() {
+        let p = Policy::default().with_lengths(785, 64);
+        let mut unit = vec![0; 785];
+        unit[100] = 1;
+        let e = p.check(&Request::RowKeys(vec![unit])).unwrap_err();
+        assert!(e.contains("1 non-zero"), "{e}");
+        let e = p
+            .check(&Request::RowKeys(vec![dense(785, 15, 3)]))
+            .unwrap_err();
+        assert!(e.contains("at least 16"), "{e}");
+        let mut unit = vec![0; 64];
+        unit[5] = -1;
+        assert!(p.check(&Request::ColKeys(vec![unit])).is_err());
+        assert!(p.check(&Request::ColKeys(vec![vec![0; 64]])).is_err());
+        // One bad vector among good ones refuses the whole request, naming it.
+        let mut ys = vec![dense(64, 10, 1); 5];
+        ys[3] = dense(64, 1, 1);
+        let e = p.check(&Request::ColKeys(ys)).unwrap_err();
+        assert!(e.contains("vector 3"), "{e}");
+    }
+
+    #[test]
+    fn refuses_wrong_length_and_large_entries() {
+        let p = Policy::default().with_lengths(785, 64);
+        let e = p
+            .check(&Request::RowKeys(vec![dense(784, 784, 1)]))
+            .unwrap_err();
+        assert!(e.contains("length 784"), "{e}");
+        assert!(p.check(&Request::ColKeys(vec![dense(65, 65, 1)])).is_err());
+        let mut y = dense(785, 785, 1);
+        y[7] = 32768;
+        let e = p.check(&Request::RowKeys(vec![y.clone()])).unwrap_err();
+        assert!(e.contains("32768"), "{e}");
+        y[7] = i32::MIN;
+        assert!(p.check(&Request::RowKeys(vec![y])).is_err());
+        assert_eq!(
+            p.check(&Request::RowKeys(vec![dense(785, 785, -32767)])),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn refuses_too_many_vectors() {
+        let p = Policy {
+            max_feip_vectors: 3,
+            max_febo_keys: 2,
+            ..Policy::default()
+        }
+        .with_lengths(785, 4);
+        assert!(p.check(&Request::ColKeys(vec![dense(4, 4, 1); 3])).is_ok());
+        assert!(p.check(&Request::ColKeys(vec![dense(4, 4, 1); 4])).is_err());
+        assert!(p
+            .check(&Request::FeboKeys(vec![febo(Op::Sub, 1); 3]))
+            .is_err());
+    }
+
+    #[test]
+    fn febo_ops_operands_and_commitment_length() {
+        let p = Policy::default();
+        for op in [Op::Add, Op::Mul, Op::Div] {
+            let e = p.check(&Request::FeboKeys(vec![febo(op, 2)])).unwrap_err();
+            assert!(e.contains("not allowed"), "{e}");
+        }
+        assert!(p
+            .check(&Request::FeboKeys(vec![febo(Op::Sub, 4097)]))
+            .is_err());
+        assert!(p
+            .check(&Request::FeboKeys(vec![febo(Op::Sub, i64::MIN)]))
+            .is_err());
+        let short = FeboKeyRequest {
+            commitment: vec![1u8; 31],
+            op: Op::Sub,
+            operand: 0,
+        };
+        assert!(p.check(&Request::FeboKeys(vec![short])).is_err());
+        let p = Policy {
+            febo_ops: vec![Op::Sub, Op::Mul],
+            ..Policy::default()
+        };
+        assert!(p.check(&Request::FeboKeys(vec![febo(Op::Mul, 3)])).is_ok());
+    }
+
+    #[test]
+    fn json_round_trip_defaults_and_unknown_fields() {
+        let p = Policy::from_json(r#"{"min_nonzero_row": 32, "febo_ops": ["Sub", "Add"]}"#)
+            .unwrap();
+        assert_eq!(p.min_nonzero_row, 32);
+        assert_eq!(p.febo_ops, vec![Op::Sub, Op::Add]);
+        assert_eq!(p.max_abs, 32767);
+        assert_eq!(Policy::from_json("{}").unwrap(), Policy::default());
+        assert_eq!(
+            Policy::from_json(&Policy::default().to_json()).unwrap(),
+            Policy::default()
+        );
+        assert!(Policy::from_json(r#"{"min_nonzero_rows": 3}"#).is_err());
+        assert!(Policy::from_json("not json").is_err());
+    }
+
+    #[test]
+    fn validate_catches_impossible_minimums() {
+        let p = Policy::default().with_lengths(785, 1);
+        assert!(p.validate().is_err());
+        let p = Policy {
+            min_nonzero_row: 786,
+            ..Policy::default()
+        };
+        assert!(p.validate().is_err());
+    }
+}

@@ -1,0 +1,198 @@
+//! `authority`: the CryptoNN key authority.
+//!
+//! `authority init` generates the master keys into a directory; `authority serve` answers key
+//! requests from clients and trainers over TCP. Run `authority --help` for details.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use cryptonn::authority::{self, InitOptions, Policy, ServerConfig};
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The CryptoNN key authority: holds the master secret keys and derives function keys for
+/// authenticated callers under a key policy, logging every key it issues.
+#[derive(Parser, Debug)]
+#[command(name = "authority", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate master keys, public parameters and a caller token into a directory.
+    ///
+    /// Writes row.msk, col.msk, febo.msk and token with mode 0600, and params.bin. Refuses to
+    /// overwrite existing keys unless --force is given.
+    Init(InitArgs),
+    /// Serve key requests over TCP until killed.
+    ///
+    /// Prints `listening on ADDR` on stdout once ready (with the real port when --listen
+    /// asks for port 0). Every key request is checked against the key policy and logged
+    /// to the audit file.
+    Serve(ServeArgs),
+    /// Print the effective key policy as JSON (the defaults, or those of --policy and the
+    /// override flags), a starting point for a policy file.
+    Policy(PolicyArgs),
+}
+
+#[derive(Args, Debug)]
+struct InitArgs {
+    /// Directory for the keys (created with mode 0700 if missing).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Number of samples per batch: the length of the column vectors the client encrypts.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Token callers must present (default: 32 random bytes in hex, written to DIR/token).
+    #[arg(long, env = "CRYPTONN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Overwrite existing keys (datasets encrypted under the old keys become useless).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Debug)]
+struct PolicyArgs {
+    /// JSON policy file; fields left out take their defaults.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Fewest non-zero entries of a row key vector [default: 16].
+    #[arg(long, value_name = "N")]
+    min_nonzero_row: Option<usize>,
+    /// Fewest non-zero entries of a column key vector [default: 2].
+    #[arg(long, value_name = "N")]
+    min_nonzero_col: Option<usize>,
+    /// Largest |entry| of an inner-product key vector [default: 32767].
+    #[arg(long, value_name = "N")]
+    max_abs: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Directory written by `authority init`.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    listen: String,
+    /// Token callers must present (default: the content of DIR/token).
+    #[arg(long, env = "CRYPTONN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// Close connections idle for this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    idle_timeout: u64,
+    /// Audit log, appended to [default: DIR/audit.log].
+    #[arg(long, value_name = "FILE")]
+    audit: Option<PathBuf>,
+    /// Largest accepted request frame in bytes (at most 64 MiB).
+    #[arg(long, value_name = "BYTES", default_value_t = cryptonn::protocol::MAX_FRAME)]
+    max_frame: usize,
+    /// Most connections served at once.
+    #[arg(long, value_name = "N", default_value_t = authority::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Do not print a line per request on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn policy_of(args: &PolicyArgs) -> Result<Policy> {
+    let mut p = match &args.policy {
+        Some(path) => Policy::from_file(path).map_err(anyhow::Error::msg)?,
+        None => Policy::default(),
+    };
+    if let Some(n) = args.min_nonzero_row {
+        p.min_nonzero_row = n;
+    }
+    if let Some(n) = args.min_nonzero_col {
+        p.min_nonzero_col = n;
+    }
+    if let Some(n) = args.max_abs {
+        p.max_abs = n;
+    }
+    Ok(p)
+}
+
+fn init(args: &InitArgs) -> Result<()> {
+    let made = authority::init(
+        &args.dir,
+        args.batch_size,
+        &InitOptions {
+            token: args.token.clone(),
+            force: args.force,
+        },
+    )?;
+    let fp: String = made
+        .params
+        .fingerprint()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    println!(
+        "authority keys written to {} (batch size {}, parameters fingerprint {fp})",
+        args.dir.display(),
+        args.batch_size
+    );
+    println!(
+        "callers authenticate with the token in {}",
+        args.dir.join(authority::TOKEN_FILE).display()
+    );
+    Ok(())
+}
+
+fn serve(args: &ServeArgs) -> Result<()> {
+    if args.idle_timeout == 0 {
+        bail!("--idle-timeout must be at least 1 second");
+    }
+    let auth = authority::load(&args.dir)
+        .with_context(|| format!("cannot load the keys in {}", args.dir.display()))?;
+    let token = match &args.token {
+        Some(t) => t.clone(),
+        None => authority::read_token(&args.dir)?,
+    };
+    let mut config = ServerConfig::new(
+        token,
+        args.audit
+            .clone()
+            .unwrap_or_else(|| args.dir.join(authority::AUDIT_FILE)),
+    );
+    config.policy = policy_of(&args.policy)?;
+    config.idle_timeout = Duration::from_secs(args.idle_timeout);
+    config.frame_limit = args.max_frame;
+    config.max_connections = args.max_connections;
+    config.verbose = !args.quiet;
+    let listener =
+        TcpListener::bind(&args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let batch = auth.batch_size();
+    eprintln!(
+        "authority: batch size {batch}, audit log {}",
+        config.audit.display()
+    );
+    // spawn() validates the configuration and opens the audit log before accepting.
+    let server = authority::spawn(listener, auth, config)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "listening on {addr}")?;
+    out.flush()?;
+    drop(out);
+    server.wait()?;
+    Ok(())
+}
+
+fn print_policy(args: &PolicyArgs) -> Result<()> {
+    println!("{}", policy_of(args)?.to_json());
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Init(a) => init(a),
+        Command::Serve(a) => serve(a),
+        Command::Policy(a) => print_policy(a),
+    }
+}

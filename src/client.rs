@@ -1,0 +1,132 @@
+//! The client (data owner): encodes a labelled image dataset as integers and encrypts it.
+//!
+//! Every sample becomes its 784 pixel integers `0..=255` plus the bias input 255
+//! ([`nn::first_layer::BIAS_PIXEL`]), encrypted as one FEIP row; every pixel position of a
+//! batch becomes one FEIP column over the batch; every label becomes `classes` FEBO
+//! ciphertexts of the one-hot vector scaled by [`nn::first_layer::LABEL_SCALE`]. Samples that
+//! do not fill a last batch are left out (the column key has the batch length).
+
+use crate::dataset::{DatasetError, DatasetHeader, EncryptedBatch, Writer, FORMAT_VERSION};
+use crate::protocol::PublicParams;
+use crate::{Curve, ROW_LEN};
+use fe::febo::FeboEncryptor;
+use fe::feip::FeipEncryptor;
+use nn::data::Dataset;
+use nn::first_layer::{BIAS_PIXEL, LABEL_SCALE};
+use std::path::Path;
+use std::time::Instant;
+use thiserror::Error;
+
+/// Number of classes of MNIST labels.
+pub const CLASSES: usize = 10;
+
+/// Errors of the client.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The dataset does not fit the parameters.
+    #[error("{0}")]
+    Input(String),
+    /// Encryption failed.
+    #[error(transparent)]
+    Fe(#[from] fe::FeError),
+    /// Writing the file failed.
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+}
+
+/// What [`encrypt_dataset`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncryptSummary {
+    /// Batches written.
+    pub batches: usize,
+    /// Samples encrypted.
+    pub samples: usize,
+    /// Samples left out because they did not fill a last batch.
+    pub dropped: usize,
+    /// Size of the file in bytes.
+    pub bytes: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// The integer row of sample `i`: its pixels and the bias input.
+pub fn row_of(data: &Dataset, i: usize) -> Vec<i64> {
+    let mut r: Vec<i64> = data.images.row(i).iter().map(|&p| i64::from(p)).collect();
+    r.push(i64::from(BIAS_PIXEL));
+    r
+}
+
+/// Encrypts `data` under `params` into `out` (atomically), batch by batch on all cores.
+pub fn encrypt_dataset(
+    data: &Dataset,
+    params: &PublicParams,
+    out: &Path,
+    source: &str,
+    progress: bool,
+) -> Result<EncryptSummary, ClientError> {
+    let started = Instant::now();
+    if data.features() + 1 != ROW_LEN || params.row.params().n != ROW_LEN {
+        return Err(ClientError::Input(format!(
+            "samples have {} features; the parameters expect {} pixels",
+            data.features(),
+            params.row.params().n.saturating_sub(1)
+        )));
+    }
+    if let Some(&l) = data.labels.iter().find(|&&l| l as usize >= CLASSES) {
+        return Err(ClientError::Input(format!("label {l} is not a digit 0..=9")));
+    }
+    let bs = params.batch_size();
+    let nb = data.len() / bs;
+    if nb == 0 {
+        return Err(ClientError::Input(format!(
+            "{} samples do not fill one batch of {bs}",
+            data.len()
+        )));
+    }
+    let header = DatasetHeader {
+        version: FORMAT_VERSION,
+        curve: <Curve as curv::elliptic::curves::Curve>::CURVE_NAME.to_string(),
+        params_fingerprint: params.fingerprint(),
+        batch_size: bs as u32,
+        num_batches: nb as u32,
+        num_samples: (nb * bs) as u64,
+        row_len: ROW_LEN as u32,
+        classes: CLASSES as u32,
+        label_scale: LABEL_SCALE,
+        source: source.to_string(),
+    };
+    let rows_enc = FeipEncryptor::new(&params.row);
+    let cols_enc = FeipEncryptor::new(&params.col);
+    let labels_enc = FeboEncryptor::new(&params.febo);
+    let mut w = Writer::create(out, header)?;
+    let pb = crate::progress_bar(progress, nb as u64, "encrypting batches");
+    for b in 0..nb {
+        let rows: Vec<Vec<i64>> = (b * bs..(b + 1) * bs).map(|i| row_of(data, i)).collect();
+        let cols: Vec<Vec<i64>> = (0..ROW_LEN)
+            .map(|p| rows.iter().map(|r| r[p]).collect())
+            .collect();
+        let labels: Vec<i64> = (b * bs..(b + 1) * bs)
+            .flat_map(|i| {
+                let l = data.labels[i] as usize;
+                (0..CLASSES).map(move |k| if k == l { LABEL_SCALE } else { 0 })
+            })
+            .collect();
+        let batch = EncryptedBatch {
+            index: b as u32,
+            rows: rows_enc.encrypt_many(&rows)?,
+            cols: cols_enc.encrypt_many(&cols)?,
+            labels: labels_enc.encrypt_many(&labels),
+        };
+        w.append(&batch)?;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let bytes = w.finish()?;
+    Ok(EncryptSummary {
+        batches: nb,
+        samples: nb * bs,
+        dropped: data.len() - nb * bs,
+        bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

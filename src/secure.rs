@@ -1,0 +1,330 @@
+//! The secure first layer: the trainer's [`IntegerProducts`] over encrypted data.
+//!
+//! For batch `b` with quantized weights `W_q` (H × 785), quantized deltas `Δ_q` (B × H) and
+//! quantized predictions `A_q` (B × 10), the trainer asks the authority for
+//!
+//! * one inner-product key per weight row `w_j` and decrypts `z_bj = ⟨w_j, x_b⟩` from the
+//!   batch's row ciphertexts (forward, [`IntegerProducts::forward_int`]);
+//! * one basic-operation key per label element, operation `sub` with operand `a_bk`, and
+//!   decrypts `LABEL_SCALE·y_bk − a_bk` (output error, negated to `A_q − LABEL_SCALE·Y`);
+//! * one inner-product key per delta column `δ_j` (length B) and decrypts
+//!   `g_ji = ⟨δ_j, x_col_i⟩` from the 785 column ciphertexts (backward).
+//!
+//! The results are exactly the integers the plain computation gives ([`nn::first_layer::PlainIntegers`]).
+//! [`KeyPolicyFilter`] zeroes the rows and columns the authority's policy would refuse (too few
+//! non-zero entries) *before* either implementation sees them, so simulated and encrypted runs
+//! stay bit-identical and normal training is never refused.
+
+use crate::dataset::{EncryptedBatch, Reader};
+use crate::protocol::{AuthorityClient, FeboKeyRequest, ProtocolError, PublicParams};
+use crate::Curve;
+use fe::dlog::DlogTable;
+use fe::febo::{self, FeboFunctionKey, Op};
+use fe::feip::{self, FeipFunctionKey};
+use ndarray::{Array2, ArrayView2, Axis};
+use nn::first_layer::{IntegerProducts, SeamError, LABEL_SCALE};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where function keys come from: the authority over the network, or (in tests) in-process.
+pub trait KeyService {
+    /// Inner-product keys for weight rows.
+    fn row_keys(&mut self, ys: &[Vec<i64>]) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError>;
+    /// Inner-product keys for delta columns.
+    fn col_keys(&mut self, ys: &[Vec<i64>]) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError>;
+    /// Basic-operation keys.
+    fn febo_keys(
+        &mut self,
+        reqs: Vec<FeboKeyRequest>,
+    ) -> Result<Vec<FeboFunctionKey<Curve>>, ProtocolError>;
+}
+
+impl KeyService for AuthorityClient {
+    fn row_keys(&mut self, ys: &[Vec<i64>]) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
+        AuthorityClient::row_keys(self, ys)
+    }
+    fn col_keys(&mut self, ys: &[Vec<i64>]) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
+        AuthorityClient::col_keys(self, ys)
+    }
+    fn febo_keys(
+        &mut self,
+        reqs: Vec<FeboKeyRequest>,
+    ) -> Result<Vec<FeboFunctionKey<Curve>>, ProtocolError> {
+        AuthorityClient::febo_keys(self, reqs)
+    }
+}
+
+/// Where the time of the secure layer goes (cumulative).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Timings {
+    /// Reading and decoding encrypted batches (checksums, point decompression).
+    pub io: Duration,
+    /// Waiting for keys (request, derivation at the authority, transport).
+    pub keys: Duration,
+    /// Inner-product decryption of the forward pass, discrete logs included.
+    pub forward: Duration,
+    /// Inner-product decryption of the backward pass, discrete logs included.
+    pub backward: Duration,
+    /// Basic-operation decryption of the output error.
+    pub output_error: Duration,
+    /// Keys received.
+    pub keys_received: u64,
+    /// Values decrypted.
+    pub decryptions: u64,
+}
+
+/// Zeroes weight rows and delta columns with fewer non-zero entries than the key policy
+/// requires, then delegates: wrap both the secure and the simulated products in it.
+#[derive(Debug, Clone)]
+pub struct KeyPolicyFilter<P> {
+    inner: P,
+    min_row: usize,
+    min_col: usize,
+}
+
+impl<P> KeyPolicyFilter<P> {
+    /// Filters for a policy that needs `min_row` non-zeros per row key, `min_col` per column key.
+    pub fn new(inner: P, min_row: usize, min_col: usize) -> Self {
+        KeyPolicyFilter {
+            inner,
+            min_row,
+            min_col,
+        }
+    }
+    /// The wrapped products.
+    pub fn inner(&self) -> &P {
+        &self.inner
+    }
+    /// The wrapped products, mutably.
+    pub fn inner_mut(&mut self) -> &mut P {
+        &mut self.inner
+    }
+}
+
+fn nonzeros<'a>(v: impl IntoIterator<Item = &'a i64>) -> usize {
+    v.into_iter().filter(|x| **x != 0).count()
+}
+
+impl<P: IntegerProducts> IntegerProducts for KeyPolicyFilter<P> {
+    fn forward_int(&mut self, batch: usize, w_q: ArrayView2<i64>) -> Result<Array2<i64>, SeamError> {
+        let mut w = w_q.to_owned();
+        for mut row in w.rows_mut() {
+            if nonzeros(row.iter()) < self.min_row {
+                row.fill(0);
+            }
+        }
+        self.inner.forward_int(batch, w.view())
+    }
+    fn backward_int(
+        &mut self,
+        batch: usize,
+        delta_q: ArrayView2<i64>,
+    ) -> Result<Array2<i64>, SeamError> {
+        let mut d = delta_q.to_owned();
+        for mut col in d.columns_mut() {
+            if nonzeros(col.iter()) < self.min_col {
+                col.fill(0);
+            }
+        }
+        self.inner.backward_int(batch, d.view())
+    }
+    fn output_error_int(
+        &mut self,
+        batch: usize,
+        a_q: ArrayView2<i64>,
+    ) -> Result<Array2<i64>, SeamError> {
+        self.inner.output_error_int(batch, a_q)
+    }
+    fn num_batches(&self) -> usize {
+        self.inner.num_batches()
+    }
+    fn batch_len(&self, batch: usize) -> usize {
+        self.inner.batch_len(batch)
+    }
+}
+
+/// The secure first layer: encrypted batches from a [`Reader`], keys from a [`KeyService`].
+pub struct SecureProducts<K: KeyService> {
+    reader: Reader,
+    keys: K,
+    params: PublicParams,
+    dlog: Arc<DlogTable<Curve>>,
+    current: Option<EncryptedBatch>,
+    timings: Timings,
+}
+
+fn backend<E: std::error::Error + Send + Sync + 'static>(e: E) -> SeamError {
+    SeamError::backend(e)
+}
+
+impl<K: KeyService> SecureProducts<K> {
+    /// The secure layer over `reader` (already checked against `params`).
+    pub fn new(reader: Reader, keys: K, params: PublicParams, dlog: Arc<DlogTable<Curve>>) -> Self {
+        SecureProducts {
+            reader,
+            keys,
+            params,
+            dlog,
+            current: None,
+            timings: Timings::default(),
+        }
+    }
+
+    /// Cumulative timings.
+    pub fn timings(&self) -> Timings {
+        self.timings
+    }
+
+    /// The key service.
+    pub fn key_service(&mut self) -> &mut K {
+        &mut self.keys
+    }
+
+    fn load(&mut self, batch: usize) -> Result<&EncryptedBatch, SeamError> {
+        if self.current.as_ref().map(|b| b.index as usize) != Some(batch) {
+            let t = Instant::now();
+            self.current = None;
+            self.current = Some(self.reader.batch(batch).map_err(backend)?);
+            self.timings.io += t.elapsed();
+        }
+        self.current
+            .as_ref()
+            .ok_or(SeamError::NoSuchBatch {
+                batch,
+                num_batches: self.reader.num_batches(),
+            })
+    }
+}
+
+/// Indices of the non-zero vectors, and the vectors.
+fn live_vectors<'a>(vs: impl Iterator<Item = ndarray::ArrayView1<'a, i64>>) -> (Vec<usize>, Vec<Vec<i64>>) {
+    vs.enumerate()
+        .filter(|(_, v)| v.iter().any(|x| *x != 0))
+        .map(|(i, v)| (i, v.to_vec()))
+        .unzip()
+}
+
+impl<K: KeyService> IntegerProducts for SecureProducts<K> {
+    fn forward_int(&mut self, batch: usize, w_q: ArrayView2<i64>) -> Result<Array2<i64>, SeamError> {
+        let rp = self.params.row.params();
+        if w_q.ncols() != rp.n {
+            return Err(SeamError::Shape {
+                what: "quantized weights",
+                expected: (w_q.nrows(), rp.n),
+                got: w_q.dim(),
+            });
+        }
+        let (idx, ys) = live_vectors(w_q.rows().into_iter());
+        let t = Instant::now();
+        let keys = if ys.is_empty() {
+            Vec::new()
+        } else {
+            self.keys.row_keys(&ys).map_err(backend)?
+        };
+        self.timings.keys += t.elapsed();
+        self.timings.keys_received += keys.len() as u64;
+        let dlog = self.dlog.clone();
+        let b = self.load(batch)?;
+        let t = Instant::now();
+        let m = feip::decrypt_matrix(&rp, &b.rows, &keys, &dlog).map_err(backend)?;
+        let mut out = Array2::<i64>::zeros((b.rows.len(), w_q.nrows()));
+        for (s, row) in m.iter().enumerate() {
+            for (k, &j) in idx.iter().enumerate() {
+                out[[s, j]] = row[k];
+            }
+        }
+        self.timings.forward += t.elapsed();
+        self.timings.decryptions += (m.len() * idx.len()) as u64;
+        Ok(out)
+    }
+
+    fn backward_int(
+        &mut self,
+        batch: usize,
+        delta_q: ArrayView2<i64>,
+    ) -> Result<Array2<i64>, SeamError> {
+        let cp = self.params.col.params();
+        let rows = self.params.row.params().n;
+        if delta_q.nrows() != cp.n {
+            return Err(SeamError::Shape {
+                what: "quantized deltas",
+                expected: (cp.n, delta_q.ncols()),
+                got: delta_q.dim(),
+            });
+        }
+        let (idx, ys) = live_vectors(delta_q.axis_iter(Axis(1)));
+        let t = Instant::now();
+        let keys = if ys.is_empty() {
+            Vec::new()
+        } else {
+            self.keys.col_keys(&ys).map_err(backend)?
+        };
+        self.timings.keys += t.elapsed();
+        self.timings.keys_received += keys.len() as u64;
+        let dlog = self.dlog.clone();
+        let b = self.load(batch)?;
+        let t = Instant::now();
+        let m = feip::decrypt_matrix(&cp, &b.cols, &keys, &dlog).map_err(backend)?;
+        let mut out = Array2::<i64>::zeros((delta_q.ncols(), rows));
+        for (i, col) in m.iter().enumerate() {
+            for (k, &j) in idx.iter().enumerate() {
+                out[[j, i]] = col[k];
+            }
+        }
+        self.timings.backward += t.elapsed();
+        self.timings.decryptions += (m.len() * idx.len()) as u64;
+        Ok(out)
+    }
+
+    fn output_error_int(
+        &mut self,
+        batch: usize,
+        a_q: ArrayView2<i64>,
+    ) -> Result<Array2<i64>, SeamError> {
+        let b = self.load(batch)?;
+        let classes = b.labels.len() / b.rows.len().max(1);
+        if a_q.dim() != (b.rows.len(), classes) {
+            return Err(SeamError::Shape {
+                what: "quantized predictions",
+                expected: (b.rows.len(), classes),
+                got: a_q.dim(),
+            });
+        }
+        let reqs: Vec<FeboKeyRequest> = b
+            .labels
+            .iter()
+            .zip(a_q.iter())
+            .map(|(c, &a)| FeboKeyRequest {
+                commitment: c.commitment().to_bytes(true).to_vec(),
+                op: Op::Sub,
+                operand: a,
+            })
+            .collect();
+        let t = Instant::now();
+        let keys = self.keys.febo_keys(reqs).map_err(backend)?;
+        self.timings.keys += t.elapsed();
+        self.timings.keys_received += keys.len() as u64;
+        let dlog = self.dlog.clone();
+        let b = self.load(batch)?;
+        let t = Instant::now();
+        let pairs: Vec<_> = b.labels.iter().zip(keys.iter()).collect();
+        let v = febo::decrypt_many(&pairs, LABEL_SCALE as u64, &dlog).map_err(backend)?;
+        let out = Array2::from_shape_vec(a_q.dim(), v.into_iter().map(|x| -x).collect())
+            .map_err(backend)?;
+        self.timings.output_error += t.elapsed();
+        self.timings.decryptions += out.len() as u64;
+        Ok(out)
+    }
+
+    fn num_batches(&self) -> usize {
+        self.reader.num_batches()
+    }
+
+    fn batch_len(&self, batch: usize) -> usize {
+        if batch < self.reader.num_batches() {
+            self.reader.header().batch_size as usize
+        } else {
+            0
+        }
+    }
+}

@@ -1,0 +1,702 @@
+//! The authority as a network service: keys that decrypt, refusals, files, audit log, CLI.
+#![allow(clippy::unwrap_used)]
+
+use cryptonn::authority::{self, InitOptions, Policy, ServerConfig, ServerHandle};
+use cryptonn::protocol::{
+    self, AuthorityClient, FeboKeyRequest, ProtocolError, PublicParams, Request, RequestFrame,
+    Response, PROTOCOL_VERSION,
+};
+use fe::dlog::DlogTable;
+use fe::febo::{FeboEncryptor, Op};
+use fe::feip::FeipEncryptor;
+use fe::Ristretto;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const BATCH: usize = 8;
+
+/// A fresh, empty directory under cargo's per-target temporary directory.
+fn tmpdir(name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "authority-{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+struct Server {
+    handle: ServerHandle,
+    addr: String,
+    token: String,
+    dir: PathBuf,
+    params: PublicParams,
+}
+
+fn start_with(name: &str, tweak: impl FnOnce(&mut ServerConfig)) -> Server {
+    let dir = tmpdir(name);
+    let made = authority::init(&dir, BATCH, &InitOptions::default()).unwrap();
+    let auth = authority::load(&dir).unwrap();
+    let token = authority::read_token(&dir).unwrap();
+    assert_eq!(token, made.token);
+    let mut config = ServerConfig::new(token.clone(), dir.join(authority::AUDIT_FILE));
+    tweak(&mut config);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let handle = authority::spawn(listener, auth, config).unwrap();
+    Server {
+        addr: handle.local_addr().to_string(),
+        handle,
+        token,
+        dir,
+        params: made.params,
+    }
+}
+
+fn start(name: &str) -> Server {
+    start_with(name, |_| {})
+}
+
+/// A dense row vector with entries in -3..=3 (about 6/7 of them non-zero).
+fn row_vector(seed: i64) -> Vec<i64> {
+    (0..cryptonn::ROW_LEN as i64)
+        .map(|i| (i * 5 + seed).rem_euclid(7) - 3)
+        .collect()
+}
+
+fn unit(len: usize, at: usize) -> Vec<i64> {
+    let mut v = vec![0; len];
+    v[at] = 1;
+    v
+}
+
+fn inner(x: &[i64], y: &[i64]) -> i64 {
+    x.iter().zip(y).map(|(a, b)| a * b).sum()
+}
+
+/// A new connection, the parameters and one row key: the server still serves.
+fn assert_serves(s: &Server) {
+    let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+    assert_eq!(c.params().unwrap(), s.params);
+    assert_eq!(c.row_keys(&[row_vector(1)]).unwrap().len(), 1);
+}
+
+fn refused(r: Result<impl std::fmt::Debug, ProtocolError>) -> String {
+    match r {
+        Err(ProtocolError::Refused(m)) => m,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn raw(s: &Server) -> TcpStream {
+    let t = TcpStream::connect(&s.addr).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    t
+}
+
+/// Reads one response frame, then checks that the server closed the connection.
+fn read_error_then_eof(t: &mut TcpStream) -> String {
+    let r: Response = protocol::read_frame(t).unwrap();
+    let mut rest = Vec::new();
+    // EOF (Ok(0)) or a reset: either way nothing more comes.
+    let _ = t.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the connection stayed open");
+    match r {
+        Response::Error(m) => m,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+fn audit_lines(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join(authority::AUDIT_FILE))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn issued_keys_decrypt() {
+    let s = start("decrypt");
+    let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+    let params = c.params().unwrap();
+    assert_eq!(params, s.params);
+    assert_eq!(params.batch_size(), BATCH);
+    let dlog = DlogTable::<Ristretto>::new(1 << 12).unwrap();
+
+    // Rows: two keys on one encrypted sample, negative entries included.
+    let x: Vec<i64> = (0..cryptonn::ROW_LEN as i64)
+        .map(|i| (i * 37) % 256)
+        .collect();
+    let enc = FeipEncryptor::new(&params.row);
+    let ct = enc.encrypt(&x).unwrap();
+    let ys = vec![row_vector(0), row_vector(3)];
+    let keys = c.row_keys(&ys).unwrap();
+    for (y, k) in ys.iter().zip(&keys) {
+        let got = fe::feip::decrypt(&params.row.params(), &ct, k, &dlog).unwrap();
+        assert_eq!(got, inner(&x, y));
+    }
+
+    // Columns: length = batch size, two non-zero entries are enough.
+    let xc: Vec<i64> = vec![255, 0, 17, 3, 99, 1, 200, 42];
+    let ct = FeipEncryptor::new(&params.col).encrypt(&xc).unwrap();
+    let yc = vec![vec![0, 0, 5, 0, -7, 0, 0, 0], vec![127, -127, 1, 2, 3, 4, 5, 6]];
+    let keys = c.col_keys(&yc).unwrap();
+    for (y, k) in yc.iter().zip(&keys) {
+        let got = fe::feip::decrypt(&params.col.params(), &ct, k, &dlog).unwrap();
+        assert_eq!(got, inner(&xc, y));
+    }
+
+    // FEBO subtraction: the output error a - y on one-hot labels scaled by 4096.
+    let fenc = FeboEncryptor::new(&params.febo);
+    let labels = [4096i64, 0, 0, 4096];
+    let preds = [1234i64, 0, 4096, 4096];
+    let cts: Vec<_> = labels.iter().map(|&l| fenc.encrypt(l)).collect();
+    let reqs = cts
+        .iter()
+        .zip(&preds)
+        .map(|(ct, &a)| FeboKeyRequest {
+            commitment: ct.commitment().to_bytes(true).to_vec(),
+            op: Op::Sub,
+            operand: a,
+        })
+        .collect();
+    let keys = c.febo_keys(reqs).unwrap();
+    for ((ct, k), (&l, &a)) in cts.iter().zip(&keys).zip(labels.iter().zip(&preds)) {
+        assert_eq!(k.op(), Op::Sub);
+        assert_eq!(fe::febo::decrypt(ct, k, 4096, &dlog).unwrap(), l - a);
+    }
+    s.handle.shutdown().unwrap();
+}
+
+#[test]
+fn refuses_bad_tokens_and_closes() {
+    let s = start("tokens");
+    for bad in ["", "wrong", &format!("{}x", s.token), &s.token[1..]] {
+        let mut c = AuthorityClient::connect(&s.addr, bad).unwrap();
+        assert_eq!(refused(c.params()), "authentication failed");
+        // The connection is closed after a failed authentication.
+        assert!(c.params().is_err());
+        assert_serves(&s);
+    }
+    // Keys are refused just the same.
+    let mut c = AuthorityClient::connect(&s.addr, "nope").unwrap();
+    assert_eq!(refused(c.row_keys(&[row_vector(0)])), "authentication failed");
+    assert_serves(&s);
+}
+
+#[test]
+fn policy_refusals_keep_the_connection() {
+    let s = start("policy");
+    let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+
+    let m = refused(c.row_keys(&[unit(cryptonn::ROW_LEN, 100)]));
+    assert!(m.contains("non-zero"), "{m}");
+    let m = refused(c.col_keys(&[unit(BATCH, 3)]));
+    assert!(m.contains("non-zero"), "{m}");
+    let m = refused(c.row_keys(&[vec![1; cryptonn::ROW_LEN - 1]]));
+    assert!(m.contains("length"), "{m}");
+    let m = refused(c.col_keys(&[vec![1; BATCH + 1]]));
+    assert!(m.contains("length"), "{m}");
+    let mut big = row_vector(0);
+    big[9] = 40_000;
+    let m = refused(c.row_keys(&[row_vector(1), big]));
+    assert!(m.contains("max_abs"), "{m}");
+    let fenc = FeboEncryptor::new(&s.params.febo);
+    let cmt = fenc.encrypt(1).commitment().to_bytes(true).to_vec();
+    for (op, operand) in [(Op::Add, 1), (Op::Mul, 2), (Op::Div, 2), (Op::Sub, 5000)] {
+        let m = refused(c.febo_keys(vec![FeboKeyRequest {
+            commitment: cmt.clone(),
+            op,
+            operand,
+        }]));
+        assert!(m.contains("not allowed") || m.contains("operand"), "{m}");
+    }
+
+    // Commitments that are not valid points are errors, not refusals; the connection stays.
+    let identity = vec![0u8; 32];
+    let not_a_point = vec![0xffu8; 32];
+    for commitment in [identity, not_a_point, vec![1u8; 5]] {
+        let r = c.febo_keys(vec![FeboKeyRequest {
+            commitment,
+            op: Op::Sub,
+            operand: 1,
+        }]);
+        assert!(
+            matches!(r, Err(ProtocolError::Server(_) | ProtocolError::Refused(_))),
+            "{r:?}"
+        );
+    }
+
+    // Same connection, still good.
+    assert_eq!(c.params().unwrap(), s.params);
+    assert_eq!(c.row_keys(&[row_vector(2)]).unwrap().len(), 1);
+    assert_serves(&s);
+}
+
+#[test]
+fn garbage_frames_get_an_error_and_a_closed_connection() {
+    let s = start_with("garbage", |c| c.frame_limit = 1 << 20);
+    // A caller that keeps its connection across the others' garbage.
+    let mut steady = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+    steady.params().unwrap();
+
+    // A length prefix above the limit: refused before any allocation.
+    for len in [u32::MAX, (1 << 20) + 1] {
+        let mut t = raw(&s);
+        t.write_all(&len.to_be_bytes()).unwrap();
+        let m = read_error_then_eof(&mut t);
+        assert!(m.contains("exceeds"), "{m}");
+        assert_serves(&s);
+    }
+
+    // Random bytes with a valid length.
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    for len in [1usize, 7, 64, 4096] {
+        let body: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        let mut t = raw(&s);
+        t.write_all(&(len as u32).to_be_bytes()).unwrap();
+        t.write_all(&body).unwrap();
+        let m = read_error_then_eof(&mut t);
+        assert!(m.contains("malformed"), "{m}");
+        assert_serves(&s);
+    }
+
+    // A valid frame with a trailing byte, a wrong version, a truncated frame.
+    let frame = RequestFrame {
+        version: PROTOCOL_VERSION,
+        token: s.token.clone(),
+        request: Request::Params,
+    };
+    let mut buf = Vec::new();
+    protocol::write_frame(&mut buf, &frame).unwrap();
+    let mut extra = buf[4..].to_vec();
+    extra.push(0);
+    let mut t = raw(&s);
+    t.write_all(&(extra.len() as u32).to_be_bytes()).unwrap();
+    t.write_all(&extra).unwrap();
+    read_error_then_eof(&mut t);
+
+    let mut t = raw(&s);
+    protocol::write_frame(
+        &mut t,
+        &RequestFrame {
+            version: PROTOCOL_VERSION + 1,
+            ..frame
+        },
+    )
+    .unwrap();
+    let m = read_error_then_eof(&mut t);
+    assert!(m.contains("version"), "{m}");
+
+    let mut t = raw(&s);
+    t.write_all(&buf[..buf.len() / 2]).unwrap();
+    drop(t);
+    assert_serves(&s);
+
+    assert_eq!(steady.params().unwrap(), s.params);
+    s.handle.shutdown().unwrap();
+}
+
+#[test]
+fn idle_connections_are_closed() {
+    let s = start_with("idle", |c| c.idle_timeout = Duration::from_millis(300));
+    let mut t = raw(&s);
+    let start = Instant::now();
+    let mut buf = [0u8; 1];
+    let n = t.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0);
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+    assert!(waited < Duration::from_secs(9), "{waited:?}");
+    assert_serves(&s);
+}
+
+#[test]
+fn connection_cap() {
+    let s = start_with("cap", |c| c.max_connections = 2);
+    let mut a = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+    let mut b = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+    a.params().unwrap();
+    b.params().unwrap();
+    let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+    match c.params() {
+        Err(ProtocolError::Server(m)) => assert!(m.contains("too many"), "{m}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    drop(a);
+    // The slot frees once the server notices the close.
+    let mut ok = false;
+    for _ in 0..200 {
+        if let Ok(mut c) = AuthorityClient::connect(&s.addr, &s.token) {
+            if c.params().is_ok() {
+                ok = true;
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ok, "no slot freed after a client left");
+    b.params().unwrap();
+}
+
+#[test]
+fn audit_log_records_issued_keys_and_refusals() {
+    let s = start("audit");
+    let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+    c.params().unwrap();
+    c.row_keys(&[row_vector(0), row_vector(1), row_vector(0)])
+        .unwrap();
+    c.col_keys(&[vec![1, 2, 0, 0, 0, 0, 0, 0]]).unwrap();
+    let fenc = FeboEncryptor::new(&s.params.febo);
+    let reqs: Vec<FeboKeyRequest> = (0..5)
+        .map(|i| FeboKeyRequest {
+            commitment: fenc.encrypt(0).commitment().to_bytes(true).to_vec(),
+            op: Op::Sub,
+            operand: i,
+        })
+        .collect();
+    c.febo_keys(reqs).unwrap();
+    refused(c.row_keys(&[unit(cryptonn::ROW_LEN, 0)]));
+    let mut bad = AuthorityClient::connect(&s.addr, "intruder").unwrap();
+    refused(bad.params());
+    // Wait until the server has handled everything (responses come after the log lines).
+    c.params().unwrap();
+
+    let lines = audit_lines(&s.dir);
+    let issued: Vec<_> = lines.iter().filter(|l| l["outcome"] == "issued").collect();
+    assert_eq!(issued.len(), 3, "{lines:?}");
+    let kinds: Vec<_> = issued.iter().map(|l| l["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["row", "col", "febo"]);
+    let counts: Vec<_> = issued.iter().map(|l| l["count"].as_u64().unwrap()).collect();
+    assert_eq!(counts, [3, 1, 5]);
+    for l in &issued {
+        assert!(l["ts"].as_u64().unwrap() > 1_600_000_000);
+        assert!(l["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+        let keys = l["keys"].as_array().unwrap();
+        assert_eq!(keys.len() as u64, l["count"].as_u64().unwrap());
+        for k in keys {
+            let d = k["digest"].as_str().unwrap();
+            assert_eq!(d.len(), 32);
+            assert!(d.bytes().all(|b| b.is_ascii_hexdigit()));
+        }
+    }
+    // The same vector twice has the same digest; the non-zero count is recorded.
+    let rows = issued[0]["keys"].as_array().unwrap();
+    assert_eq!(rows[0]["digest"], rows[2]["digest"]);
+    assert_ne!(rows[0]["digest"], rows[1]["digest"]);
+    assert!(rows[0]["nonzero"].as_u64().unwrap() > 600);
+    assert_eq!(issued[1]["keys"][0]["nonzero"], 2);
+    assert_eq!(issued[2]["keys"][0]["op"], "Sub");
+    // No vector is written out.
+    let text = std::fs::read_to_string(s.dir.join(authority::AUDIT_FILE)).unwrap();
+    assert!(text.len() < 4096, "{} bytes", text.len());
+
+    let refusals: Vec<_> = lines.iter().filter(|l| l["outcome"] == "refused").collect();
+    assert_eq!(refusals.len(), 2, "{lines:?}");
+    assert!(refusals[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("non-zero"));
+    assert_eq!(refusals[1]["reason"], "authentication failed");
+}
+
+#[cfg(unix)]
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn key_files_modes_overwrite_and_validation() {
+    let dir = tmpdir("files");
+    let made = authority::init(
+        &dir,
+        4,
+        &InitOptions {
+            token: Some("s3cret-token".into()),
+            force: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(made.token, "s3cret-token");
+    assert_eq!(authority::read_token(&dir).unwrap(), "s3cret-token");
+    assert_eq!(
+        authority::read_params(&dir.join(authority::PARAMS_FILE)).unwrap(),
+        made.params
+    );
+    #[cfg(unix)]
+    {
+        for f in [
+            authority::ROW_MSK_FILE,
+            authority::COL_MSK_FILE,
+            authority::FEBO_MSK_FILE,
+            authority::TOKEN_FILE,
+        ] {
+            assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+        }
+        assert_eq!(mode(&dir) & 0o077, 0);
+    }
+    let auth = authority::load(&dir).unwrap();
+    assert_eq!(auth.params(), &made.params);
+    assert_eq!(auth.batch_size(), 4);
+    // The master keys never show in debug output.
+    assert!(format!("{auth:?}").contains("redacted"));
+
+    // No overwrite without force; with force, new keys.
+    let e = authority::init(&dir, 4, &InitOptions::default()).unwrap_err();
+    assert!(
+        matches!(e, authority::AuthorityError::AlreadyInitialized(_)),
+        "{e}"
+    );
+    assert!(e.to_string().contains("--force"), "{e}");
+    assert_eq!(authority::load(&dir).unwrap().params(), &made.params);
+    let again = authority::init(
+        &dir,
+        4,
+        &InitOptions {
+            token: None,
+            force: true,
+        },
+    )
+    .unwrap();
+    assert_ne!(again.params.fingerprint(), made.params.fingerprint());
+    assert_eq!(again.token.len(), 64);
+    assert_eq!(authority::read_token(&dir).unwrap(), again.token);
+
+    // Bad tokens are refused at init.
+    for t in ["", "has space", "tab\t"] {
+        let e = authority::init(
+            &tmpdir("badtoken"),
+            4,
+            &InitOptions {
+                token: Some(t.into()),
+                force: false,
+            },
+        );
+        assert!(e.is_err(), "{t:?}");
+    }
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let col = dir.join(authority::COL_MSK_FILE);
+        std::fs::set_permissions(&col, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = authority::load(&dir).unwrap_err();
+        assert!(
+            matches!(e, authority::AuthorityError::InsecurePermissions { .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&col, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let tok = dir.join(authority::TOKEN_FILE);
+        std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(authority::read_token(&dir).is_err());
+        std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    authority::load(&dir).unwrap();
+
+    // Parameters of another authority, a truncated key, a missing key: clear errors.
+    let other = tmpdir("other");
+    authority::init(&other, 4, &InitOptions::default()).unwrap();
+    std::fs::copy(
+        other.join(authority::PARAMS_FILE),
+        dir.join(authority::PARAMS_FILE),
+    )
+    .unwrap();
+    let e = authority::load(&dir).unwrap_err();
+    assert!(e.to_string().contains("public keys"), "{e}");
+    std::fs::copy(
+        other.join(authority::COL_MSK_FILE),
+        dir.join(authority::COL_MSK_FILE),
+    )
+    .unwrap();
+    let row = dir.join(authority::ROW_MSK_FILE);
+    let bytes = std::fs::read(&row).unwrap();
+    fe::serial::write_atomic(&row, &bytes[..bytes.len() - 1], true).unwrap();
+    assert!(authority::load(&dir).is_err());
+    std::fs::remove_file(&row).unwrap();
+    assert!(authority::load(&dir).is_err());
+}
+
+#[test]
+fn server_refuses_an_unusable_configuration() {
+    let dir = tmpdir("config");
+    authority::init(&dir, 1, &InitOptions::default()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // Batch size 1 cannot satisfy the default two non-zero column entries.
+    let config = ServerConfig::new("t", dir.join("audit.log"));
+    let e = authority::spawn(listener, authority::load(&dir).unwrap(), config);
+    assert!(matches!(e, Err(authority::AuthorityError::Policy(_))));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = ServerConfig::new("", dir.join("audit.log"));
+    config.policy = Policy {
+        min_nonzero_col: 1,
+        ..Policy::default()
+    };
+    let e = authority::spawn(listener, authority::load(&dir).unwrap(), config);
+    assert!(matches!(e, Err(authority::AuthorityError::InvalidToken(_))));
+}
+
+#[test]
+fn binary_init_and_serve() {
+    let exe = env!("CARGO_BIN_EXE_authority");
+    let dir = tmpdir("bin");
+    let out = std::process::Command::new(exe)
+        .args(["init", "--batch-size", "4", "--dir"])
+        .arg(&dir)
+        .env_remove("CRYPTONN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let again = std::process::Command::new(exe)
+        .args(["init", "--batch-size", "4", "--dir"])
+        .arg(&dir)
+        .env_remove("CRYPTONN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+
+    let mut child = std::process::Command::new(exe)
+        .args(["serve", "--listen", "127.0.0.1:0", "--quiet", "--dir"])
+        .arg(&dir)
+        .env_remove("CRYPTONN_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap());
+    let mut addr = None;
+    for _ in 0..20 {
+        let mut line = String::new();
+        if lines.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        if let Some(a) = line.trim().strip_prefix("listening on ") {
+            addr = Some(a.to_string());
+            break;
+        }
+    }
+    let result = (|| {
+        let addr = addr.ok_or("no `listening on` line")?;
+        assert!(!addr.ends_with(":0"), "{addr}");
+        let token = authority::read_token(&dir).map_err(|e| e.to_string())?;
+        let mut c = AuthorityClient::connect(&addr, &token).map_err(|e| e.to_string())?;
+        let p = c.params().map_err(|e| e.to_string())?;
+        assert_eq!(p.batch_size(), 4);
+        let keys = c
+            .col_keys(&[vec![1, 1, 0, 0]])
+            .map_err(|e| e.to_string())?;
+        assert_eq!(keys.len(), 1);
+        Ok::<(), String>(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result.unwrap();
+    let audit = std::fs::read_to_string(dir.join(authority::AUDIT_FILE)).unwrap();
+    assert_eq!(audit.lines().count(), 1, "{audit}");
+}
+
+/// Cost of issuing one training step's keys (run with `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn timing_key_issuance() {
+    let dir = tmpdir("timing");
+    authority::init(&dir, 64, &InitOptions::default()).unwrap();
+    let auth = authority::load(&dir).unwrap();
+    let token = authority::read_token(&dir).unwrap();
+    let config = ServerConfig::new(token.clone(), dir.join(authority::AUDIT_FILE));
+    let handle = authority::spawn(TcpListener::bind("127.0.0.1:0").unwrap(), auth, config).unwrap();
+    let params = {
+        let mut c = AuthorityClient::connect(&handle.local_addr().to_string(), &token).unwrap();
+        c.params().unwrap()
+    };
+    let mut c = AuthorityClient::connect(&handle.local_addr().to_string(), &token).unwrap();
+    let rows: Vec<Vec<i64>> = (0..128)
+        .map(|j| {
+            (0..785)
+                .map(|i: i64| ((i * 31 + j * 7) % 255) - 127)
+                .collect()
+        })
+        .collect();
+    let cols: Vec<Vec<i64>> = (0..128)
+        .map(|j| (0..64).map(|i: i64| ((i * 13 + j) % 255) - 127).collect())
+        .collect();
+    let fenc = FeboEncryptor::new(&params.febo);
+    let cmts: Vec<Vec<u8>> = fenc
+        .encrypt_many(&vec![4096; 640])
+        .iter()
+        .map(|ct| ct.commitment().to_bytes(true).to_vec())
+        .collect();
+    let febo = || {
+        cmts.iter()
+            .enumerate()
+            .map(|(i, c)| FeboKeyRequest {
+                commitment: c.clone(),
+                op: Op::Sub,
+                operand: (i as i64 * 97) % 4097,
+            })
+            .collect::<Vec<_>>()
+    };
+    let runs = 10;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (mut tr, mut tc, mut tf) = (vec![], vec![], vec![]);
+    for _ in 0..runs {
+        let t = Instant::now();
+        assert_eq!(c.row_keys(&rows).unwrap().len(), 128);
+        tr.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        assert_eq!(c.col_keys(&cols).unwrap().len(), 128);
+        tc.push(t.elapsed().as_secs_f64() * 1e3);
+        let reqs = febo();
+        let t = Instant::now();
+        assert_eq!(c.febo_keys(reqs).unwrap().len(), 640);
+        tf.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    // The same derivations in process, without network, audit or framing.
+    let local = authority::Authority::generate(64).unwrap();
+    let policy = Policy::default().with_lengths(785, 64);
+    let wire = |ys: &[Vec<i64>]| -> Vec<Vec<i32>> {
+        ys.iter()
+            .map(|y| y.iter().map(|&v| v as i32).collect())
+            .collect()
+    };
+    let (rq, cq) = (Request::RowKeys(wire(&rows)), Request::ColKeys(wire(&cols)));
+    let fq = Request::FeboKeys(febo());
+    let (mut lr, mut lc, mut lf) = (vec![], vec![], vec![]);
+    for _ in 0..runs {
+        for (q, v) in [(&rq, &mut lr), (&cq, &mut lc), (&fq, &mut lf)] {
+            let t = Instant::now();
+            let r = local.answer(&policy, q);
+            v.push(t.elapsed().as_secs_f64() * 1e3);
+            assert!(!matches!(r, Response::Refused(_) | Response::Error(_)));
+        }
+    }
+    println!(
+        "median of {runs} in-process derivations: 128 row keys {:.2} ms, 128 column keys {:.2} ms, 640 FEBO keys {:.2} ms",
+        median(lr),
+        median(lc),
+        median(lf)
+    );
+    println!(
+        "median of {runs} round trips over loopback: 128 row keys {:.2} ms, 128 column keys {:.2} ms, 640 FEBO keys {:.2} ms",
+        median(tr),
+        median(tc),
+        median(tf)
+    );
+}
