@@ -6,7 +6,7 @@
 //! ciphertexts of the one-hot vector scaled by [`nn::first_layer::LABEL_SCALE`]. Samples that
 //! do not fill a last batch are left out (the column key has the batch length).
 
-use crate::dataset::{DatasetError, DatasetHeader, EncryptedBatch, Writer, FORMAT_VERSION};
+use crate::dataset::{DatasetError, DatasetHeader, WireBatch, Writer, FORMAT_VERSION};
 use crate::protocol::PublicParams;
 use crate::{Curve, ROW_LEN};
 use fe::febo::FeboEncryptor;
@@ -73,7 +73,9 @@ pub fn encrypt_dataset(
         )));
     }
     if let Some(&l) = data.labels.iter().find(|&&l| l as usize >= CLASSES) {
-        return Err(ClientError::Input(format!("label {l} is not a digit 0..=9")));
+        return Err(ClientError::Input(format!(
+            "label {l} is not a digit 0..=9"
+        )));
     }
     let bs = params.batch_size();
     let nb = data.len() / bs;
@@ -111,13 +113,13 @@ pub fn encrypt_dataset(
                 (0..CLASSES).map(move |k| if k == l { LABEL_SCALE } else { 0 })
             })
             .collect();
-        let batch = EncryptedBatch {
-            index: b as u32,
-            rows: rows_enc.encrypt_many(&rows)?,
-            cols: cols_enc.encrypt_many(&cols)?,
-            labels: labels_enc.encrypt_many(&labels),
-        };
-        w.append(&batch)?;
+        let batch = WireBatch::from_encoded(
+            b as u32,
+            rows_enc.encrypt_many_to_bytes(&rows)?,
+            cols_enc.encrypt_many_to_bytes(&cols)?,
+            labels_enc.encrypt_many_to_bytes(&labels),
+        );
+        w.append_wire(&batch)?;
         pb.inc(1);
     }
     pb.finish_and_clear();

@@ -21,9 +21,9 @@
 
 use crate::protocol::PublicParams;
 use crate::Curve;
-use rayon::prelude::*;
 use fe::febo::FeboCiphertext;
 use fe::feip::FeipCiphertext;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -114,11 +114,29 @@ pub struct EncryptedBatch {
 /// The stored form of a batch: every ciphertext as its `fe` envelope, so that encoding and
 /// decoding (point compression and validation, about 3 µs per point) run on all cores.
 #[derive(Serialize, Deserialize)]
-struct WireBatch {
+pub struct WireBatch {
     index: u32,
     rows: Vec<serde_bytes::ByteBuf>,
     cols: Vec<serde_bytes::ByteBuf>,
     labels: Vec<serde_bytes::ByteBuf>,
+}
+
+impl WireBatch {
+    /// A batch from the encodings of its ciphertexts (as `fe`'s encryptors write them).
+    pub fn from_encoded(
+        index: u32,
+        rows: Vec<Vec<u8>>,
+        cols: Vec<Vec<u8>>,
+        labels: Vec<Vec<u8>>,
+    ) -> Self {
+        let b = |v: Vec<Vec<u8>>| v.into_iter().map(serde_bytes::ByteBuf::from).collect();
+        WireBatch {
+            index,
+            rows: b(rows),
+            cols: b(cols),
+            labels: b(labels),
+        }
+    }
 }
 
 fn encode_all<T: fe::Encode<Curve> + Sync>(v: &[T]) -> Vec<serde_bytes::ByteBuf> {
@@ -127,7 +145,9 @@ fn encode_all<T: fe::Encode<Curve> + Sync>(v: &[T]) -> Vec<serde_bytes::ByteBuf>
         .collect()
 }
 
-fn decode_all<T: fe::Encode<Curve> + Send>(v: &[serde_bytes::ByteBuf]) -> Result<Vec<T>, fe::FeError> {
+fn decode_all<T: fe::Encode<Curve> + Send>(
+    v: &[serde_bytes::ByteBuf],
+) -> Result<Vec<T>, fe::FeError> {
     v.par_iter().map(|b| T::from_bytes(b)).collect()
 }
 
@@ -199,7 +219,8 @@ impl Writer {
             .serialize(&header)
             .map_err(|e| invalid(path, e.to_string()))?;
         out.write_all(MAGIC).map_err(io(&tmp))?;
-        out.write_all(&(h.len() as u32).to_le_bytes()).map_err(io(&tmp))?;
+        out.write_all(&(h.len() as u32).to_le_bytes())
+            .map_err(io(&tmp))?;
         out.write_all(&h).map_err(io(&tmp))?;
         out.write_all(&Sha256::digest(&h)).map_err(io(&tmp))?;
         let pos = (8 + 4 + h.len() + 32) as u64;
@@ -215,12 +236,17 @@ impl Writer {
 
     /// Appends the next batch (batches must come in index order).
     pub fn append(&mut self, batch: &EncryptedBatch) -> Result<(), DatasetError> {
+        self.append_wire(&batch.to_wire())
+    }
+
+    /// Appends the next batch in its stored form.
+    pub fn append_wire(&mut self, batch: &WireBatch) -> Result<(), DatasetError> {
         use bincode::Options;
         if batch.index as usize != self.index.len() {
             return Err(invalid(&self.path, "batches appended out of order"));
         }
         let body = codec()
-            .serialize(&batch.to_wire())
+            .serialize(batch)
             .map_err(|e| invalid(&self.path, e.to_string()))?;
         let len = 4 + body.len() as u64 + 32;
         self.out
@@ -304,7 +330,10 @@ impl Reader {
         if header.version != FORMAT_VERSION {
             return Err(invalid(
                 path,
-                format!("format version {}, expected {FORMAT_VERSION}", header.version),
+                format!(
+                    "format version {}, expected {FORMAT_VERSION}",
+                    header.version
+                ),
             ));
         }
         if header.curve != <Curve as curv::elliptic::curves::Curve>::CURVE_NAME {
@@ -318,7 +347,10 @@ impl Reader {
         file.seek(SeekFrom::End(-16)).map_err(io(path))?;
         file.read_exact(&mut tail).map_err(io(path))?;
         if &tail[8..] != INDEX_MAGIC {
-            return Err(invalid(path, "truncated or corrupted (index marker missing)"));
+            return Err(invalid(
+                path,
+                "truncated or corrupted (index marker missing)",
+            ));
         }
         let ilen = u64::from_le_bytes(tail[..8].try_into().unwrap_or([0; 8]));
         let nb = header.num_batches as u64;
@@ -407,8 +439,8 @@ impl Reader {
         let w: WireBatch = codec()
             .deserialize(body)
             .map_err(|e| invalid(&path, format!("record {i}: {e}")))?;
-        let b = EncryptedBatch::from_wire(w)
-            .map_err(|e| invalid(&path, format!("record {i}: {e}")))?;
+        let b =
+            EncryptedBatch::from_wire(w).map_err(|e| invalid(&path, format!("record {i}: {e}")))?;
         let h = &self.header;
         let bs = h.batch_size as usize;
         let rl = h.row_len as usize;

@@ -11,9 +11,9 @@
 //! They talk through [`protocol`]. The group is Ristretto255 ([`Curve`]).
 #![deny(missing_docs)]
 
+pub mod authority;
 pub mod client;
 pub mod dataset;
-pub mod authority;
 pub mod protocol;
 pub mod secure;
 pub mod trainer;

@@ -236,7 +236,9 @@ impl AuthorityClient {
                 y.iter()
                     .map(|&v| {
                         i32::try_from(v).map_err(|_| {
-                            ProtocolError::Unexpected(format!("key entry {v} does not fit in 32 bits"))
+                            ProtocolError::Unexpected(format!(
+                                "key entry {v} does not fit in 32 bits"
+                            ))
                         })
                     })
                     .collect::<Result<Vec<i32>, _>>()
@@ -262,12 +264,18 @@ impl AuthorityClient {
     }
 
     /// Inner-product keys for first-layer weight rows (length 785).
-    pub fn row_keys(&mut self, ys: &[Vec<i64>]) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
+    pub fn row_keys(
+        &mut self,
+        ys: &[Vec<i64>],
+    ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
         self.feip_keys(ys, true)
     }
 
     /// Inner-product keys for first-layer delta columns (length = batch size).
-    pub fn col_keys(&mut self, ys: &[Vec<i64>]) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
+    pub fn col_keys(
+        &mut self,
+        ys: &[Vec<i64>],
+    ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
         self.feip_keys(ys, false)
     }
 
@@ -303,7 +311,8 @@ pub fn resolve_token(
         (Some(t), _) if !t.is_empty() => Ok(t),
         (_, Some(f)) => Ok(std::fs::read_to_string(f)?.trim().to_string()),
         _ => Err(ProtocolError::Unexpected(
-            "no token: give the authority's token with --token, --token-file or CRYPTONN_TOKEN".into(),
+            "no token: give the authority's token with --token, --token-file or CRYPTONN_TOKEN"
+                .into(),
         )),
     }
 }

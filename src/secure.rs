@@ -106,7 +106,11 @@ fn nonzeros<'a>(v: impl IntoIterator<Item = &'a i64>) -> usize {
 }
 
 impl<P: IntegerProducts> IntegerProducts for KeyPolicyFilter<P> {
-    fn forward_int(&mut self, batch: usize, w_q: ArrayView2<i64>) -> Result<Array2<i64>, SeamError> {
+    fn forward_int(
+        &mut self,
+        batch: usize,
+        w_q: ArrayView2<i64>,
+    ) -> Result<Array2<i64>, SeamError> {
         let mut w = w_q.to_owned();
         for mut row in w.rows_mut() {
             if nonzeros(row.iter()) < self.min_row {
@@ -187,17 +191,17 @@ impl<K: KeyService> SecureProducts<K> {
             self.current = Some(self.reader.batch(batch).map_err(backend)?);
             self.timings.io += t.elapsed();
         }
-        self.current
-            .as_ref()
-            .ok_or(SeamError::NoSuchBatch {
-                batch,
-                num_batches: self.reader.num_batches(),
-            })
+        self.current.as_ref().ok_or(SeamError::NoSuchBatch {
+            batch,
+            num_batches: self.reader.num_batches(),
+        })
     }
 }
 
 /// Indices of the non-zero vectors, and the vectors.
-fn live_vectors<'a>(vs: impl Iterator<Item = ndarray::ArrayView1<'a, i64>>) -> (Vec<usize>, Vec<Vec<i64>>) {
+fn live_vectors<'a>(
+    vs: impl Iterator<Item = ndarray::ArrayView1<'a, i64>>,
+) -> (Vec<usize>, Vec<Vec<i64>>) {
     vs.enumerate()
         .filter(|(_, v)| v.iter().any(|x| *x != 0))
         .map(|(i, v)| (i, v.to_vec()))
@@ -205,7 +209,11 @@ fn live_vectors<'a>(vs: impl Iterator<Item = ndarray::ArrayView1<'a, i64>>) -> (
 }
 
 impl<K: KeyService> IntegerProducts for SecureProducts<K> {
-    fn forward_int(&mut self, batch: usize, w_q: ArrayView2<i64>) -> Result<Array2<i64>, SeamError> {
+    fn forward_int(
+        &mut self,
+        batch: usize,
+        w_q: ArrayView2<i64>,
+    ) -> Result<Array2<i64>, SeamError> {
         let rp = self.params.row.params();
         if w_q.ncols() != rp.n {
             return Err(SeamError::Shape {

@@ -167,20 +167,21 @@ where
             Vec::new(),
         ),
     };
-    let save = |model: &Model, opt: &Optimizer, state: &EpochState, hist: &[EpochMetrics], stream: u64| {
-        match checkpoint {
-            Some(p) => Checkpoint {
-                model: model.clone(),
-                optimizer: opt.clone(),
-                state: state.clone(),
-                history: hist.to_vec(),
-                rounding_stream: stream,
+    let save =
+        |model: &Model, opt: &Optimizer, state: &EpochState, hist: &[EpochMetrics], stream: u64| {
+            match checkpoint {
+                Some(p) => Checkpoint {
+                    model: model.clone(),
+                    optimizer: opt.clone(),
+                    state: state.clone(),
+                    history: hist.to_vec(),
+                    rounding_stream: stream,
+                }
+                .save(p)
+                .map_err(TrainError::from),
+                None => Ok(()),
             }
-            .save(p)
-            .map_err(TrainError::from),
-            None => Ok(()),
-        }
-    };
+        };
     let mut steps = 0usize;
     while state.epoch < cfg.epochs {
         let hist = history.clone();

@@ -137,7 +137,9 @@ fn dlog_benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("dlog/ristretto");
     g.sample_size(10).warm_up_time(Duration::from_secs(1));
     g.bench_function("build default table (2^20 entries), 1 core", |b| {
-        b.iter(|| one_core().install(|| DlogTable::<Ristretto>::new(DEFAULT_HALF_WIDTH).expect("t")))
+        b.iter(|| {
+            one_core().install(|| DlogTable::<Ristretto>::new(DEFAULT_HALF_WIDTH).expect("t"))
+        })
     });
     g.bench_function("build default table, all cores", |b| {
         b.iter(|| DlogTable::<Ristretto>::new(DEFAULT_HALF_WIDTH).expect("t"))
@@ -153,7 +155,9 @@ fn dlog_benches(c: &mut Criterion) {
     });
     let t = DlogTable::<Ristretto>::new(DEFAULT_HALF_WIDTH).expect("t");
     let mut r = rng();
-    let vals: Vec<i64> = (0..1024).map(|_| r.gen_range(-(1 << 24)..(1 << 24))).collect();
+    let vals: Vec<i64> = (0..1024)
+        .map(|_| r.gen_range(-(1 << 24)..(1 << 24)))
+        .collect();
     let pts: Vec<_> = vals
         .iter()
         .map(|&v| (Point::<Ristretto>::generator() * Scalar::from(v.unsigned_abs())).into_raw())

@@ -349,18 +349,18 @@ pub(crate) fn scalar_mul_i64<E: FeCurve>(p: &RawPoint<E>, v: i64) -> RawPoint<E>
     p.scalar_mul(s.as_raw())
 }
 
-/// A table of `x·G` for small `|x|`, and a fixed-base table beyond: the `x_i·G` of encryption.
+/// A table of `x·B` for small `|x|`, and a fixed-base table beyond: the `r·G` and `x_i·G`
+/// of encryption (with `B = G/2` there, see [`FeCurve::encode_doubled`]).
 pub(crate) struct GeneratorTable<E: FeCurve> {
     small: crate::msm::SmallMultiples<E>,
     fixed: FixedBase<E>,
 }
 
 impl<E: FeCurve> GeneratorTable<E> {
-    pub(crate) fn new(small_max: usize, window: usize) -> Self {
-        let g = generator::<E>();
+    pub(crate) fn for_base(base: &RawPoint<E>, small_max: usize, window: usize) -> Self {
         GeneratorTable {
-            small: crate::msm::SmallMultiples::new(&g, small_max.max(1)),
-            fixed: FixedBase::new(&g, window),
+            small: crate::msm::SmallMultiples::new(base, small_max.max(1)),
+            fixed: FixedBase::new(base, window),
         }
     }
 

@@ -15,7 +15,7 @@
 
 use crate::dlog::{DlogTable, GeneratorTable};
 use crate::error::{FeError, Result};
-use crate::group::{scalar_from_i64, wrap, FeCurve, RawPoint};
+use crate::group::{double, generator, halve, scalar_from_i64, wrap, FeCurve, RawPoint};
 use crate::msm::{recode_scalar, FixedBase};
 use crate::serial::{put_point, put_scalar, serde_via_bytes, Encode, Reader};
 use curv::elliptic::curves::{ECPoint, Point, Scalar};
@@ -187,8 +187,8 @@ impl<E: FeCurve> FeboEncryptor<E> {
     /// Precomputes the tables for `pk`.
     pub fn new(pk: &FeboPublicKey<E>) -> Self {
         FeboEncryptor {
-            g: GeneratorTable::new(1 << 12, ENC_WINDOW),
-            h: FixedBase::new(pk.h.as_raw(), ENC_WINDOW),
+            g: GeneratorTable::for_base(&halve::<E>(&generator::<E>()), 1 << 12, ENC_WINDOW),
+            h: FixedBase::new(&halve::<E>(pk.h.as_raw()), ENC_WINDOW),
             pk: pk.clone(),
         }
     }
@@ -198,21 +198,48 @@ impl<E: FeCurve> FeboEncryptor<E> {
         &self.pk
     }
 
-    /// Encrypts one integer.
-    pub fn encrypt(&self, x: i64) -> FeboCiphertext<E> {
+    /// `(cmt/2, ct/2)` of a fresh encryption of `x` (the tables hold halved bases).
+    fn encrypt_halves(&self, x: i64) -> [RawPoint<E>; 2] {
         let r = Scalar::<E>::random();
         let d = recode_scalar(&r, ENC_WINDOW);
         let mut ct = self.h.mul_digits(&d);
         ct.add_point_assign(&self.g.mul_i64(x));
+        [self.g.mul(&r), ct]
+    }
+
+    /// Encrypts one integer.
+    pub fn encrypt(&self, x: i64) -> FeboCiphertext<E> {
+        let [c, t] = self.encrypt_halves(x);
         FeboCiphertext {
-            cmt: wrap(self.g.mul(&r)),
-            ct: wrap(ct),
+            cmt: wrap(double::<E>(&c)),
+            ct: wrap(double::<E>(&t)),
         }
     }
 
     /// Encrypts many integers in parallel.
     pub fn encrypt_many(&self, xs: &[i64]) -> Vec<FeboCiphertext<E>> {
         xs.par_iter().map(|&x| self.encrypt(x)).collect()
+    }
+
+    /// Encrypts many integers straight to the bytes of each `encrypt(x).to_bytes()`, with
+    /// batched point encoding.
+    pub fn encrypt_many_to_bytes(&self, xs: &[i64]) -> Vec<Vec<u8>> {
+        let kind = <FeboCiphertext<E> as Encode<E>>::KIND;
+        xs.par_chunks(256)
+            .flat_map_iter(|chunk| {
+                let halves: Vec<RawPoint<E>> =
+                    chunk.iter().flat_map(|&x| self.encrypt_halves(x)).collect();
+                let enc = E::encode_doubled(&halves);
+                enc.chunks(2 * E::POINT_LEN)
+                    .map(|pair| {
+                        let mut out = Vec::with_capacity(20 + pair.len());
+                        crate::serial::put_header::<E>(&mut out, kind);
+                        out.extend_from_slice(pair);
+                        out
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 }
 

@@ -22,16 +22,16 @@
 use crate::dlog::{DlogTable, GeneratorTable};
 use crate::encoding::bound_for_key;
 use crate::error::{FeError, Result};
-use crate::group::{wrap, FeCurve, RawPoint};
+use crate::group::{double, generator, halve, wrap, FeCurve, RawPoint};
 use crate::msm::{
     best_window, msm_signed_with, recode_scalar, windows_for, FixedBase, SmallMultiples,
 };
 use crate::serial::{put_i64s, put_point, put_points, put_scalar, serde_via_bytes, Encode, Reader};
 use curv::arithmetic::{BigInt, Converter};
 use curv::elliptic::curves::{ECPoint, Point, Scalar};
-use zeroize::{Zeroize, Zeroizing};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, Zeroizing};
 
 /// Window of the fixed-base tables of encryption (`⌈256/w⌉+1` additions per element).
 const ENC_WINDOW: usize = 5;
@@ -274,6 +274,10 @@ impl<E: FeCurve> FeipCiphertext<E> {
 }
 
 /// Encrypts under a public key with precomputed fixed-base tables (build once, reuse).
+///
+/// The tables hold multiples of the *halved* bases `G/2` and `H_i/2`, so encryption computes
+/// `C/2`; one more addition gives `C`, or a batched double-and-encode gives the bytes of `C`
+/// without one field inversion per point ([`FeipEncryptor::encrypt_to_bytes`]).
 pub struct FeipEncryptor<E: FeCurve> {
     pk: FeipPublicKey<E>,
     g: GeneratorTable<E>,
@@ -286,11 +290,11 @@ impl<E: FeCurve> FeipEncryptor<E> {
     pub fn new(pk: &FeipPublicKey<E>) -> Self {
         let small = pk.params.x_bound.min(1 << 16) as usize;
         FeipEncryptor {
-            g: GeneratorTable::new(small, ENC_WINDOW),
+            g: GeneratorTable::for_base(&halve::<E>(&generator::<E>()), small, ENC_WINDOW),
             h: pk
                 .h
                 .par_iter()
-                .map(|p| FixedBase::new(p.as_raw(), ENC_WINDOW))
+                .map(|p| FixedBase::new(&halve::<E>(p.as_raw()), ENC_WINDOW))
                 .collect(),
             pk: pk.clone(),
         }
@@ -301,8 +305,8 @@ impl<E: FeCurve> FeipEncryptor<E> {
         &self.pk
     }
 
-    /// Encrypts `x` (length `n`, `|x_i| ≤ x_bound`).
-    pub fn encrypt(&self, x: &[i64]) -> Result<FeipCiphertext<E>> {
+    /// `C/2` for a fresh encryption of `x`: `[C_0/2, C_1/2, …]`.
+    fn encrypt_halves(&self, x: &[i64]) -> Result<Vec<RawPoint<E>>> {
         let p = self.pk.params;
         p.check_len("plaintext vector", x.len())?;
         if let Some(&v) = x.iter().find(|v| v.unsigned_abs() > p.x_bound) {
@@ -314,20 +318,45 @@ impl<E: FeCurve> FeipEncryptor<E> {
         }
         let r = Scalar::<E>::random();
         let digits = recode_scalar(&r, ENC_WINDOW);
-        let c0 = wrap(self.g.mul(&r));
-        let c = self
-            .h
-            .iter()
-            .zip(x)
-            .map(|(t, &xi)| {
-                let mut ci = t.mul_digits(&digits);
-                if xi != 0 {
-                    ci.add_point_assign(&self.g.mul_i64(xi));
-                }
-                wrap(ci)
-            })
-            .collect();
-        Ok(FeipCiphertext { c0, c })
+        let mut out = Vec::with_capacity(x.len() + 1);
+        out.push(self.g.mul(&r));
+        out.extend(self.h.iter().zip(x).map(|(t, &xi)| {
+            let mut ci = t.mul_digits(&digits);
+            if xi != 0 {
+                ci.add_point_assign(&self.g.mul_i64(xi));
+            }
+            ci
+        }));
+        Ok(out)
+    }
+
+    /// Encrypts `x` (length `n`, `|x_i| ≤ x_bound`).
+    pub fn encrypt(&self, x: &[i64]) -> Result<FeipCiphertext<E>> {
+        let halves = self.encrypt_halves(x)?;
+        let mut pts = halves.iter().map(|h| wrap(double::<E>(h)));
+        let c0 = pts.next().unwrap_or_else(Point::zero);
+        Ok(FeipCiphertext {
+            c0,
+            c: pts.collect(),
+        })
+    }
+
+    /// Encrypts `x` straight to the bytes of `encrypt(x).to_bytes()`, encoding all points
+    /// with one shared inversion (about 8 times faster than encoding them one by one).
+    pub fn encrypt_to_bytes(&self, x: &[i64]) -> Result<Vec<u8>> {
+        let halves = self.encrypt_halves(x)?;
+        let enc = E::encode_doubled(&halves);
+        let mut out = Vec::with_capacity(enc.len() + 32);
+        crate::serial::put_header::<E>(&mut out, <FeipCiphertext<E> as Encode<E>>::KIND);
+        out.extend_from_slice(&enc[..E::POINT_LEN]);
+        out.extend_from_slice(&(x.len() as u32).to_le_bytes());
+        out.extend_from_slice(&enc[E::POINT_LEN..]);
+        Ok(out)
+    }
+
+    /// [`FeipEncryptor::encrypt_to_bytes`] for many vectors, in parallel.
+    pub fn encrypt_many_to_bytes(&self, xs: &[Vec<i64>]) -> Result<Vec<Vec<u8>>> {
+        xs.par_iter().map(|x| self.encrypt_to_bytes(x)).collect()
     }
 
     /// Encrypts many vectors in parallel.

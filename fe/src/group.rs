@@ -32,6 +32,12 @@ pub trait FeCurve: Curve {
 
     /// The scalar's canonical value as 32 little-endian bytes.
     fn scalar_le_bytes(s: &Scalar<Self>) -> [u8; 32];
+
+    /// The canonical encodings of `2P` for every `P`, concatenated (`POINT_LEN` bytes each).
+    ///
+    /// Encryption computes its points for halved bases, so that their doubles are the
+    /// ciphertext and this batched encoding (one shared inversion on Ristretto) serializes it.
+    fn encode_doubled(points: &[RawPoint<Self>]) -> Vec<u8>;
 }
 
 impl FeCurve for Ristretto {
@@ -57,6 +63,25 @@ impl FeCurve for Ristretto {
 
     fn scalar_le_bytes(s: &Scalar<Self>) -> [u8; 32] {
         s.as_raw().underlying_ref().to_bytes()
+    }
+
+    fn encode_doubled(points: &[RawPoint<Self>]) -> Vec<u8> {
+        use curve25519_dalek::ristretto::RistrettoPoint;
+        let mut out = vec![0u8; points.len() * 32];
+        let (idx, raw): (Vec<usize>, Vec<RistrettoPoint>) = points
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !p.is_zero())
+            .map(|(i, p)| (i, *p.underlying_ref()))
+            .unzip();
+        // The identity encodes as 32 zero bytes, which the buffer already holds.
+        for (i, e) in idx
+            .into_iter()
+            .zip(RistrettoPoint::double_and_compress_batch(&raw))
+        {
+            out[32 * i..32 * i + 32].copy_from_slice(e.as_bytes());
+        }
+        out
     }
 }
 
@@ -86,6 +111,16 @@ impl FeCurve for Secp256k1 {
         }
         le
     }
+
+    fn encode_doubled(points: &[RawPoint<Self>]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(points.len() * 33);
+        for p in points {
+            let mut d = p.clone();
+            d.add_point_assign(p);
+            out.extend_from_slice(&d.serialize_compressed());
+        }
+        out
+    }
 }
 
 fn fingerprint_bytes(b: &[u8]) -> u128 {
@@ -98,6 +133,22 @@ fn fingerprint_bytes(b: &[u8]) -> u128 {
 /// The generator of the group as a raw point.
 pub(crate) fn generator<E: FeCurve>() -> RawPoint<E> {
     E::Point::generator().clone()
+}
+
+/// `P/2`: the point whose double is `P` (the group order is odd).
+pub(crate) fn halve<E: FeCurve>(p: &RawPoint<E>) -> RawPoint<E> {
+    let two = Scalar::<E>::from(2u64);
+    match two.invert() {
+        Some(inv) => p.scalar_mul(inv.as_raw()),
+        None => p.clone(), // unreachable: 2 is invertible modulo an odd prime
+    }
+}
+
+/// `2P`.
+pub(crate) fn double<E: FeCurve>(p: &RawPoint<E>) -> RawPoint<E> {
+    let mut d = p.clone();
+    d.add_point_assign(p);
+    d
 }
 
 /// Wraps a raw point computed from valid points back into curv's checked type.

@@ -38,12 +38,7 @@ pub trait Encode<E: FeCurve>: Sized {
     /// The full envelope.
     fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        out.extend_from_slice(MAGIC);
-        out.push(FORMAT_VERSION);
-        let name = E::CURVE_NAME.as_bytes();
-        out.push(name.len() as u8);
-        out.extend_from_slice(name);
-        out.push(Self::KIND);
+        put_header::<E>(&mut out, Self::KIND);
         self.encode_payload(&mut out);
         out
     }
@@ -80,6 +75,16 @@ pub trait Encode<E: FeCurve>: Sized {
         }
         Ok(t)
     }
+}
+
+/// Appends the envelope header for an object of `kind`.
+pub(crate) fn put_header<E: FeCurve>(out: &mut Vec<u8>, kind: u8) {
+    out.extend_from_slice(MAGIC);
+    out.push(FORMAT_VERSION);
+    let name = E::CURVE_NAME.as_bytes();
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.push(kind);
 }
 
 /// A bounds-checked cursor over input bytes.

@@ -365,3 +365,33 @@ fn secret_files_are_private() {
     let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+#[test]
+fn encrypting_straight_to_bytes_matches_the_envelope() {
+    fn check<E: FeCurve>(dl: &DlogTable<E>) {
+        let p = FeipParams::new(7, 255).expect("params");
+        let (pk, msk) = feip::setup::<E>(p);
+        let enc = feip::FeipEncryptor::new(&pk);
+        let x = vec![0, 255, -255, 1, 2, 3, 0];
+        let y = vec![5, -6, 7, 8, -9, 10, 11];
+        let bytes = enc
+            .encrypt_many_to_bytes(&[x.clone(), vec![0; 7]])
+            .expect("enc");
+        let ct = FeipCiphertext::<E>::from_bytes(&bytes[0]).expect("valid envelope");
+        assert_eq!(ct.to_bytes(), bytes[0]);
+        let key = msk.derive_key(&y).expect("key");
+        assert_eq!(feip::decrypt(&p, &ct, &key, dl), Ok(dot(&x, &y)));
+        let zero = FeipCiphertext::<E>::from_bytes(&bytes[1]).expect("valid");
+        assert_eq!(feip::decrypt(&p, &zero, &key, dl), Ok(0));
+        let (bpk, bmsk) = febo::setup::<E>();
+        let benc = febo::FeboEncryptor::new(&bpk);
+        let xs: Vec<i64> = (-300..300).step_by(7).collect();
+        for (x, b) in xs.iter().zip(benc.encrypt_many_to_bytes(&xs)) {
+            let c = febo::FeboCiphertext::<E>::from_bytes(&b).expect("valid");
+            let k = bmsk.derive_key(c.commitment(), Op::Sub, 4).expect("key");
+            assert_eq!(febo::decrypt(&c, &k, 300, dl), Ok(x - 4));
+        }
+    }
+    check::<Ristretto>(dlog());
+    check::<Secp256k1>(dlog_secp());
+}

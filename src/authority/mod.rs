@@ -10,7 +10,7 @@
 //! | `row.msk` | FEIP master secret key for rows (length [`crate::ROW_LEN`]) | 0600 |
 //! | `col.msk` | FEIP master secret key for columns (length = batch size) | 0600 |
 //! | `febo.msk` | FEBO master secret key | 0600 |
-//! | `params.bin` | the [`PublicParams`] (bincode, as in the [protocol](crate::protocol)) | 0644 |
+//! | `params.bin` | the [`PublicParams`] (bincode, as in the [protocol]) | 0644 |
 //! | `token` | the callers' bearer token, 64 hex digits and a newline | 0600 |
 //!
 //! [`load`] reads them back, validates every key, checks that the public parameters match the
@@ -18,7 +18,7 @@
 //!
 //! # Serving
 //!
-//! [`spawn`] (or the blocking [`serve`]) answers the [protocol](crate::protocol) on an
+//! [`spawn`] (or the blocking [`serve`]) answers the [protocol] on an
 //! already-bound [`TcpListener`], one thread per connection up to a cap. Every request must
 //! carry the token (compared in constant time); a failed authentication is answered with
 //! [`Response::Refused`] and closes the connection. Key requests are checked by
@@ -446,7 +446,8 @@ pub fn load(dir: &Path) -> Result<Authority, AuthorityError> {
         let bytes = read_secret(&path)?;
         Ok((path, bytes))
     };
-    let bad = |path: PathBuf| move |source: fe::FeError| AuthorityError::BadKeyFile { path, source };
+    let bad =
+        |path: PathBuf| move |source: fe::FeError| AuthorityError::BadKeyFile { path, source };
     let (p, b) = decode_secret(ROW_MSK_FILE)?;
     let row = FeipMasterSecretKey::<Curve>::from_bytes(&b).map_err(bad(p))?;
     let (p, b) = decode_secret(COL_MSK_FILE)?;
@@ -937,10 +938,9 @@ fn respond(shared: &Shared, peer: &str, request: &Request) -> Response {
         _ => {
             let mut e = AuditEntry::new(peer, kind, Outcome::Issued, count);
             e.keys = match request {
-                Request::RowKeys(ys) | Request::ColKeys(ys) => ys
-                    .par_iter()
-                    .map(|y| audit::feip_record(kind, y))
-                    .collect(),
+                Request::RowKeys(ys) | Request::ColKeys(ys) => {
+                    ys.par_iter().map(|y| audit::feip_record(kind, y)).collect()
+                }
                 Request::FeboKeys(reqs) => reqs.par_iter().map(audit::febo_record).collect(),
                 Request::Params => Vec::new(),
             };

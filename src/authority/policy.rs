@@ -329,8 +329,8 @@ mod tests {
 
     #[test]
     fn json_round_trip_defaults_and_unknown_fields() {
-        let p = Policy::from_json(r#"{"min_nonzero_row": 32, "febo_ops": ["Sub", "Add"]}"#)
-            .unwrap();
+        let p =
+            Policy::from_json(r#"{"min_nonzero_row": 32, "febo_ops": ["Sub", "Add"]}"#).unwrap();
         assert_eq!(p.min_nonzero_row, 32);
         assert_eq!(p.febo_ops, vec![Op::Sub, Op::Add]);
         assert_eq!(p.max_abs, 32767);

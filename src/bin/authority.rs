@@ -14,7 +14,14 @@ use std::time::Duration;
 /// The CryptoNN key authority: holds the master secret keys and derives function keys for
 /// authenticated callers under a key policy, logging every key it issues.
 #[derive(Parser, Debug)]
-#[command(name = "authority", version, about, long_about = None)]
+#[command(
+    name = "authority",
+    version,
+    after_help = "Example:\n  authority init --dir keys --batch-size 64\n  \
+                  authority serve --dir keys --listen 127.0.0.1:7700\n\n\
+                  Callers (client, trainer) authenticate with the token in keys/token \
+                  (or CRYPTONN_TOKEN)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -165,8 +172,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
     config.frame_limit = args.max_frame;
     config.max_connections = args.max_connections;
     config.verbose = !args.quiet;
-    let listener =
-        TcpListener::bind(&args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = TcpListener::bind(&args.listen)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let batch = auth.batch_size();
     eprintln!(
@@ -188,11 +195,18 @@ fn print_policy(args: &PolicyArgs) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match &cli.command {
+    let result = match &cli.command {
         Command::Init(a) => init(a),
         Command::Serve(a) => serve(a),
         Command::Policy(a) => print_policy(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("authority: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

@@ -179,7 +179,9 @@ fn append_metrics(path: Option<&Path>, m: &EpochMetrics, timings: Option<&Timing
 
 fn load_test(spec: &str) -> Result<nn::data::Dataset> {
     let dir = (spec != "embedded").then(|| PathBuf::from(spec));
-    Ok(nn::mnist::load(dir.as_deref()).context("loading the test set")?.1)
+    Ok(nn::mnist::load(dir.as_deref())
+        .context("loading the test set")?
+        .1)
 }
 
 fn main() -> Result<()> {
@@ -230,8 +232,9 @@ fn main() -> Result<()> {
                 Some(n) => train.take(n.min(train.len())),
                 None => train,
             };
-            let products = nn::first_layer::PlainIntegers::from_dataset(train, batch_size, true, 10)
-                .context("partitioning the data")?;
+            let products =
+                nn::first_layer::PlainIntegers::from_dataset(train, batch_size, true, 10)
+                    .context("partitioning the data")?;
             let cfg = model.config();
             let metrics = model.metrics.clone();
             let r = trainer::run(

@@ -1,0 +1,252 @@
+//! End-to-end: the three roles as separate processes on 127.0.0.1, and the trainer's
+//! guarantees: encrypted training equals the simulated run bit for bit, a killed trainer
+//! resumes to the same weights, and bad encrypted datasets are refused with clear errors.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const AUTHORITY: &str = env!("CARGO_BIN_EXE_authority");
+const CLIENT: &str = env!("CARGO_BIN_EXE_client");
+const TRAINER: &str = env!("CARGO_BIN_EXE_trainer");
+
+/// A running authority process, killed on drop.
+struct Authority {
+    child: Child,
+    addr: String,
+    token: String,
+}
+
+impl Drop for Authority {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("process starts");
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+fn start_authority(dir: &Path, batch: usize) -> Authority {
+    run(Command::new(AUTHORITY)
+        .args(["init", "--batch-size", &batch.to_string(), "--dir"])
+        .arg(dir));
+    let mut child = Command::new(AUTHORITY)
+        .args(["serve", "--listen", "127.0.0.1:0", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("authority starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut addr = None;
+    for line in BufReader::new(stdout).lines().take(50) {
+        let line = line.expect("line");
+        if let Some(a) = line.strip_prefix("listening on ") {
+            addr = Some(a.trim().to_string());
+            break;
+        }
+    }
+    let token = std::fs::read_to_string(dir.join("token"))
+        .expect("token")
+        .trim()
+        .to_string();
+    Authority {
+        child,
+        addr: addr.expect("the authority prints its address"),
+        token,
+    }
+}
+
+fn encrypt(a: &Authority, limit: usize, out: &Path) {
+    run(Command::new(CLIENT)
+        .args([
+            "encrypt",
+            "--quiet",
+            "--authority",
+            &a.addr,
+            "--token",
+            &a.token,
+        ])
+        .args(["--limit", &limit.to_string(), "--out"])
+        .arg(out)
+        .env_remove("CRYPTONN_MNIST_DIR"));
+}
+
+const MODEL: [&str; 8] = [
+    "--spec",
+    "784-16-10",
+    "--epochs",
+    "1",
+    "--seed",
+    "5",
+    "--activation",
+    "relu",
+];
+
+fn train_cmd(a: &Authority, data: &Path, model: &Path, work: &Path) -> Command {
+    let mut c = Command::new(TRAINER);
+    c.args([
+        "train",
+        "--quiet",
+        "--authority",
+        &a.addr,
+        "--token",
+        &a.token,
+    ])
+    .args(MODEL)
+    .arg("--data")
+    .arg(data)
+    .arg("--out")
+    .arg(model)
+    .arg("--dlog-table")
+    .arg(work.join("dlog.bin"));
+    c
+}
+
+fn simulate(limit: usize, batch: usize, model: &Path) {
+    run(Command::new(TRAINER)
+        .args(["simulate", "--quiet"])
+        .args(MODEL)
+        .args([
+            "--limit",
+            &limit.to_string(),
+            "--batch-size",
+            &batch.to_string(),
+        ])
+        .arg("--out")
+        .arg(model)
+        .env_remove("CRYPTONN_MNIST_DIR"));
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    authority: Authority,
+    data: PathBuf,
+}
+
+fn setup(batch: usize, limit: usize) -> Setup {
+    let dir = tempfile::tempdir().expect("tmp");
+    let authority = start_authority(&dir.path().join("auth"), batch);
+    let data = dir.path().join("train.enc");
+    encrypt(&authority, limit, &data);
+    Setup {
+        dir,
+        authority,
+        data,
+    }
+}
+
+#[test]
+fn encrypted_training_equals_simulation_and_survives_a_kill() {
+    let (batch, limit) = (16, 96);
+    let s = setup(batch, limit);
+    let w = s.dir.path();
+    // the plain simulation with the same seed and partition
+    simulate(limit, batch, &w.join("sim.bin"));
+    // uninterrupted encrypted training, as separate processes over TCP
+    run(&mut train_cmd(
+        &s.authority,
+        &s.data,
+        &w.join("secure.bin"),
+        w,
+    ));
+    let secure = std::fs::read(w.join("secure.bin")).expect("model");
+    assert_eq!(
+        secure,
+        std::fs::read(w.join("sim.bin")).expect("model"),
+        "encrypted and simulated training must give bit-identical weights"
+    );
+
+    // kill -9 the trainer once it has checkpointed, then resume
+    let ckpt = w.join("ckpt.bin");
+    let mut c = train_cmd(&s.authority, &s.data, &w.join("resumed.bin"), w);
+    c.arg("--checkpoint")
+        .arg(&ckpt)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().expect("trainer starts");
+    let started = Instant::now();
+    while !ckpt.exists() && started.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        ckpt.exists(),
+        "the trainer checkpoints after its first step"
+    );
+    child.kill().expect("kill");
+    let _ = child.wait();
+    assert!(!w.join("resumed.bin").exists(), "killed before finishing");
+    let mut c = train_cmd(&s.authority, &s.data, &w.join("resumed.bin"), w);
+    run(c.arg("--checkpoint").arg(&ckpt));
+    assert_eq!(
+        std::fs::read(w.join("resumed.bin")).expect("model"),
+        secure,
+        "a killed and resumed run must give the weights of an uninterrupted one"
+    );
+    // the trained model scores on the plaintext test set
+    let out = run(Command::new(TRAINER)
+        .args(["evaluate", "--model"])
+        .arg(w.join("secure.bin"))
+        .env_remove("CRYPTONN_MNIST_DIR"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("test accuracy"));
+}
+
+fn train_error(s: &Setup, data: &Path) -> String {
+    let w = s.dir.path();
+    let out = train_cmd(&s.authority, data, &w.join("never.bin"), w)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success(), "training on a bad dataset must fail");
+    assert!(!w.join("never.bin").exists());
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn trainer_rejects_bad_encrypted_datasets() {
+    let s = setup(8, 16);
+    let w = s.dir.path();
+    let good = std::fs::read(&s.data).expect("data");
+
+    // truncated
+    let t = w.join("truncated.enc");
+    std::fs::write(&t, &good[..good.len() * 2 / 3]).expect("write");
+    let e = train_error(&s, &t);
+    assert!(e.contains("not a valid encrypted dataset"), "{e}");
+
+    // a flipped byte inside a record: found by the record checksum when the batch is read
+    let c = w.join("corrupted.enc");
+    let mut bad = good.clone();
+    let mid = good.len() / 2;
+    bad[mid] ^= 0x40;
+    std::fs::write(&c, &bad).expect("write");
+    let e = train_error(&s, &c);
+    assert!(e.contains("checksum mismatch"), "{e}");
+
+    // not a dataset at all
+    let g = w.join("garbage.enc");
+    std::fs::write(&g, b"hello").expect("write");
+    let e = train_error(&s, &g);
+    assert!(e.contains("not a valid encrypted dataset"), "{e}");
+
+    // made under another authority's parameters
+    let other = start_authority(&w.join("auth2"), 8);
+    let o = w.join("other.enc");
+    encrypt(&other, 16, &o);
+    let e = train_error(&s, &o);
+    assert!(e.contains("other public parameters"), "{e}");
+
+    // the good file still trains
+    run(&mut train_cmd(&s.authority, &s.data, &w.join("ok.bin"), w));
+    assert!(w.join("ok.bin").exists());
+}
