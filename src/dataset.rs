@@ -371,7 +371,7 @@ impl Reader {
         for c in ib.chunks_exact(16) {
             let o = u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8]));
             let l = u64::from_le_bytes(c[8..].try_into().unwrap_or([0; 8]));
-            if o != expect || l < 36 || l > MAX_RECORD || o + l > data_end {
+            if o != expect || !(36..=MAX_RECORD).contains(&l) || o + l > data_end {
                 return Err(invalid(path, "index entries out of range"));
             }
             expect = o + l;

@@ -95,7 +95,7 @@ pub struct RequestFrame {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     /// The public parameters.
-    Params(PublicParams),
+    Params(Box<PublicParams>),
     /// The secrets `sk_y` of inner-product keys (32 bytes each), in request order.
     FeipSecrets(Vec<Vec<u8>>),
     /// Basic-operation keys, in request order.
@@ -220,7 +220,7 @@ impl AuthorityClient {
     /// The authority's public parameters.
     pub fn params(&mut self) -> Result<PublicParams, ProtocolError> {
         match self.call(Request::Params)? {
-            Response::Params(p) => Ok(p),
+            Response::Params(p) => Ok(*p),
             other => Err(unexpected(&other)),
         }
     }

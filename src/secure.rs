@@ -67,6 +67,11 @@ pub struct Timings {
     pub backward: Duration,
     /// Basic-operation decryption of the output error.
     pub output_error: Duration,
+    /// Of `forward + backward`: time in discrete logs (summed over threads' sections, so it
+    /// is a share of CPU time rather than of wall time).
+    pub dlog_cpu: Duration,
+    /// Of `forward + backward`: time in group arithmetic (same accounting as `dlog_cpu`).
+    pub group_cpu: Duration,
     /// Keys received.
     pub keys_received: u64,
     /// Values decrypted.
@@ -80,6 +85,13 @@ pub struct KeyPolicyFilter<P> {
     inner: P,
     min_row: usize,
     min_col: usize,
+}
+
+impl Timings {
+    /// Wall time of the secure layer (I/O, keys, decryptions).
+    pub fn secure_total(&self) -> Duration {
+        self.io + self.keys + self.forward + self.backward + self.output_error
+    }
 }
 
 impl<P> KeyPolicyFilter<P> {
@@ -234,13 +246,17 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
         let dlog = self.dlog.clone();
         let b = self.load(batch)?;
         let t = Instant::now();
-        let m = feip::decrypt_matrix(&rp, &b.rows, &keys, &dlog).map_err(backend)?;
+        let stats = feip::DecryptStats::default();
+        let m =
+            feip::decrypt_matrix_with_stats(&rp, &b.rows, &keys, &dlog, &stats).map_err(backend)?;
         let mut out = Array2::<i64>::zeros((b.rows.len(), w_q.nrows()));
         for (s, row) in m.iter().enumerate() {
             for (k, &j) in idx.iter().enumerate() {
                 out[[s, j]] = row[k];
             }
         }
+        self.timings.dlog_cpu += stats.dlog_time();
+        self.timings.group_cpu += stats.group_time();
         self.timings.forward += t.elapsed();
         self.timings.decryptions += (m.len() * idx.len()) as u64;
         Ok(out)
@@ -272,7 +288,11 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
         let dlog = self.dlog.clone();
         let b = self.load(batch)?;
         let t = Instant::now();
-        let m = feip::decrypt_matrix(&cp, &b.cols, &keys, &dlog).map_err(backend)?;
+        let stats = feip::DecryptStats::default();
+        let m =
+            feip::decrypt_matrix_with_stats(&cp, &b.cols, &keys, &dlog, &stats).map_err(backend)?;
+        self.timings.dlog_cpu += stats.dlog_time();
+        self.timings.group_cpu += stats.group_time();
         let mut out = Array2::<i64>::zeros((delta_q.ncols(), rows));
         for (i, col) in m.iter().enumerate() {
             for (k, &j) in idx.iter().enumerate() {

@@ -144,7 +144,10 @@ fn issued_keys_decrypt() {
     // Columns: length = batch size, two non-zero entries are enough.
     let xc: Vec<i64> = vec![255, 0, 17, 3, 99, 1, 200, 42];
     let ct = FeipEncryptor::new(&params.col).encrypt(&xc).unwrap();
-    let yc = vec![vec![0, 0, 5, 0, -7, 0, 0, 0], vec![127, -127, 1, 2, 3, 4, 5, 6]];
+    let yc = vec![
+        vec![0, 0, 5, 0, -7, 0, 0, 0],
+        vec![127, -127, 1, 2, 3, 4, 5, 6],
+    ];
     let keys = c.col_keys(&yc).unwrap();
     for (y, k) in yc.iter().zip(&keys) {
         let got = fe::feip::decrypt(&params.col.params(), &ct, k, &dlog).unwrap();
@@ -185,7 +188,10 @@ fn refuses_bad_tokens_and_closes() {
     }
     // Keys are refused just the same.
     let mut c = AuthorityClient::connect(&s.addr, "nope").unwrap();
-    assert_eq!(refused(c.row_keys(&[row_vector(0)])), "authentication failed");
+    assert_eq!(
+        refused(c.row_keys(&[row_vector(0)])),
+        "authentication failed"
+    );
     assert_serves(&s);
 }
 
@@ -379,7 +385,10 @@ fn audit_log_records_issued_keys_and_refusals() {
     assert_eq!(issued.len(), 3, "{lines:?}");
     let kinds: Vec<_> = issued.iter().map(|l| l["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["row", "col", "febo"]);
-    let counts: Vec<_> = issued.iter().map(|l| l["count"].as_u64().unwrap()).collect();
+    let counts: Vec<_> = issued
+        .iter()
+        .map(|l| l["count"].as_u64().unwrap())
+        .collect();
     assert_eq!(counts, [3, 1, 5]);
     for l in &issued {
         assert!(l["ts"].as_u64().unwrap() > 1_600_000_000);
@@ -405,10 +414,7 @@ fn audit_log_records_issued_keys_and_refusals() {
 
     let refusals: Vec<_> = lines.iter().filter(|l| l["outcome"] == "refused").collect();
     assert_eq!(refusals.len(), 2, "{lines:?}");
-    assert!(refusals[0]["reason"]
-        .as_str()
-        .unwrap()
-        .contains("non-zero"));
+    assert!(refusals[0]["reason"].as_str().unwrap().contains("non-zero"));
     assert_eq!(refusals[1]["reason"], "authentication failed");
 }
 
@@ -596,9 +602,7 @@ fn binary_init_and_serve() {
         let mut c = AuthorityClient::connect(&addr, &token).map_err(|e| e.to_string())?;
         let p = c.params().map_err(|e| e.to_string())?;
         assert_eq!(p.batch_size(), 4);
-        let keys = c
-            .col_keys(&[vec![1, 1, 0, 0]])
-            .map_err(|e| e.to_string())?;
+        let keys = c.col_keys(&[vec![1, 1, 0, 0]]).map_err(|e| e.to_string())?;
         assert_eq!(keys.len(), 1);
         Ok::<(), String>(())
     })();

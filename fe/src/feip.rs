@@ -31,12 +31,12 @@ use curv::arithmetic::{BigInt, Converter};
 use curv::elliptic::curves::{ECPoint, Point, Scalar};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use zeroize::{Zeroize, Zeroizing};
 
 /// Window of the fixed-base tables of encryption (`⌈256/w⌉+1` additions per element).
 const ENC_WINDOW: usize = 5;
-/// Window of the per-ciphertext `C_0` table in batched decryption.
-const C0_WINDOW: usize = 5;
 /// From this many keys on, a ciphertext's `C_0` gets a fixed-base table.
 const C0_TABLE_MIN_KEYS: usize = 6;
 /// Small-multiple tables are used only up to this largest key entry.
@@ -414,6 +414,29 @@ struct PreparedKey<'a> {
     sk_digits: Vec<i32>,
 }
 
+/// Where decryption time goes: group arithmetic (`Σ y_i C_i − sk·C_0`) and discrete logs.
+///
+/// Times are summed over the sections of all threads (close to CPU time).
+#[derive(Debug, Default)]
+pub struct DecryptStats {
+    group_nanos: AtomicU64,
+    dlog_nanos: AtomicU64,
+}
+
+impl DecryptStats {
+    /// Time spent in group arithmetic.
+    pub fn group_time(&self) -> Duration {
+        Duration::from_nanos(self.group_nanos.load(Ordering::Relaxed))
+    }
+    /// Time spent solving discrete logs.
+    pub fn dlog_time(&self) -> Duration {
+        Duration::from_nanos(self.dlog_nanos.load(Ordering::Relaxed))
+    }
+    fn add(counter: &AtomicU64, since: Instant) {
+        counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
 /// Decrypts every ciphertext against every key: `out[c][k] = ⟨x_c, y_k⟩`.
 ///
 /// Fails if any length differs from `params.n`, if some key's bound `x_bound·‖y‖₁` exceeds the
@@ -424,6 +447,28 @@ pub fn decrypt_matrix<E: FeCurve>(
     keys: &[FeipFunctionKey<E>],
     dlog: &DlogTable<E>,
 ) -> Result<Vec<Vec<i64>>> {
+    decrypt_matrix_with_stats(params, cts, keys, dlog, &DecryptStats::default())
+}
+
+/// The `C_0` table window minimising table size plus additions for `keys` keys.
+fn c0_window(keys: usize) -> usize {
+    (3..=8usize)
+        .min_by_key(|&w| {
+            let windows = 256usize.div_ceil(w) + 1;
+            windows * (1 << (w - 1)) + keys * windows
+        })
+        .unwrap_or(5)
+}
+
+/// [`decrypt_matrix`], adding its time split to `stats`.
+pub fn decrypt_matrix_with_stats<E: FeCurve>(
+    params: &FeipParams,
+    cts: &[FeipCiphertext<E>],
+    keys: &[FeipFunctionKey<E>],
+    dlog: &DlogTable<E>,
+    stats: &DecryptStats,
+) -> Result<Vec<Vec<i64>>> {
+    let c0w = c0_window(keys.len());
     for ct in cts {
         params.check_len("ciphertext", ct.c.len())?;
     }
@@ -437,7 +482,7 @@ pub fn decrypt_matrix<E: FeCurve>(
                 y: &k.y,
                 max_abs: k.y.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0),
                 bound: needed as u64,
-                sk_digits: recode_scalar(&k.sk, C0_WINDOW),
+                sk_digits: recode_scalar(&k.sk, c0w),
             })
         })
         .collect::<Result<_>>()?;
@@ -453,9 +498,10 @@ pub fn decrypt_matrix<E: FeCurve>(
     let bounds: Vec<u64> = prepared.iter().map(|k| k.bound).collect();
     cts.par_iter()
         .map(|ct| {
+            let started = Instant::now();
             let pts: Vec<RawPoint<E>> = ct.c.iter().map(|p| p.as_raw().clone()).collect();
             let c0 = ct.c0.as_raw();
-            let c0_table = (h >= C0_TABLE_MIN_KEYS).then(|| FixedBase::<E>::new(c0, C0_WINDOW));
+            let c0_table = (h >= C0_TABLE_MIN_KEYS).then(|| FixedBase::<E>::new(c0, c0w));
             let c0_term = |k: &PreparedKey<'_>, sk: &Scalar<E>| match &c0_table {
                 Some(t) => t.mul_digits(&k.sk_digits),
                 None => c0.scalar_mul(sk.as_raw()),
@@ -494,9 +540,14 @@ pub fn decrypt_matrix<E: FeCurve>(
                     })
                     .collect()
             };
-            dlog.solve_batch(&d, &bounds)
+            DecryptStats::add(&stats.group_nanos, started);
+            let started = Instant::now();
+            let out = dlog
+                .solve_batch(&d, &bounds)
                 .into_iter()
-                .collect::<Result<Vec<i64>>>()
+                .collect::<Result<Vec<i64>>>();
+            DecryptStats::add(&stats.dlog_nanos, started);
+            out
         })
         .collect()
 }

@@ -115,7 +115,7 @@ impl FeCurve for Secp256k1 {
     fn encode_doubled(points: &[RawPoint<Self>]) -> Vec<u8> {
         let mut out = Vec::with_capacity(points.len() * 33);
         for p in points {
-            let mut d = p.clone();
+            let mut d = *p;
             d.add_point_assign(p);
             out.extend_from_slice(&d.serialize_compressed());
         }

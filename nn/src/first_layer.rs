@@ -369,18 +369,14 @@ impl Quantizer {
             });
         }
         let qf = q as f64;
-        let scales: Vec<f64> = m
-            .axis_iter(axis)
-            .map(|lane| {
-                let max = lane
-                    .iter()
-                    .fold(0.0f64, |acc, &v| acc.max((v as f64).abs()));
-                if max > 0.0 {
-                    qf / max
-                } else {
-                    1.0
-                }
-            })
+        // max |v| per lane; abs and max are exact, so f32 here equals f64.
+        let lane_max = match axis {
+            Axis(0) => m.map_axis(Axis(1), |row| row.fold(0f32, |a, &v| a.max(v.abs()))),
+            _ => m.fold_axis(Axis(0), 0f32, |&a, &v| a.max(v.abs())),
+        };
+        let scales: Vec<f64> = lane_max
+            .iter()
+            .map(|&max| if max > 0.0 { qf / max as f64 } else { 1.0 })
             .collect();
         let mut rng = match self.rounding {
             Rounding::Nearest => None,
@@ -392,20 +388,47 @@ impl Quantizer {
         };
         let mut values = Array2::<i64>::zeros(m.raw_dim());
         // Row-major traversal: the order of random draws is fixed.
-        for ((r, c), out) in values.indexed_iter_mut() {
-            let scale = if axis == Axis(0) {
-                scales[r]
-            } else {
-                scales[c]
-            };
-            let x = m[[r, c]] as f64 * scale;
-            let rounded = match rng.as_mut() {
-                None => x.round(),
-                Some(rng) => (x + rng.gen::<f64>()).floor(),
-            };
-            *out = rounded.clamp(-qf, qf) as i64;
+        for (r, (mut out_row, in_row)) in values.rows_mut().into_iter().zip(m.rows()).enumerate() {
+            for (c, (out, &v)) in out_row.iter_mut().zip(in_row.iter()).enumerate() {
+                let scale = if axis == Axis(0) {
+                    scales[r]
+                } else {
+                    scales[c]
+                };
+                let x = (v as f64 * scale).clamp(-qf, qf);
+                *out = match rng.as_mut() {
+                    None => round_half_away(x),
+                    Some(rng) => floor_to_int(x + rng.gen::<f64>()).min(q),
+                };
+            }
         }
         Ok(QuantizedMatrix { values, scales })
+    }
+}
+
+/// `x.round() as i64` (halves away from zero) for finite `|x| < 2^52`, without the libm call
+/// that `f64::round` costs on baseline x86-64.
+#[inline]
+fn round_half_away(x: f64) -> i64 {
+    let t = x as i64; // truncation toward zero
+    let frac = x - t as f64; // exact for |x| < 2^52
+    if frac >= 0.5 {
+        t + 1
+    } else if frac <= -0.5 {
+        t - 1
+    } else {
+        t
+    }
+}
+
+/// `x.floor() as i64` for finite `|x| < 2^52`.
+#[inline]
+fn floor_to_int(x: f64) -> i64 {
+    let t = x as i64;
+    if (t as f64) > x {
+        t - 1
+    } else {
+        t
     }
 }
 
@@ -560,8 +583,8 @@ pub fn exact_int_matmul(a: ArrayView2<i64>, b: ArrayView2<i64>) -> Result<Array2
         });
     }
     let k = a.ncols();
-    let max_a = a.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0) as u128;
-    let max_b = b.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0) as u128;
+    let max_a = a.fold(0u64, |m, v| m.max(v.unsigned_abs())) as u128;
+    let max_b = b.fold(0u64, |m, v| m.max(v.unsigned_abs())) as u128;
     let per_term = max_a * max_b;
     if per_term == 0 || k == 0 {
         return Ok(Array2::zeros((a.nrows(), b.ncols())));
@@ -967,6 +990,29 @@ mod tests {
         let b = array![[(1i64 << 30) + 1], [7]];
         let r = exact_int_matmul(a.view(), b.view()).unwrap();
         assert_eq!(r[[0, 0]], (1i64 << 60) + (1 << 30) + 21);
+    }
+
+    #[test]
+    fn fast_rounding_matches_std() {
+        let mut xs = vec![
+            0.0, -0.0, 0.5, -0.5, 1.5, -1.5, 2.5, 63.5, -63.5, 127.0, -127.0,
+        ];
+        xs.extend([
+            0.49999999999999994,
+            -0.49999999999999994,
+            1e9 + 0.5,
+            -4503599627370495.5,
+        ]);
+        for i in 0..20000 {
+            let v = (i as f64 - 10000.0) * 0.0137 + 1e-9 * i as f64;
+            xs.push(v);
+            xs.push(v.trunc() + 0.5);
+            xs.push(-(v.trunc() + 0.5));
+        }
+        for x in xs {
+            assert_eq!(round_half_away(x), x.round() as i64, "round {x}");
+            assert_eq!(floor_to_int(x), x.floor() as i64, "floor {x}");
+        }
     }
 
     #[test]

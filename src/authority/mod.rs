@@ -232,7 +232,7 @@ impl Authority {
                 .map_err(|e| e.to_string())
         };
         match request {
-            Request::Params => Ok(Response::Params(self.params.clone())),
+            Request::Params => Ok(Response::Params(Box::new(self.params.clone()))),
             Request::RowKeys(ys) => feip(&self.row, ys),
             Request::ColKeys(ys) => feip(&self.col, ys),
             Request::FeboKeys(reqs) => {
