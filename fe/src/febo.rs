@@ -76,6 +76,8 @@ pub struct FeboPublicKey<E: FeCurve> {
 /// FEBO master secret `s`, zeroized when dropped (by `curv`).
 pub struct FeboMasterSecretKey<E: FeCurve> {
     s: Scalar<E>,
+    /// `y·G` for the operands of key derivation.
+    g: GeneratorTable<E>,
 }
 
 impl<E: FeCurve> std::fmt::Debug for FeboMasterSecretKey<E> {
@@ -103,7 +105,7 @@ pub struct FeboFunctionKey<E: FeCurve> {
 pub fn setup<E: FeCurve>() -> (FeboPublicKey<E>, FeboMasterSecretKey<E>) {
     let s = Scalar::<E>::random();
     let h = Point::<E>::generator() * &s;
-    (FeboPublicKey { h }, FeboMasterSecretKey { s })
+    (FeboPublicKey { h }, FeboMasterSecretKey::from_secret(s))
 }
 
 impl<E: FeCurve> FeboPublicKey<E> {
@@ -140,6 +142,13 @@ impl<E: FeCurve> FeboFunctionKey<E> {
 }
 
 impl<E: FeCurve> FeboMasterSecretKey<E> {
+    fn from_secret(s: Scalar<E>) -> Self {
+        FeboMasterSecretKey {
+            s,
+            g: GeneratorTable::for_base(&generator::<E>(), 1 << 12, ENC_WINDOW),
+        }
+    }
+
     /// The matching public key.
     pub fn public_key(&self) -> FeboPublicKey<E> {
         FeboPublicKey {
@@ -153,7 +162,7 @@ impl<E: FeCurve> FeboMasterSecretKey<E> {
             return Err(FeError::InvalidEncoding("commitment (identity)"));
         }
         let scmt = cmt * &self.s;
-        let yg = || Point::<E>::generator() * scalar_from_i64::<E>(y);
+        let yg = || wrap(self.g.mul_i64(y));
         let sk = match op {
             Op::Add => scmt - yg(),
             Op::Sub => scmt + yg(),
@@ -323,9 +332,7 @@ impl<E: FeCurve> Encode<E> for FeboMasterSecretKey<E> {
         put_scalar(out, &self.s);
     }
     fn decode_payload(r: &mut Reader<'_>) -> Result<Self> {
-        Ok(FeboMasterSecretKey {
-            s: r.scalar::<E>()?,
-        })
+        Ok(FeboMasterSecretKey::from_secret(r.scalar::<E>()?))
     }
 }
 
