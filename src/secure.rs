@@ -113,8 +113,13 @@ impl<P> KeyPolicyFilter<P> {
     }
 }
 
-fn nonzeros<'a>(v: impl IntoIterator<Item = &'a i64>) -> usize {
-    v.into_iter().filter(|x| **x != 0).count()
+/// Zeroes every lane (row or column) of `m` with fewer than `min` non-zero entries.
+fn zero_sparse_lanes<'a>(lanes: impl Iterator<Item = ndarray::ArrayViewMut1<'a, i64>>, min: usize) {
+    for mut lane in lanes {
+        if lane.iter().filter(|x| **x != 0).count() < min {
+            lane.fill(0);
+        }
+    }
 }
 
 impl<P: IntegerProducts> IntegerProducts for KeyPolicyFilter<P> {
@@ -124,11 +129,7 @@ impl<P: IntegerProducts> IntegerProducts for KeyPolicyFilter<P> {
         w_q: ArrayView2<i64>,
     ) -> Result<Array2<i64>, SeamError> {
         let mut w = w_q.to_owned();
-        for mut row in w.rows_mut() {
-            if nonzeros(row.iter()) < self.min_row {
-                row.fill(0);
-            }
-        }
+        zero_sparse_lanes(w.rows_mut().into_iter(), self.min_row);
         self.inner.forward_int(batch, w.view())
     }
     fn backward_int(
@@ -137,11 +138,7 @@ impl<P: IntegerProducts> IntegerProducts for KeyPolicyFilter<P> {
         delta_q: ArrayView2<i64>,
     ) -> Result<Array2<i64>, SeamError> {
         let mut d = delta_q.to_owned();
-        for mut col in d.columns_mut() {
-            if nonzeros(col.iter()) < self.min_col {
-                col.fill(0);
-            }
-        }
+        zero_sparse_lanes(d.columns_mut().into_iter(), self.min_col);
         self.inner.backward_int(batch, d.view())
     }
     fn output_error_int(
@@ -354,5 +351,54 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
         } else {
             0
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    /// Records what it is asked and answers zeros.
+    #[derive(Default)]
+    struct Recorder {
+        w: Option<Array2<i64>>,
+        d: Option<Array2<i64>>,
+    }
+
+    impl IntegerProducts for Recorder {
+        fn forward_int(&mut self, _: usize, w: ArrayView2<i64>) -> Result<Array2<i64>, SeamError> {
+            self.w = Some(w.to_owned());
+            Ok(Array2::zeros((1, w.nrows())))
+        }
+        fn backward_int(&mut self, _: usize, d: ArrayView2<i64>) -> Result<Array2<i64>, SeamError> {
+            self.d = Some(d.to_owned());
+            Ok(Array2::zeros((d.ncols(), 1)))
+        }
+        fn output_error_int(
+            &mut self,
+            _: usize,
+            a: ArrayView2<i64>,
+        ) -> Result<Array2<i64>, SeamError> {
+            Ok(a.to_owned())
+        }
+        fn num_batches(&self) -> usize {
+            1
+        }
+        fn batch_len(&self, _: usize) -> usize {
+            3
+        }
+    }
+
+    #[test]
+    fn policy_filter_zeroes_exactly_the_sparse_lanes() {
+        let mut f = KeyPolicyFilter::new(Recorder::default(), 2, 2);
+        f.forward_int(0, array![[1, 0, 0], [1, 2, 0], [0, 0, 0]].view())
+            .expect("forward");
+        assert_eq!(f.inner().w, Some(array![[0, 0, 0], [1, 2, 0], [0, 0, 0]]));
+        // deltas (B x H): column 0 has one non-zero, column 1 two, column 2 three
+        f.backward_int(0, array![[5, 1, 1], [0, -1, 1], [0, 0, 1]].view())
+            .expect("backward");
+        assert_eq!(f.inner().d, Some(array![[0, 1, 1], [0, -1, 1], [0, 0, 1]]));
     }
 }

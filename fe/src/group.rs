@@ -44,19 +44,9 @@ impl FeCurve for Ristretto {
     const POINT_LEN: usize = 32;
 
     fn fingerprints(points: &[RawPoint<Self>]) -> Vec<u128> {
-        use curve25519_dalek::ristretto::RistrettoPoint;
-        // dalek's batched encoding panics on the identity (a zero field element cannot be
-        // inverted), so the identity is answered directly and left out of the batch.
         let mut out = vec![0u128; points.len()];
-        let (idx, raw): (Vec<usize>, Vec<RistrettoPoint>) = points
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| !p.is_zero())
-            .map(|(i, p)| (i, *p.underlying_ref()))
-            .unzip();
-        let enc = RistrettoPoint::double_and_compress_batch(&raw);
-        for (i, e) in idx.into_iter().zip(enc) {
-            out[i] = fingerprint_bytes(e.as_bytes());
+        for (i, e) in ristretto_doubled_encodings(points) {
+            out[i] = fingerprint_bytes(&e);
         }
         out
     }
@@ -66,23 +56,31 @@ impl FeCurve for Ristretto {
     }
 
     fn encode_doubled(points: &[RawPoint<Self>]) -> Vec<u8> {
-        use curve25519_dalek::ristretto::RistrettoPoint;
-        let mut out = vec![0u8; points.len() * 32];
-        let (idx, raw): (Vec<usize>, Vec<RistrettoPoint>) = points
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| !p.is_zero())
-            .map(|(i, p)| (i, *p.underlying_ref()))
-            .unzip();
         // The identity encodes as 32 zero bytes, which the buffer already holds.
-        for (i, e) in idx
-            .into_iter()
-            .zip(RistrettoPoint::double_and_compress_batch(&raw))
-        {
-            out[32 * i..32 * i + 32].copy_from_slice(e.as_bytes());
+        let mut out = vec![0u8; points.len() * 32];
+        for (i, e) in ristretto_doubled_encodings(points) {
+            out[32 * i..32 * i + 32].copy_from_slice(&e);
         }
         out
     }
+}
+
+/// `(i, enc(2·P_i))` for the non-identity points, with one shared inversion.
+///
+/// dalek's batched encoding panics on the identity (a zero field element cannot be inverted),
+/// so identities are left out for the caller to answer directly.
+fn ristretto_doubled_encodings(points: &[RawPoint<Ristretto>]) -> Vec<(usize, [u8; 32])> {
+    use curve25519_dalek::ristretto::RistrettoPoint;
+    let (idx, raw): (Vec<usize>, Vec<RistrettoPoint>) = points
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| !p.is_zero())
+        .map(|(i, p)| (i, *p.underlying_ref()))
+        .unzip();
+    idx.into_iter()
+        .zip(RistrettoPoint::double_and_compress_batch(&raw))
+        .map(|(i, e)| (i, e.to_bytes()))
+        .collect()
 }
 
 impl FeCurve for Secp256k1 {
