@@ -7,6 +7,8 @@
 //! bit-identical weights. The loop checkpoints after every step (atomically), so a killed
 //! trainer resumes exactly where it stopped.
 //!
+//! [`run_float`] is the unquantized baseline with the same model, optimizer and batches.
+//!
 //! The secure path ([`train_secure`]) opens only the encrypted-dataset file: no plaintext
 //! training data is reachable from it.
 
@@ -17,7 +19,7 @@ use crate::Curve;
 use fe::dlog::DlogTable;
 use nn::activation::Activation;
 use nn::data::Dataset;
-use nn::first_layer::{IntegerProducts, Quantized, Quantizer, Rounding};
+use nn::first_layer::{FirstLayer, IntegerProducts, PlainFloat, Quantized, Quantizer, Rounding};
 use nn::model::{Model, ModelSpec};
 use nn::optim::Optimizer;
 use nn::train::{train_epoch_from, Checkpoint, EpochMetrics, EpochState, TrainError};
@@ -83,7 +85,7 @@ impl Default for TrainConfig {
             seed: 1,
             bits: 8,
             stochastic_rounding: false,
-            lr: 0.003,
+            lr: 0.01,
             min_row_nonzero: 16,
             min_col_nonzero: 2,
             progress: true,
@@ -128,11 +130,33 @@ pub struct RunResult {
     pub history: Vec<EpochMetrics>,
 }
 
-/// Trains with any integer products, checkpointing to `checkpoint` after every step and
-/// resuming from it if it exists. `on_epoch` sees each finished epoch (test figures filled
-/// from `test` when given) and the products (for their timings). `stop_after` ends the run
-/// after that many steps of this invocation (for tests and budgets); the checkpoint allows
-/// continuing later.
+/// A first layer whose rounding randomness can be saved in a checkpoint and restored.
+pub trait Resumable: FirstLayer {
+    /// The rounding state to checkpoint.
+    fn rounding_stream(&self) -> u64;
+    /// Restores the rounding state.
+    fn set_rounding_stream(&mut self, stream: u64);
+}
+
+impl<P: IntegerProducts> Resumable for Quantized<P> {
+    fn rounding_stream(&self) -> u64 {
+        Quantized::rounding_stream(self)
+    }
+    fn set_rounding_stream(&mut self, stream: u64) {
+        Quantized::set_rounding_stream(self, stream)
+    }
+}
+
+impl Resumable for PlainFloat {
+    fn rounding_stream(&self) -> u64 {
+        0
+    }
+    fn set_rounding_stream(&mut self, _: u64) {}
+}
+
+/// Trains with any integer products, wrapped in the key-policy filter and the quantized seam:
+/// the encrypted run ([`SecureProducts`]) and its simulation ([`PlainIntegers`]) both go
+/// through here. See [`run_layer`] for the arguments.
 pub fn run<P, F>(
     products: P,
     cfg: &TrainConfig,
@@ -145,12 +169,47 @@ where
     P: IntegerProducts,
     F: FnMut(&Model, &EpochMetrics, &P) -> Result<(), TrainerError>,
 {
-    let mut layer = Quantized::new(
+    let layer = Quantized::new(
         KeyPolicyFilter::new(products, cfg.min_row_nonzero, cfg.min_col_nonzero),
         cfg.quantizer(),
     )
     .map_err(TrainError::from)?;
-    let nb = layer.inner().num_batches();
+    run_layer(layer, cfg, test, checkpoint, stop_after, |m, e, l| {
+        on_epoch(m, e, l.inner().inner())
+    })
+}
+
+/// The unquantized baseline: the same model, optimizer, partition and batch order as [`run`],
+/// with a plain float first layer.
+pub fn run_float(
+    data: Dataset,
+    batch_size: usize,
+    cfg: &TrainConfig,
+    test: Option<&Dataset>,
+    on_epoch: impl FnMut(&Model, &EpochMetrics, &PlainFloat) -> Result<(), TrainerError>,
+) -> Result<RunResult, TrainerError> {
+    let layer = PlainFloat::from_dataset(data, batch_size, true, 10)
+        .map_err(|e| TrainerError::Config(e.to_string()))?;
+    run_layer(layer, cfg, test, None, None, on_epoch)
+}
+
+/// The training loop: checkpoints to `checkpoint` after every step and resumes from it if it
+/// exists; `on_epoch` sees each finished epoch (test figures filled from `test` when given)
+/// and the layer; `stop_after` ends the run after that many steps of this invocation (the
+/// checkpoint allows continuing later).
+pub fn run_layer<L, F>(
+    mut layer: L,
+    cfg: &TrainConfig,
+    test: Option<&Dataset>,
+    checkpoint: Option<&Path>,
+    stop_after: Option<usize>,
+    mut on_epoch: F,
+) -> Result<RunResult, TrainerError>
+where
+    L: Resumable,
+    F: FnMut(&Model, &EpochMetrics, &L) -> Result<(), TrainerError>,
+{
+    let nb = layer.num_batches();
     let resumed = match checkpoint {
         Some(p) if p.exists() => Some(Checkpoint::load(p)?),
         _ => None,
@@ -211,7 +270,7 @@ where
             m.test_accuracy = Some(ev.accuracy);
             m.test_loss = Some(ev.loss);
         }
-        on_epoch(&model, &m, layer.inner().inner())?;
+        on_epoch(&model, &m, &layer)?;
         history.push(m);
         state = EpochState::new(state.epoch + 1, nb, cfg.seed, true);
         save(&model, &opt, &state, &history, layer.rounding_stream())?;

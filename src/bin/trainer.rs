@@ -43,7 +43,7 @@ struct ModelArgs {
     #[arg(long)]
     stochastic_rounding: bool,
     /// Adam learning rate.
-    #[arg(long, default_value_t = 0.003)]
+    #[arg(long, default_value_t = 0.01)]
     lr: f32,
     /// Fewest non-zero entries of a weight-row key (match the authority's policy).
     #[arg(long, default_value_t = 16)]
@@ -124,6 +124,9 @@ enum Command {
         /// Batch size (the authority's column length).
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
+        /// Plain float first layer without quantization (the unquantized baseline).
+        #[arg(long)]
+        float: bool,
         #[command(flatten)]
         model: ModelArgs,
     },
@@ -230,6 +233,7 @@ fn main() -> Result<()> {
             data,
             limit,
             batch_size,
+            float,
             model,
         } => {
             let (train, test, _) = nn::mnist::load(data.as_deref()).context("loading MNIST")?;
@@ -237,23 +241,28 @@ fn main() -> Result<()> {
                 Some(n) => train.take(n.min(train.len())),
                 None => train,
             };
-            let products =
-                nn::first_layer::PlainIntegers::from_dataset(train, batch_size, true, 10)
-                    .context("partitioning the data")?;
             let cfg = model.config();
             let metrics = model.metrics.clone();
-            let r = trainer::run(
-                products,
-                &cfg,
-                Some(&test),
-                model.checkpoint.as_deref(),
-                model.stop_after,
-                |_, m, _| {
-                    report(m, None);
-                    append_metrics(metrics.as_deref(), m, None)
-                        .map_err(|e| trainer::TrainerError::Config(e.to_string()))
-                },
-            )
+            let on_epoch = |m: &EpochMetrics| {
+                report(m, None);
+                append_metrics(metrics.as_deref(), m, None)
+                    .map_err(|e| trainer::TrainerError::Config(e.to_string()))
+            };
+            let r = if float {
+                trainer::run_float(train, batch_size, &cfg, Some(&test), |_, m, _| on_epoch(m))
+            } else {
+                let products =
+                    nn::first_layer::PlainIntegers::from_dataset(train, batch_size, true, 10)
+                        .context("partitioning the data")?;
+                trainer::run(
+                    products,
+                    &cfg,
+                    Some(&test),
+                    model.checkpoint.as_deref(),
+                    model.stop_after,
+                    |_, m, _| on_epoch(m),
+                )
+            }
             .context("simulated training")?;
             r.model.save(&model.out).context("saving the model")?;
             println!("saved the model to {}", model.out.display());

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Benchmark of issue 4: full MNIST (60,000 images), 784-128-32-10 sigmoid, batch 64, 8-bit
+# first-layer products. Encrypts the training set, trains one encrypted epoch, then the
+# simulated and the plain-float epoch for comparison. Prints times, peak memory and accuracy.
+#
+#   CRYPTONN_MNIST_DIR=/path/to/mnist ./scripts/full_epoch.sh [WORKDIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${CRYPTONN_MNIST_DIR:?set CRYPTONN_MNIST_DIR to a directory with the four MNIST IDX files}"
+work="${1:-full-epoch}"
+bin=target/release
+cargo build --release --bins -q
+mkdir -p "$work"
+timed() { /usr/bin/time -f "  [%e s wall, %M KiB peak RSS]" "$@"; }
+
+rm -rf "$work/authority"
+"$bin/authority" init --dir "$work/authority" --batch-size 64
+"$bin/authority" serve --quiet --dir "$work/authority" --listen 127.0.0.1:0 > "$work/authority.out" &
+auth_pid=$!
+trap 'kill $auth_pid 2>/dev/null || true' EXIT
+for _ in $(seq 100); do grep -q "listening on" "$work/authority.out" && break; sleep 0.1; done
+addr=$(sed -n 's/^listening on //p' "$work/authority.out")
+tok=(--authority "$addr" --token-file "$work/authority/token")
+
+echo "== client: encrypting the full training set"
+timed "$bin/client" encrypt "${tok[@]}" --data "$CRYPTONN_MNIST_DIR" --out "$work/train.enc" --quiet
+ls -l "$work/train.enc"
+
+common=(--spec 784-128-32-10 --activation sigmoid --epochs 1 --seed 1 --bits 8 --quiet)
+echo "== trainer: one encrypted epoch"
+rm -f "$work/ckpt.bin"
+timed "$bin/trainer" train "${tok[@]}" --data "$work/train.enc" "${common[@]}" \
+  --out "$work/secure.bin" --dlog-table "$work/dlog.bin" --checkpoint "$work/ckpt.bin" \
+  --eval-data "$CRYPTONN_MNIST_DIR"
+
+echo "== the same epoch simulated on plaintext"
+timed "$bin/trainer" simulate --data "$CRYPTONN_MNIST_DIR" "${common[@]}" --out "$work/simulated.bin"
+if cmp -s "$work/secure.bin" "$work/simulated.bin"; then
+  echo "  encrypted and simulated models are bit-identical"
+else
+  echo "  MODELS DIFFER"; exit 1
+fi
+echo "== the same network, seed and batches with a plain float first layer, one epoch"
+timed "$bin/trainer" simulate --float --data "$CRYPTONN_MNIST_DIR" "${common[@]}" --out "$work/float.bin"
