@@ -117,8 +117,14 @@ fn bench_curve<E: FeCurve>(c: &mut Criterion, dlog: &DlogTable<E>, configs: &[(u
         }
         let x = pixels(n);
         g.bench_function("encrypt one vector", |b| {
-            b.iter(|| s.enc.encrypt(&x).expect("enc"))
+            b.iter(|| one_core().install(|| s.enc.encrypt_to_bytes(&x).expect("enc")))
         });
+        let xs: Vec<Vec<i64>> = (0..64).map(|_| pixels(n)).collect();
+        g.throughput(Throughput::Elements(64));
+        g.bench_function("encrypt 64 vectors to bytes", |b| {
+            b.iter(|| one_core().install(|| s.enc.encrypt_many_to_bytes(&xs).expect("enc")))
+        });
+        g.throughput(Throughput::Elements(1));
         g.bench_function("derive one key", |b| {
             b.iter(|| s.msk.derive_key(&s.ys[1]).expect("key"))
         });

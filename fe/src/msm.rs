@@ -172,13 +172,21 @@ pub struct SmallMultiples<E: FeCurve> {
 impl<E: FeCurve> SmallMultiples<E> {
     /// Tabulates `k·p` for `1 ≤ k ≤ max` with `max - 1` additions.
     pub fn new(p: &RawPoint<E>, max: usize) -> Self {
-        let mut table = Vec::with_capacity(max);
+        let mut t = SmallMultiples {
+            table: Vec::with_capacity(max),
+        };
+        t.refill(p, max);
+        t
+    }
+
+    /// Re-tabulates for another point, reusing the allocation.
+    pub fn refill(&mut self, p: &RawPoint<E>, max: usize) {
+        self.table.clear();
         let mut cur = p.clone();
         for _ in 0..max {
-            table.push(cur.clone());
+            self.table.push(cur.clone());
             cur.add_point_assign(p);
         }
-        SmallMultiples { table }
     }
 
     /// Largest tabulated multiple.
