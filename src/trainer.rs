@@ -155,7 +155,7 @@ impl Resumable for PlainFloat {
 }
 
 /// Trains with any integer products, wrapped in the key-policy filter and the quantized seam:
-/// the encrypted run ([`SecureProducts`]) and its simulation ([`PlainIntegers`]) both go
+/// the encrypted run ([`SecureProducts`]) and its simulation ([`nn::first_layer::PlainIntegers`]) both go
 /// through here. See [`run_layer`] for the arguments.
 pub fn run<P, F>(
     products: P,

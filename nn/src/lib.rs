@@ -19,6 +19,7 @@
 //! - [`data`], [`mnist`]: datasets, fixed batch partitions and the MNIST IDX reader;
 //! - [`first_layer`]: the seam, quantization and the plain implementations;
 //! - [`train`], [`eval`]: training loop, checkpoints and evaluation.
+#![deny(missing_docs)]
 
 pub mod activation;
 pub mod data;
