@@ -1,0 +1,326 @@
+//! What every experiment shares: data selection, the output directory, progress bars and the
+//! summary an experiment hands to `all` for the report.
+
+use crate::table::Table;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use nn::data::Dataset;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Options shared by every subcommand: data, output, progress.
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// MNIST directory with the four IDX files (gzip or raw). Default: the embedded subset
+    /// (6,000 training and 1,000 test images), so nothing needs downloading.
+    #[arg(long, value_name = "DIR", conflicts_with = "full")]
+    pub data: Option<PathBuf>,
+    /// Use the full MNIST from the directory named by the CRYPTONN_MNIST_DIR environment
+    /// variable (same as `--data "$CRYPTONN_MNIST_DIR"`).
+    #[arg(long)]
+    pub full: bool,
+    /// Use only the first N training images.
+    #[arg(long, value_name = "N")]
+    pub train_limit: Option<usize>,
+    /// Use only the first N test images.
+    #[arg(long, value_name = "N")]
+    pub test_limit: Option<usize>,
+    /// Directory for the CSV files and plots (created if missing).
+    #[arg(long, default_value = "results", value_name = "DIR")]
+    pub out: PathBuf,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The data of an experiment and where it came from.
+pub struct Data {
+    /// Training images.
+    pub train: Dataset,
+    /// Test images.
+    pub test: Dataset,
+    /// Human-readable origin, for tables and the report.
+    pub source: String,
+}
+
+impl CommonArgs {
+    /// The MNIST directory chosen by `--data` or `--full`, if any.
+    pub fn data_dir(&self) -> Result<Option<PathBuf>> {
+        if let Some(d) = &self.data {
+            return Ok(Some(d.clone()));
+        }
+        if self.full {
+            let var = nn::mnist::MNIST_DIR_ENV;
+            return match std::env::var_os(var).filter(|v| !v.is_empty()) {
+                Some(d) => Ok(Some(PathBuf::from(d))),
+                None => bail!(
+                    "--full reads the MNIST directory from the environment variable {var}, \
+                     which is not set; set it (for example `export {var}=/path/to/mnist`) or \
+                     pass --data DIR"
+                ),
+            };
+        }
+        Ok(None)
+    }
+
+    /// Loads the data: the embedded subset unless `--data`/`--full`, cut to the limits.
+    pub fn load(&self) -> Result<Data> {
+        let (train, test, source) = match self.data_dir()? {
+            Some(dir) => {
+                let (train, test) = nn::mnist::load_dir(&dir)
+                    .with_context(|| format!("loading MNIST from {}", dir.display()))?;
+                (train, test, format!("MNIST from {}", dir.display()))
+            }
+            None => {
+                let (train, test) =
+                    nn::mnist::embedded().context("loading the embedded MNIST subset")?;
+                (train, test, "embedded MNIST subset".to_string())
+            }
+        };
+        let cut = |d: Dataset, limit: Option<usize>, what: &str| -> Result<Dataset> {
+            match limit {
+                Some(0) => bail!("--{what}-limit must be at least 1"),
+                Some(n) if n < d.len() => Ok(d.take(n)),
+                _ => Ok(d),
+            }
+        };
+        let train = cut(train, self.train_limit, "train")?;
+        let test = cut(test, self.test_limit, "test")?;
+        let source = format!(
+            "{source}: {} training and {} test images",
+            train.len(),
+            test.len()
+        );
+        Ok(Data {
+            train,
+            test,
+            source,
+        })
+    }
+
+    /// Creates the output directory and returns it.
+    pub fn out_dir(&self) -> Result<&Path> {
+        std::fs::create_dir_all(&self.out)
+            .with_context(|| format!("creating the output directory {}", self.out.display()))?;
+        Ok(&self.out)
+    }
+}
+
+/// What an experiment produced, for the terminal and for `report.md`.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Name of the experiment (the subcommand).
+    pub name: String,
+    /// One paragraph saying what was run.
+    pub description: String,
+    /// Result tables.
+    pub tables: Vec<Table>,
+    /// Plot files (PNG and SVG), relative to the output directory.
+    pub figures: Vec<String>,
+    /// CSV files, relative to the output directory.
+    pub csv: Vec<String>,
+    /// Wall-clock seconds of the whole experiment.
+    pub seconds: f64,
+    /// The command line that reproduces it.
+    pub command: String,
+}
+
+impl Summary {
+    /// Prints the summary tables to stdout.
+    pub fn print(&self) {
+        println!("\n== {} ==\n{}\n", self.name, self.description);
+        for t in &self.tables {
+            println!("{}", t.to_markdown());
+        }
+        println!(
+            "files: {}",
+            self.csv
+                .iter()
+                .chain(self.figures.iter())
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!("{} took {:.2} s", self.name, self.seconds);
+    }
+}
+
+/// A progress bar on stderr (hidden when `quiet` or stderr is not a terminal).
+pub fn progress(quiet: bool, len: u64, what: &str) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:32} [{elapsed_precise}] {wide_bar} {pos}/{len} (eta {eta})",
+    ) {
+        pb.set_style(style);
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Measures wall time from creation.
+pub struct Stopwatch(Instant);
+
+impl Stopwatch {
+    /// Starts now.
+    pub fn start() -> Self {
+        Stopwatch(Instant::now())
+    }
+    /// Seconds since start.
+    pub fn secs(&self) -> f64 {
+        self.0.elapsed().as_secs_f64()
+    }
+}
+
+/// The command line of this process, for reproducibility notes.
+pub fn command_line() -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    format!("cargo run --release -p experiments -- {}", args.join(" "))
+}
+
+/// Checks a file-name prefix: letters, digits, `-` and `_` only.
+pub fn parse_name(s: &str) -> Result<String, String> {
+    if !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a plain file-name prefix (letters, digits, - and _)"
+        ))
+    }
+}
+
+/// A list of small integers given as a range or a comma-separated list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct List(pub Vec<u32>);
+
+/// Parses an integer range or list (`2-12`, `2..=12`, `8,16` or `4`) as a [`List`].
+pub fn parse_list_arg(s: &str) -> Result<List, String> {
+    parse_list(s).map(List)
+}
+
+/// Parses an integer range or list: `2-12`, `2..=12`, `8,16` or `4`.
+pub fn parse_list(s: &str) -> Result<Vec<u32>, String> {
+    let s = s.trim();
+    let range = s
+        .split_once("..=")
+        .or_else(|| s.split_once('-'))
+        .map(|(a, b)| (a.trim().parse::<u32>(), b.trim().parse::<u32>()));
+    match range {
+        Some((Ok(a), Ok(b))) if a <= b => Ok((a..=b).collect()),
+        Some(_) => Err(format!("{s:?} is not a range like 2-12")),
+        None => s
+            .split(',')
+            .map(|p| {
+                p.trim()
+                    .parse::<u32>()
+                    .map_err(|_| format!("{p:?} is not a non-negative integer"))
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_parse() {
+        assert_eq!(parse_list("2-4"), Ok(vec![2, 3, 4]));
+        assert_eq!(parse_list("2..=4"), Ok(vec![2, 3, 4]));
+        assert_eq!(parse_list("8, 16"), Ok(vec![8, 16]));
+        assert_eq!(parse_list("5"), Ok(vec![5]));
+        assert!(parse_list("4-2").is_err());
+        assert!(parse_list("a").is_err());
+    }
+}
+
+/// Network and training settings shared by `accuracy` and `precision`.
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Layer widths; the first must be 784. Default: CryptoNN's network.
+    #[arg(long, default_value = "784-128-32-10")]
+    pub spec: String,
+    /// Hidden activation: sigmoid (CryptoNN's), relu or tanh.
+    #[arg(long, default_value = "sigmoid")]
+    pub activation: nn::activation::Activation,
+    /// Epochs of every run (default: 10 for `accuracy`, 3 for `precision`).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Batch size (the client encrypts fixed batches of this size; the last partial one is
+    /// left out, as the client does).
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Adam learning rate (the trainer's default).
+    #[arg(long, default_value_t = cryptonn::trainer::TrainConfig::default().lr)]
+    pub lr: f32,
+    /// Seed of initialization, batch order and rounding (the same for every run).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Fewest non-zero entries of a weight-row key (the authority's policy).
+    #[arg(long, default_value_t = 16, hide = true)]
+    pub min_nonzero_row: usize,
+    /// Fewest non-zero entries of a delta-column key (the authority's policy).
+    #[arg(long, default_value_t = 2, hide = true)]
+    pub min_nonzero_col: usize,
+}
+
+impl TrainArgs {
+    /// The trainer's configuration with `bits`-bit first-layer products and `epochs` epochs.
+    pub fn config(&self, bits: u32, epochs: usize) -> Result<cryptonn::trainer::TrainConfig> {
+        let spec = nn::model::ModelSpec::parse(&self.spec, self.activation)?;
+        if spec.n_in() != 784 {
+            bail!(
+                "the network must take the 784 MNIST pixels, but --spec {} takes {}",
+                self.spec,
+                spec.n_in()
+            );
+        }
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        if epochs == 0 {
+            bail!("--epochs must be at least 1");
+        }
+        Ok(cryptonn::trainer::TrainConfig {
+            spec: self.spec.clone(),
+            activation: self.activation,
+            epochs,
+            seed: self.seed,
+            bits,
+            stochastic_rounding: false,
+            lr: self.lr,
+            min_row_nonzero: self.min_nonzero_row,
+            min_col_nonzero: self.min_nonzero_col,
+            progress: false,
+        })
+    }
+
+    /// A fresh model as the trainer makes it (same spec and seed).
+    pub fn model(&self) -> Result<nn::model::Model> {
+        let spec = nn::model::ModelSpec::parse(&self.spec, self.activation)?;
+        Ok(nn::model::Model::new(spec, self.seed))
+    }
+}
+
+/// The number of full batches of `batch_size` in `n` samples, or an error if there is none.
+pub fn full_batches(n: usize, batch_size: usize) -> Result<usize> {
+    let nb = n / batch_size.max(1);
+    if nb == 0 {
+        bail!("{n} training images do not fill one batch of {batch_size}");
+    }
+    Ok(nb)
+}
+
+/// The first 16 hex digits of the SHA-256 of a model's bytes: equal digests, equal weights.
+pub fn model_digest(model: &nn::model::Model) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = model.to_bytes()?;
+    let d = Sha256::digest(&bytes);
+    Ok(d.iter().take(8).map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,323 @@
+//! The runner's quick modes end to end: `all --quick` on a tiny slice of the embedded data
+//! (a few hundred images, one epoch, a few real FE steps), then checks of the CSV columns,
+//! of the encrypted and simulated rows agreeing exactly, and of the plot files.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_experiments");
+
+fn run(args: &[&str]) -> Output {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("CRYPTONN_MNIST_DIR")
+        .output()
+        .expect("the experiments binary starts");
+    assert!(
+        out.status.success(),
+        "experiments {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Header and rows (as maps) of a CSV file.
+fn read_csv(path: &Path) -> (Vec<String>, Vec<BTreeMap<String, String>>) {
+    let mut r = csv::Reader::from_path(path).expect("csv opens");
+    let headers: Vec<String> = r
+        .headers()
+        .expect("header")
+        .iter()
+        .map(String::from)
+        .collect();
+    let rows = r
+        .records()
+        .map(|rec| {
+            let rec = rec.expect("record");
+            headers
+                .iter()
+                .cloned()
+                .zip(rec.iter().map(String::from))
+                .collect()
+        })
+        .collect();
+    (headers, rows)
+}
+
+fn check_png(path: &Path) {
+    let bytes = std::fs::read(path).expect("png");
+    assert!(
+        bytes.starts_with(&[0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a]),
+        "{} is not a PNG",
+        path.display()
+    );
+    let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
+        .expect("the PNG decodes");
+    assert!(
+        img.width() >= 800 && img.height() >= 400,
+        "{}: {}x{}",
+        path.display(),
+        img.width(),
+        img.height()
+    );
+    // Not blank: text and curves put dark pixels on the white background.
+    let rgb = img.to_rgb8();
+    let dark = rgb
+        .pixels()
+        .filter(|p| p.0.iter().all(|&c| c < 100))
+        .count();
+    assert!(
+        dark > 1000,
+        "{} looks blank ({dark} dark pixels)",
+        path.display()
+    );
+}
+
+fn check_svg(path: &Path) {
+    let text = std::fs::read_to_string(path).expect("svg");
+    assert!(text.contains("<svg"), "{} has no <svg", path.display());
+    assert!(
+        text.trim_end().ends_with("</svg>"),
+        "{} is cut",
+        path.display()
+    );
+    assert!(text.contains("<text"), "{} has no text", path.display());
+    assert!(text.contains("<polyline") || text.contains("<path") || text.contains("<rect"));
+}
+
+#[test]
+fn all_quick_writes_consistent_csv_plots_and_report() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("results");
+    let o = out.to_str().expect("utf-8 path");
+    let res = run(&["all", "--quick", "--quiet", "--out", o]);
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        stdout.contains("weights bit-identical after every"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("Predicted encrypted epoch"), "{stdout}");
+
+    // accuracy: per-epoch curves.
+    let (h, rows) = read_csv(&out.join("accuracy_epochs.csv"));
+    assert_eq!(
+        h,
+        [
+            "curve",
+            "mode",
+            "epoch",
+            "steps",
+            "train_loss",
+            "train_accuracy",
+            "test_loss",
+            "test_accuracy",
+            "encrypted_steps",
+            "seconds"
+        ]
+    );
+    for r in &rows {
+        let ok = match r["curve"].as_str() {
+            "float" | "quantized" => r["mode"] == "plain",
+            "fe" => r["mode"] == "encrypted" || r["mode"] == "simulated",
+            other => panic!("unknown curve {other}"),
+        };
+        assert!(ok, "{r:?}");
+    }
+    let last = |curve: &str| {
+        rows.iter()
+            .rfind(|r| r["curve"] == curve)
+            .cloned()
+            .expect("curve present")
+    };
+    let (fe, q) = (last("fe"), last("quantized"));
+    assert_eq!(fe["epoch"], "1.0000");
+    assert_eq!(fe["mode"], "simulated");
+    assert_eq!(fe["encrypted_steps"], "3");
+    assert_eq!(fe["test_accuracy"], q["test_accuracy"]);
+    assert_eq!(fe["test_loss"], q["test_loss"]);
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r["curve"] == "fe" && r["mode"] == "encrypted")
+            .count(),
+        4,
+        "the start and three encrypted steps"
+    );
+
+    // accuracy: encrypted and simulated steps agree exactly.
+    let (h, rows) = read_csv(&out.join("accuracy_fe_steps.csv"));
+    for c in [
+        "step",
+        "mode",
+        "batch_loss",
+        "batch_accuracy",
+        "test_loss",
+        "test_accuracy",
+        "weights_sha256",
+        "forward_seconds",
+        "backward_seconds",
+        "weights_identical",
+    ] {
+        assert!(h.iter().any(|x| x == c), "missing column {c}");
+    }
+    assert_eq!(rows.len(), 6);
+    for pair in rows.chunks(2) {
+        let (e, s) = (&pair[0], &pair[1]);
+        assert_eq!(
+            (e["mode"].as_str(), s["mode"].as_str()),
+            ("encrypted", "simulated")
+        );
+        for c in [
+            "step",
+            "batch",
+            "batch_loss",
+            "batch_accuracy",
+            "test_loss",
+            "test_accuracy",
+            "weights_sha256",
+        ] {
+            assert_eq!(e[c], s[c], "column {c} differs at step {}", e["step"]);
+        }
+        assert_eq!(e["weights_sha256"].len(), 16);
+        assert!(e["backward_seconds"].parse::<f64>().expect("number") > 0.0);
+    }
+
+    // precision.
+    let (h, rows) = read_csv(&out.join("precision.csv"));
+    assert_eq!(h[..4], ["scheme", "value", "test_accuracy", "test_loss"]);
+    let got: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| (r["scheme"].clone(), r["value"].clone()))
+        .collect();
+    assert_eq!(
+        got,
+        [("bits", "4"), ("bits", "8"), ("digits", "2")]
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+    let bits8 = &rows[1];
+    assert_eq!(bits8["forward_bound"], (785u64 * 255 * 127).to_string());
+    assert_eq!(bits8["max_weight_int"], "127");
+    assert_eq!(bits8["fits_default_dlog"], "true");
+
+    // timing.
+    let (h, rows) = read_csv(&out.join("timing_measured.csv"));
+    assert_eq!(h[..3], ["hidden", "batch", "steps"]);
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        assert!(r["step_s"].parse::<f64>().expect("number") > 0.0);
+    }
+    let (_, rows) = read_csv(&out.join("timing_model.csv"));
+    assert!(rows
+        .iter()
+        .any(|r| r["hidden"] == "128" && r["batch"] == "64" && r["samples"] == "60000"));
+
+    // primitives.
+    let (h, rows) = read_csv(&out.join("primitives.csv"));
+    assert_eq!(
+        h,
+        [
+            "scheme",
+            "curve",
+            "operation",
+            "n",
+            "key_bits",
+            "median_seconds",
+            "repetitions"
+        ]
+    );
+    for curve in ["Ristretto255", "secp256k1"] {
+        for op in ["setup", "encrypt", "derive key", "decrypt"] {
+            assert!(
+                rows.iter()
+                    .any(|r| r["curve"] == curve && r["operation"] == op && r["scheme"] == "FEIP"),
+                "{curve} {op}"
+            );
+        }
+    }
+
+    // Plots and the report.
+    let report = std::fs::read_to_string(out.join("report.md")).expect("report");
+    for base in [
+        "accuracy",
+        "accuracy_fe_steps",
+        "accuracy_relu",
+        "accuracy_relu_fe_steps",
+        "precision",
+        "timing",
+        "primitives",
+    ] {
+        check_png(&out.join(format!("{base}.png")));
+        check_svg(&out.join(format!("{base}.svg")));
+        assert!(
+            report.contains(&format!("({base}.png)")),
+            "report links {base}.png"
+        );
+    }
+    for section in [
+        "## accuracy",
+        "## accuracy_relu",
+        "## precision",
+        "## timing",
+        "## primitives",
+    ] {
+        assert!(report.contains(section), "{section}");
+    }
+}
+
+#[test]
+fn relu_network_and_clear_errors() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let o = dir.path().to_str().expect("utf-8 path");
+    let res = run(&[
+        "accuracy",
+        "--quiet",
+        "--out",
+        o,
+        "--activation",
+        "relu",
+        "--spec",
+        "784-16-10",
+        "--train-limit",
+        "128",
+        "--test-limit",
+        "100",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--fe-steps",
+        "2",
+    ]);
+    assert!(String::from_utf8_lossy(&res.stdout).contains("784-16-10 relu"));
+    let (_, rows) = read_csv(&dir.path().join("accuracy_fe_steps.csv"));
+    assert_eq!(rows.len(), 4);
+
+    // --full without the environment variable says what to do.
+    let out = Command::new(BIN)
+        .args(["precision", "--full", "--out", o])
+        .env_remove("CRYPTONN_MNIST_DIR")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CRYPTONN_MNIST_DIR"), "{err}");
+
+    // A network that does not take MNIST pixels is refused.
+    let out = Command::new(BIN)
+        .args(["accuracy", "--spec", "100-10", "--out", o])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("784"));
+
+    // Every subcommand documents itself.
+    for sub in ["accuracy", "precision", "timing", "primitives", "all"] {
+        let out = Command::new(BIN)
+            .args([sub, "--help"])
+            .output()
+            .expect("runs");
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("--out"));
+    }
+}
