@@ -32,7 +32,7 @@ use nn::train::train_step;
 pub struct TimingArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// First-layer widths H to measure (networks 784-H-<rest>).
+    /// First-layer widths H to measure (networks `784-H-<rest>`).
     #[arg(long, default_value = "32,64,128", value_parser = crate::common::parse_list_arg)]
     pub hidden: crate::common::List,
     /// Batch sizes B to measure.
