@@ -680,35 +680,42 @@ pub struct PlainIntegers {
     src: PlainBatches,
 }
 
-impl PlainIntegers {
-    /// Plain integer products over `data` partitioned by `batches`, labels in `0..classes`.
-    pub fn new(data: Dataset, batches: Batches, classes: usize) -> Result<Self, DataError> {
-        Ok(PlainIntegers {
-            src: PlainBatches::new(data, batches, classes)?,
-        })
-    }
+/// The constructors and accessors shared by the plain first layers over a [`PlainBatches`].
+macro_rules! plain_source_impl {
+    ($name:ident, $what:literal) => {
+        impl $name {
+            #[doc = concat!($what, " over `data` partitioned by `batches`, labels in `0..classes`.")]
+            pub fn new(data: Dataset, batches: Batches, classes: usize) -> Result<Self, DataError> {
+                Ok($name {
+                    src: PlainBatches::new(data, batches, classes)?,
+                })
+            }
 
-    /// Same as [`PlainIntegers::new`] with the partition `data.batches(batch_size, drop_last)`.
-    pub fn from_dataset(
-        data: Dataset,
-        batch_size: usize,
-        drop_last: bool,
-        classes: usize,
-    ) -> Result<Self, DataError> {
-        let batches = data.batches(batch_size, drop_last)?;
-        Self::new(data, batches, classes)
-    }
+            /// Same as `new` with the partition `data.batches(batch_size, drop_last)`.
+            pub fn from_dataset(
+                data: Dataset,
+                batch_size: usize,
+                drop_last: bool,
+                classes: usize,
+            ) -> Result<Self, DataError> {
+                let batches = data.batches(batch_size, drop_last)?;
+                Self::new(data, batches, classes)
+            }
 
-    /// The data.
-    pub fn dataset(&self) -> &Dataset {
-        &self.src.data
-    }
+            /// The data.
+            pub fn dataset(&self) -> &Dataset {
+                &self.src.data
+            }
 
-    /// The batch partition.
-    pub fn batches(&self) -> &Batches {
-        &self.src.batches
-    }
+            /// The batch partition.
+            pub fn batches(&self) -> &Batches {
+                &self.src.batches
+            }
+        }
+    };
 }
+
+plain_source_impl!(PlainIntegers, "Plain integer products");
 
 impl IntegerProducts for PlainIntegers {
     fn forward_int(
@@ -782,35 +789,7 @@ pub struct PlainFloat {
     src: PlainBatches,
 }
 
-impl PlainFloat {
-    /// Plain float first layer over `data` partitioned by `batches`, labels in `0..classes`.
-    pub fn new(data: Dataset, batches: Batches, classes: usize) -> Result<Self, DataError> {
-        Ok(PlainFloat {
-            src: PlainBatches::new(data, batches, classes)?,
-        })
-    }
-
-    /// Same as [`PlainFloat::new`] with the partition `data.batches(batch_size, drop_last)`.
-    pub fn from_dataset(
-        data: Dataset,
-        batch_size: usize,
-        drop_last: bool,
-        classes: usize,
-    ) -> Result<Self, DataError> {
-        let batches = data.batches(batch_size, drop_last)?;
-        Self::new(data, batches, classes)
-    }
-
-    /// The data.
-    pub fn dataset(&self) -> &Dataset {
-        &self.src.data
-    }
-
-    /// The batch partition.
-    pub fn batches(&self) -> &Batches {
-        &self.src.batches
-    }
-}
+plain_source_impl!(PlainFloat, "Plain float first layer");
 
 impl FirstLayer for PlainFloat {
     fn forward(&mut self, batch: usize, w1: ArrayView2<f32>) -> Result<Array2<f32>, SeamError> {
