@@ -24,7 +24,8 @@ use crate::encoding::bound_for_key;
 use crate::error::{FeError, Result};
 use crate::group::{double, generator, halve, wrap, FeCurve, RawPoint};
 use crate::msm::{
-    best_window, msm_signed_with, recode_scalar, windows_for, FixedBase, SmallMultiples,
+    best_window, msm_signed_with, recode_scalar, subset_sum_products, windows_for, BitPlanes,
+    FixedBase, SmallMultiples,
 };
 use crate::serial::{put_i64s, put_point, put_points, put_scalar, serde_via_bytes, Encode, Reader};
 use curv::arithmetic::{BigInt, Converter};
@@ -41,6 +42,19 @@ const ENC_WINDOW: usize = 6;
 const C0_TABLE_MIN_KEYS: usize = 6;
 /// Small-multiple tables are used only up to this largest key entry.
 const SMALL_MULTIPLES_MAX: u64 = 1 << 12;
+/// Bit planes are used only up to this many bits per key entry.
+const PLANES_MAX_BITS: usize = 24;
+
+/// How [`decrypt_matrix`] computes `Σ y_i·C_i − sk·C_0` (chosen by counting additions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Strategy {
+    /// Bucket method per key ([`msm_signed_with`]), fixed-base table for `C_0`.
+    Buckets,
+    /// Small multiples per point, shared by all keys, fixed-base table for `C_0`.
+    Multiples,
+    /// Bit planes over subset sums, `C_0` folded in ([`subset_sum_products`]).
+    Planes,
+}
 
 /// Public parameters: the vector length and the bound on plaintext entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -505,6 +519,51 @@ fn c0_window(keys: usize) -> usize {
         .unwrap_or(5)
 }
 
+/// The strategy of [`decrypt_matrix`] and its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Plan {
+    strategy: Strategy,
+    /// Bits per entry for [`Strategy::Planes`].
+    bits: usize,
+    /// Digits of `sk` in base `2^bits` for [`Strategy::Planes`].
+    sk_digits: usize,
+    /// Chunk width for [`Strategy::Planes`].
+    chunk: usize,
+}
+
+/// Picks the strategy with the fewest additions per ciphertext (the `C_0` term included) for
+/// `h` keys of length `n` with entries up to `m` in absolute value.
+fn plan(n: usize, h: usize, m: u64, c0w: usize) -> Plan {
+    let c0_windows = 256usize.div_ceil(c0w) + 1;
+    let cost_c0 = if h >= C0_TABLE_MIN_KEYS {
+        c0_windows * (1 << (c0w - 1)) + h * c0_windows
+    } else {
+        h * 300
+    };
+    let c = best_window(n, m.max(1));
+    let windows = windows_for(m.max(1), c);
+    let cost_buckets = h * windows * (n + (1usize << c)) + cost_c0;
+    let cost_multiples = n * m as usize + h * n + cost_c0;
+    let bits = BitPlanes::bits_for(-(m as i64), m as i64);
+    let sk_digits = 256usize.div_ceil(bits) + 1;
+    let (chunk, cost_planes) = BitPlanes::best_chunk(n + sk_digits, h, bits);
+    let cost_planes = cost_planes.saturating_add(sk_digits * bits);
+    let strategy =
+        if bits <= PLANES_MAX_BITS && m > 0 && cost_planes < cost_buckets.min(cost_multiples) {
+            Strategy::Planes
+        } else if m <= SMALL_MULTIPLES_MAX && cost_multiples < cost_buckets {
+            Strategy::Multiples
+        } else {
+            Strategy::Buckets
+        };
+    Plan {
+        strategy,
+        bits,
+        sk_digits,
+        chunk,
+    }
+}
+
 /// [`decrypt_matrix`], adding its time split to `stats`.
 pub fn decrypt_matrix_with_stats<E: FeCurve>(
     params: &FeipParams,
@@ -534,15 +593,15 @@ pub fn decrypt_matrix_with_stats<E: FeCurve>(
     let n = params.n;
     let h = keys.len();
     let m = prepared.iter().map(|k| k.max_abs).max().unwrap_or(0);
-    // Additions per ciphertext of the two strategies.
-    let c = best_window(n, m.max(1));
-    let windows = windows_for(m.max(1), c);
-    let cost_buckets = h * windows * (n + (1usize << c));
-    let cost_multiples = n * m as usize + h * n;
-    let use_multiples = m <= SMALL_MULTIPLES_MAX && cost_multiples < cost_buckets;
+    let Plan {
+        strategy,
+        bits,
+        sk_digits,
+        chunk,
+    } = plan(n, h, m, c0w);
     let bounds: Vec<u64> = prepared.iter().map(|k| k.bound).collect();
     // Largest |y_i| over the keys at each position: the size of that point's multiples table.
-    let column_max: Vec<u64> = if use_multiples {
+    let column_max: Vec<u64> = if strategy == Strategy::Multiples {
         (0..n)
             .map(|i| {
                 prepared
@@ -555,44 +614,87 @@ pub fn decrypt_matrix_with_stats<E: FeCurve>(
     } else {
         Vec::new()
     };
+    // Bit planes: every key is `y` followed by the signed base-2^bits digits of `−sk`, the
+    // coefficients of the points `2^(bits·j)·C_0`, so that `Σ y_i C_i − sk·C_0` is one
+    // product over `n + sk_digits` points.
+    let planes = (strategy == Strategy::Planes).then(|| {
+        let rows: Vec<Vec<i64>> = keys
+            .par_iter()
+            .map(|k| {
+                let mut row = k.y.clone();
+                row.extend(
+                    recode_scalar(&-k.sk.clone(), bits)
+                        .into_iter()
+                        .map(i64::from),
+                );
+                row
+            })
+            .collect();
+        BitPlanes::new(&rows, chunk, bits)
+    });
+    // With fewer ciphertexts than threads, split the keys instead.
+    let key_groups = if cts.len() >= rayon::current_num_threads() {
+        1
+    } else {
+        rayon::current_num_threads().min(h.div_ceil(16)).max(1)
+    };
     cts.par_iter()
         .map(|ct| {
             let started = Instant::now();
             let pts: Vec<RawPoint<E>> = ct.c.iter().map(|p| p.as_raw().clone()).collect();
             let c0 = ct.c0.as_raw();
-            let c0_table = (h >= C0_TABLE_MIN_KEYS).then(|| FixedBase::<E>::new(c0, c0w));
-            let c0_term = |k: &PreparedKey<'_>, sk: &Scalar<E>| match &c0_table {
-                Some(t) => t.mul_digits(&k.sk_digits),
-                None => c0.scalar_mul(sk.as_raw()),
-            };
-            let d: Vec<RawPoint<E>> = if use_multiples {
-                // Point-major: build one point's multiples and apply them to every key while
-                // they are in cache (a table per point, consumed at once).
-                let mut accs = vec![E::Point::zero(); h];
-                let mut table = SmallMultiples::<E>::new(&pts[0], 0);
-                for (i, p) in pts.iter().enumerate() {
-                    table.refill(p, column_max[i] as usize);
-                    for (acc, k) in accs.iter_mut().zip(&prepared) {
-                        table.add_to(acc, k.y[i]);
+            let d: Vec<RawPoint<E>> = if let Some(planes) = &planes {
+                let mut all = pts;
+                let mut q = c0.clone();
+                for _ in 0..sk_digits {
+                    all.push(q.clone());
+                    for _ in 0..bits {
+                        let q2 = q.clone();
+                        q.add_point_assign(&q2);
                     }
                 }
-                accs.into_iter()
-                    .zip(prepared.iter().zip(keys))
-                    .map(|(mut acc, (k, key))| {
-                        acc.sub_point_assign(&c0_term(k, &key.sk));
-                        acc
+                let per = h.div_ceil(key_groups);
+                (0..key_groups)
+                    .into_par_iter()
+                    .flat_map_iter(|g| {
+                        subset_sum_products::<E>(&all, planes, g * per..((g + 1) * per).min(h))
                     })
                     .collect()
             } else {
-                prepared
-                    .par_iter()
-                    .zip(keys)
-                    .map_init(Vec::new, |buckets, (k, key)| {
-                        let mut acc = msm_signed_with::<E>(&pts, k.y, k.max_abs, buckets);
-                        acc.sub_point_assign(&c0_term(k, &key.sk));
-                        acc
-                    })
-                    .collect()
+                let c0_table = (h >= C0_TABLE_MIN_KEYS).then(|| FixedBase::<E>::new(c0, c0w));
+                let c0_term = |k: &PreparedKey<'_>, sk: &Scalar<E>| match &c0_table {
+                    Some(t) => t.mul_digits(&k.sk_digits),
+                    None => c0.scalar_mul(sk.as_raw()),
+                };
+                if strategy == Strategy::Multiples {
+                    // Point-major: build one point's multiples and apply them to every key
+                    // while they are in cache (a table per point, consumed at once).
+                    let mut accs = vec![E::Point::zero(); h];
+                    let mut table = SmallMultiples::<E>::new(&pts[0], 0);
+                    for (i, p) in pts.iter().enumerate() {
+                        table.refill(p, column_max[i] as usize);
+                        for (acc, k) in accs.iter_mut().zip(&prepared) {
+                            table.add_to(acc, k.y[i]);
+                        }
+                    }
+                    accs.into_iter()
+                        .zip(prepared.iter().zip(keys))
+                        .map(|(mut acc, (k, key))| {
+                            acc.sub_point_assign(&c0_term(k, &key.sk));
+                            acc
+                        })
+                        .collect()
+                } else {
+                    prepared
+                        .par_iter()
+                        .zip(keys)
+                        .map_init(Vec::new, |buckets, (k, key)| {
+                            let mut acc = msm_signed_with::<E>(&pts, k.y, k.max_abs, buckets);
+                            acc.sub_point_assign(&c0_term(k, &key.sk));
+                            acc
+                        })
+                        .collect()
+                }
             };
             DecryptStats::add(&stats.group_nanos, started);
             let started = Instant::now();
@@ -687,3 +789,27 @@ impl<E: FeCurve> Encode<E> for FeipCiphertext<E> {
 serde_via_bytes!(FeipPublicKey);
 serde_via_bytes!(FeipFunctionKey);
 serde_via_bytes!(FeipCiphertext);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shapes of training pick the strategies the cost model was designed for.
+    #[test]
+    fn plans_for_training_shapes() {
+        // Forward (one sample, 128 neuron rows of length 785) and backward (one pixel column
+        // of a batch of 64, 128 delta rows): bit planes with 8 bits and C_0 folded in.
+        for (n, chunk) in [(785, 8), (64, 7)] {
+            let p = plan(n, 128, 127, c0_window(128));
+            assert_eq!((p.strategy, p.bits, p.sk_digits), (Strategy::Planes, 8, 33));
+            assert_eq!(p.chunk, chunk, "n = {n}");
+        }
+        // One key: buckets; tiny entries on a single point: small multiples; wide keys: buckets.
+        assert_eq!(plan(785, 1, 127, c0_window(1)).strategy, Strategy::Buckets);
+        assert_eq!(plan(1, 16, 3, c0_window(16)).strategy, Strategy::Multiples);
+        assert_eq!(
+            plan(785, 128, 1 << 30, c0_window(128)).strategy,
+            Strategy::Buckets
+        );
+    }
+}

@@ -56,6 +56,27 @@ proptest! {
         prop_assert_eq!(feip::decrypt(&pk.params(), &ct, &key, dlog()), Ok(dot(&x, &y)));
     }
 
+    /// Many keys take the bit-plane path (`C_0` folded in as extra points): training's shapes,
+    /// with negative, zero and extreme entries in keys and plaintexts.
+    #[test]
+    fn feip_matrix_bit_planes_match_plain(
+        xs in proptest::collection::vec(proptest::collection::vec(-255i64..=255, 64), 1..3),
+        ys in proptest::collection::vec(
+            proptest::collection::vec(prop_oneof![Just(-128i64), Just(127), Just(0), -128i64..=127], 64),
+            100..140),
+    ) {
+        let (pk, msk) = keys(64, 255);
+        let enc = feip::FeipEncryptor::new(pk);
+        let cts = enc.encrypt_many(&xs).expect("encrypt");
+        let ks = msk.derive_keys(&ys).expect("keys");
+        let m = feip::decrypt_matrix(&pk.params(), &cts, &ks, dlog()).expect("decrypt");
+        for (x, row) in xs.iter().zip(&m) {
+            for (y, v) in ys.iter().zip(row) {
+                prop_assert_eq!(*v, dot(x, y));
+            }
+        }
+    }
+
     /// Few keys take the bucket path, many keys on short vectors the small-multiples path.
     #[test]
     fn feip_matrix_matches_plain(
@@ -190,6 +211,41 @@ fn feip_rejects_bad_input() {
         .expect("t")
         .with_limit(255 * 4 * 10);
     assert_eq!(feip::decrypt(&p, &ct, &k10, &exact), Ok(20));
+}
+
+/// The forward pass's shape (n = 785, 128 keys) on the bit-plane path, all values at their
+/// bounds, and a tampered ciphertext rejected on that path too.
+#[test]
+fn feip_forward_shape_bit_planes() {
+    let (pk, msk) = keys(785, 255);
+    let enc = feip::FeipEncryptor::new(pk);
+    let xs = vec![
+        vec![255i64; 785],
+        (0..785).map(|i| (i % 256) as i64).collect(),
+    ];
+    let ys: Vec<Vec<i64>> = (0..128)
+        .map(|k| {
+            (0..785)
+                .map(|i| ((i * 31 + k * 17) % 256) as i64 - 128)
+                .collect()
+        })
+        .collect();
+    let mut ys = ys;
+    ys[0] = vec![-128; 785];
+    ys[1] = vec![127; 785];
+    let mut cts = enc.encrypt_many(&xs).expect("encrypt");
+    let ks = msk.derive_keys(&ys).expect("keys");
+    let m = feip::decrypt_matrix(&pk.params(), &cts, &ks, dlog()).expect("decrypt");
+    for (x, row) in xs.iter().zip(&m) {
+        for (y, v) in ys.iter().zip(row) {
+            assert_eq!(*v, dot(x, y));
+        }
+    }
+    // Swap two elements: every key whose entries differ there now sees another point.
+    let mut c = cts[0].elements().to_vec();
+    c.swap(0, 1);
+    cts[0] = FeipCiphertext::from_parts(cts[0].c0().clone(), c);
+    assert!(feip::decrypt_matrix(&pk.params(), &cts, &ks, dlog()).is_err());
 }
 
 #[test]
