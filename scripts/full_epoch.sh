@@ -4,6 +4,9 @@
 # simulated and the plain-float epoch for comparison. Prints times, peak memory and accuracy.
 #
 #   CRYPTONN_MNIST_DIR=/path/to/mnist ./scripts/full_epoch.sh [WORKDIR]
+#
+# A WORKDIR that already holds authority keys and train.enc from an earlier run is reused
+# (the 13-minute encryption is skipped); delete it to measure the encryption again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CRYPTONN_MNIST_DIR:?set CRYPTONN_MNIST_DIR to a directory with the four MNIST IDX files}"
@@ -13,8 +16,13 @@ cargo build --release --bins -q
 mkdir -p "$work"
 timed() { /usr/bin/time -f "  [%e s wall, %M KiB peak RSS]" "$@"; }
 
-rm -rf "$work/authority"
-"$bin/authority" init --dir "$work/authority" --batch-size 64
+reuse=0
+if [ -f "$work/train.enc" ] && [ -f "$work/authority/token" ]; then
+  reuse=1
+else
+  rm -rf "$work/authority" "$work/train.enc"
+  "$bin/authority" init --dir "$work/authority" --batch-size 64
+fi
 "$bin/authority" serve --quiet --dir "$work/authority" --listen 127.0.0.1:0 > "$work/authority.out" &
 auth_pid=$!
 trap 'kill $auth_pid 2>/dev/null || true' EXIT
@@ -22,8 +30,12 @@ for _ in $(seq 100); do grep -q "listening on" "$work/authority.out" && break; s
 addr=$(sed -n 's/^listening on //p' "$work/authority.out")
 tok=(--authority "$addr" --token-file "$work/authority/token")
 
-echo "== client: encrypting the full training set"
-timed "$bin/client" encrypt "${tok[@]}" --data "$CRYPTONN_MNIST_DIR" --out "$work/train.enc" --quiet
+if [ "$reuse" = 1 ]; then
+  echo "== client: reusing $work/train.enc (delete $work to encrypt again)"
+else
+  echo "== client: encrypting the full training set"
+  timed "$bin/client" encrypt "${tok[@]}" --data "$CRYPTONN_MNIST_DIR" --out "$work/train.enc" --quiet
+fi
 ls -l "$work/train.enc"
 
 common=(--spec 784-128-32-10 --activation sigmoid --epochs 1 --seed 1 --bits 8 --quiet)

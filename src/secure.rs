@@ -15,7 +15,7 @@
 //! non-zero entries) *before* either implementation sees them, so simulated and encrypted runs
 //! stay bit-identical and normal training is never refused.
 
-use crate::dataset::{EncryptedBatch, Reader};
+use crate::dataset::{DatasetError, EncryptedBatch, Reader};
 use crate::protocol::{AuthorityClient, FeboKeyRequest, ProtocolError, PublicParams};
 use crate::Curve;
 use fe::dlog::DlogTable;
@@ -23,7 +23,7 @@ use fe::febo::{self, FeboFunctionKey, Op};
 use fe::feip::{self, FeipFunctionKey};
 use ndarray::{Array2, ArrayView2, Axis};
 use nn::first_layer::{IntegerProducts, SeamError, LABEL_SCALE};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Where function keys come from: the authority over the network, or (in tests) in-process.
@@ -151,6 +151,9 @@ impl<P: IntegerProducts> IntegerProducts for KeyPolicyFilter<P> {
     fn num_batches(&self) -> usize {
         self.inner.num_batches()
     }
+    fn prefetch(&mut self, batch: usize) {
+        self.inner.prefetch(batch)
+    }
     fn batch_len(&self, batch: usize) -> usize {
         self.inner.batch_len(batch)
     }
@@ -158,12 +161,27 @@ impl<P: IntegerProducts> IntegerProducts for KeyPolicyFilter<P> {
 
 /// The secure first layer: encrypted batches from a [`Reader`], keys from a [`KeyService`].
 pub struct SecureProducts<K: KeyService> {
-    reader: Reader,
+    reader: Arc<Mutex<Reader>>,
+    num_batches: usize,
+    batch_size: usize,
+    pending: Option<Pending>,
     keys: K,
     params: PublicParams,
     dlog: Arc<DlogTable<Curve>>,
     current: Option<EncryptedBatch>,
     timings: Timings,
+}
+
+/// A batch being read and decoded on another thread.
+struct Pending {
+    batch: usize,
+    handle: std::thread::JoinHandle<Result<EncryptedBatch, DatasetError>>,
+}
+
+/// The reader, also after a panic on the prefetch thread (every read seeks first, so a read
+/// cut short leaves nothing behind).
+fn lock(reader: &Mutex<Reader>) -> std::sync::MutexGuard<'_, Reader> {
+    reader.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn backend<E: std::error::Error + Send + Sync + 'static>(e: E) -> SeamError {
@@ -174,7 +192,10 @@ impl<K: KeyService> SecureProducts<K> {
     /// The secure layer over `reader` (already checked against `params`).
     pub fn new(reader: Reader, keys: K, params: PublicParams, dlog: Arc<DlogTable<Curve>>) -> Self {
         SecureProducts {
-            reader,
+            num_batches: reader.num_batches(),
+            batch_size: reader.header().batch_size as usize,
+            reader: Arc::new(Mutex::new(reader)),
+            pending: None,
             keys,
             params,
             dlog,
@@ -193,16 +214,30 @@ impl<K: KeyService> SecureProducts<K> {
         &mut self.keys
     }
 
+    /// The decoded batch `batch`: the current one, the prefetched one, or read now. Time spent
+    /// waiting here counts as I/O (a prefetch that finished in time costs nothing).
     fn load(&mut self, batch: usize) -> Result<&EncryptedBatch, SeamError> {
         if self.current.as_ref().map(|b| b.index as usize) != Some(batch) {
             let t = Instant::now();
             self.current = None;
-            self.current = Some(self.reader.batch(batch).map_err(backend)?);
+            let loaded = match self.pending.take() {
+                Some(p) if p.batch == batch => p.handle.join().map_err(|_| {
+                    backend(std::io::Error::other("the batch reader thread panicked"))
+                })?,
+                other => {
+                    if let Some(p) = other {
+                        // A prefetch of another batch: let it finish, drop its result.
+                        let _ = p.handle.join();
+                    }
+                    lock(&self.reader).batch(batch)
+                }
+            };
+            self.current = Some(loaded.map_err(backend)?);
             self.timings.io += t.elapsed();
         }
         self.current.as_ref().ok_or(SeamError::NoSuchBatch {
             batch,
-            num_batches: self.reader.num_batches(),
+            num_batches: self.num_batches,
         })
     }
 }
@@ -342,12 +377,30 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
     }
 
     fn num_batches(&self) -> usize {
-        self.reader.num_batches()
+        self.num_batches
+    }
+
+    /// Reads and decodes `batch` on another thread (its point decoding joins the rayon pool),
+    /// so that it is ready when the current step ends.
+    fn prefetch(&mut self, batch: usize) {
+        let loaded = self.current.as_ref().map(|b| b.index as usize) == Some(batch);
+        let queued = self.pending.as_ref().map(|p| p.batch) == Some(batch);
+        if batch >= self.num_batches || loaded || queued {
+            return;
+        }
+        if let Some(p) = self.pending.take() {
+            let _ = p.handle.join();
+        }
+        let reader = Arc::clone(&self.reader);
+        self.pending = Some(Pending {
+            batch,
+            handle: std::thread::spawn(move || lock(&reader).batch(batch)),
+        });
     }
 
     fn batch_len(&self, batch: usize) -> usize {
-        if batch < self.reader.num_batches() {
-            self.reader.header().batch_size as usize
+        if batch < self.num_batches {
+            self.batch_size
         } else {
             0
         }

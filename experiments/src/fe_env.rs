@@ -197,6 +197,11 @@ impl<P: IntegerProducts> IntegerProducts for Remap<P> {
     fn num_batches(&self) -> usize {
         self.map.len()
     }
+    fn prefetch(&mut self, batch: usize) {
+        if let Ok(k) = self.file_batch(batch) {
+            self.inner.prefetch(k)
+        }
+    }
     fn batch_len(&self, batch: usize) -> usize {
         if batch < self.map.len() {
             self.batch_size

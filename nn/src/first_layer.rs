@@ -135,6 +135,9 @@ pub trait FirstLayer {
     fn num_batches(&self) -> usize;
     /// Number of samples in batch `batch` (0 if it does not exist).
     fn batch_len(&self, batch: usize) -> usize;
+    /// A hint that the training loop will use batch `batch` after the current one, so that an
+    /// implementation reading batches from storage can start loading it. Default: nothing.
+    fn prefetch(&mut self, _batch: usize) {}
 }
 
 /// Integer-level first layer: exact integer products, where the secure implementation plugs in.
@@ -160,6 +163,9 @@ pub trait IntegerProducts {
     fn num_batches(&self) -> usize;
     /// Number of samples in batch `batch` (0 if it does not exist).
     fn batch_len(&self, batch: usize) -> usize;
+    /// A hint that the training loop will use batch `batch` after the current one, so that an
+    /// implementation reading batches from storage can start loading it. Default: nothing.
+    fn prefetch(&mut self, _batch: usize) {}
 }
 
 /// How a scaled float becomes an integer.
@@ -557,6 +563,10 @@ impl<P: IntegerProducts> FirstLayer for Quantized<P> {
 
     fn num_batches(&self) -> usize {
         self.inner.num_batches()
+    }
+
+    fn prefetch(&mut self, batch: usize) {
+        self.inner.prefetch(batch)
     }
 
     fn batch_len(&self, batch: usize) -> usize {

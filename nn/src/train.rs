@@ -374,6 +374,9 @@ where
     while state.next < state.order.len() {
         let started = Instant::now();
         let batch = state.order[state.next];
+        if let Some(&after) = state.order.get(state.next + 1) {
+            first_layer.prefetch(after);
+        }
         let st = train_step(model, first_layer, optimizer, batch)?;
         if !st.loss_sum.is_finite() {
             return Err(TrainError::Diverged {
