@@ -36,8 +36,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use zeroize::{Zeroize, Zeroizing};
 
-/// Window of the fixed-base tables of encryption (`⌈256/w⌉+1` = 44 additions per element).
-const ENC_WINDOW: usize = 6;
+/// Window of the fixed-base tables of encryption (`⌈256/w⌉+1` = 38 additions per element;
+/// 6 would take 44 with tables of 58 % the size).
+const ENC_WINDOW: usize = 7;
 /// From this many keys on, a ciphertext's `C_0` gets a fixed-base table.
 const C0_TABLE_MIN_KEYS: usize = 6;
 /// Small-multiple tables are used only up to this largest key entry.
@@ -299,7 +300,7 @@ pub struct FeipEncryptor<E: FeCurve> {
 }
 
 impl<E: FeCurve> FeipEncryptor<E> {
-    /// Precomputes the tables for `pk` (`n·44·32` points, about 250 KiB per element on
+    /// Precomputes the tables for `pk` (`n·38·64` points, about 380 KiB per element on
     /// Ristretto, in parallel).
     pub fn new(pk: &FeipPublicKey<E>) -> Self {
         let small = pk.params.x_bound.min(1 << 16) as usize;
@@ -335,7 +336,7 @@ impl<E: FeCurve> FeipEncryptor<E> {
     /// `C/2` for fresh encryptions of every `x`: one `[C_0/2, C_1/2, …]` per vector.
     ///
     /// The loop runs element-major: all vectors' `r·H_i/2` are computed while the table of
-    /// `H_i` (about 250 KiB) is in cache, instead of streaming all `n` tables (about 190 MiB
+    /// `H_i` (about 380 KiB) is in cache, instead of streaming all `n` tables (about 300 MiB
     /// for `n = 785`) through the cache once per vector.
     fn encrypt_halves(&self, xs: &[Vec<i64>]) -> Result<Vec<Vec<RawPoint<E>>>> {
         for x in xs {
@@ -532,8 +533,9 @@ struct Plan {
 }
 
 /// Picks the strategy with the fewest additions per ciphertext (the `C_0` term included) for
-/// `h` keys of length `n` with entries up to `m` in absolute value.
-fn plan(n: usize, h: usize, m: u64, c0w: usize) -> Plan {
+/// `h` keys of length `n` with entries in `lo..=hi` (`m` the largest absolute value).
+fn plan(n: usize, h: usize, (lo, hi): (i64, i64), c0w: usize) -> Plan {
+    let m = lo.unsigned_abs().max(hi.unsigned_abs());
     let c0_windows = 256usize.div_ceil(c0w) + 1;
     let cost_c0 = if h >= C0_TABLE_MIN_KEYS {
         c0_windows * (1 << (c0w - 1)) + h * c0_windows
@@ -544,7 +546,7 @@ fn plan(n: usize, h: usize, m: u64, c0w: usize) -> Plan {
     let windows = windows_for(m.max(1), c);
     let cost_buckets = h * windows * (n + (1usize << c)) + cost_c0;
     let cost_multiples = n * m as usize + h * n + cost_c0;
-    let bits = BitPlanes::bits_for(-(m as i64), m as i64);
+    let bits = BitPlanes::bits_for(lo, hi);
     let sk_digits = 256usize.div_ceil(bits) + 1;
     let (chunk, cost_planes) = BitPlanes::best_chunk(n + sk_digits, h, bits);
     let cost_planes = cost_planes.saturating_add(sk_digits * bits);
@@ -576,29 +578,46 @@ pub fn decrypt_matrix_with_stats<E: FeCurve>(
     for ct in cts {
         params.check_len("ciphertext", ct.c.len())?;
     }
+    for k in keys {
+        params.check_len("key vector", k.y.len())?;
+    }
+    let n = params.n;
+    let h = keys.len();
+    let lo = keys
+        .iter()
+        .flat_map(|k| k.y.iter())
+        .copied()
+        .min()
+        .unwrap_or(0);
+    let hi = keys
+        .iter()
+        .flat_map(|k| k.y.iter())
+        .copied()
+        .max()
+        .unwrap_or(0);
+    let Plan {
+        strategy,
+        bits,
+        sk_digits,
+        chunk,
+    } = plan(n, h, (lo, hi), c0w);
     let prepared: Vec<PreparedKey<'_>> = keys
         .iter()
         .map(|k| {
-            params.check_len("key vector", k.y.len())?;
             let needed = bound_for_key(&k.y, params.x_bound);
             dlog.check_bound(needed)?;
             Ok(PreparedKey {
                 y: &k.y,
                 max_abs: k.y.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0),
                 bound: needed as u64,
-                sk_digits: recode_scalar(&k.sk, c0w),
+                sk_digits: if strategy == Strategy::Planes {
+                    Vec::new()
+                } else {
+                    recode_scalar(&k.sk, c0w)
+                },
             })
         })
         .collect::<Result<_>>()?;
-    let n = params.n;
-    let h = keys.len();
-    let m = prepared.iter().map(|k| k.max_abs).max().unwrap_or(0);
-    let Plan {
-        strategy,
-        bits,
-        sk_digits,
-        chunk,
-    } = plan(n, h, m, c0w);
     let bounds: Vec<u64> = prepared.iter().map(|k| k.bound).collect();
     // Largest |y_i| over the keys at each position: the size of that point's multiples table.
     let column_max: Vec<u64> = if strategy == Strategy::Multiples {
@@ -800,15 +819,24 @@ mod tests {
         // Forward (one sample, 128 neuron rows of length 785) and backward (one pixel column
         // of a batch of 64, 128 delta rows): bit planes with 8 bits and C_0 folded in.
         for (n, chunk) in [(785, 8), (64, 7)] {
-            let p = plan(n, 128, 127, c0_window(128));
+            let p = plan(n, 128, (-128, 127), c0_window(128));
             assert_eq!((p.strategy, p.bits, p.sk_digits), (Strategy::Planes, 8, 33));
             assert_eq!(p.chunk, chunk, "n = {n}");
         }
         // One key: buckets; tiny entries on a single point: small multiples; wide keys: buckets.
-        assert_eq!(plan(785, 1, 127, c0_window(1)).strategy, Strategy::Buckets);
-        assert_eq!(plan(1, 16, 3, c0_window(16)).strategy, Strategy::Multiples);
         assert_eq!(
-            plan(785, 128, 1 << 30, c0_window(128)).strategy,
+            plan(785, 1, (-127, 127), c0_window(1)).strategy,
+            Strategy::Buckets
+        );
+        assert_eq!(
+            plan(1, 16, (-3, 3), c0_window(16)).strategy,
+            Strategy::Multiples
+        );
+        // Entries of -128..=127 take 8 bits, one more on either side takes 9.
+        assert_eq!(plan(64, 128, (-128, 128), c0_window(128)).bits, 9);
+        assert_eq!(plan(64, 128, (-129, 127), c0_window(128)).bits, 9);
+        assert_eq!(
+            plan(785, 128, (-(1 << 30), 1 << 30), c0_window(128)).strategy,
             Strategy::Buckets
         );
     }

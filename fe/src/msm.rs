@@ -334,17 +334,17 @@ impl BitPlanes {
         let mut masks = vec![0u16; rows.len() * chunks * bits];
         for (k, row) in rows.iter().enumerate() {
             assert_eq!(row.len(), n, "rows of one length");
-            for (i, &v) in row.iter().enumerate() {
-                assert!(v >= lo && v < -lo, "entry {v} does not fit {bits} bits");
-                if v == 0 {
-                    continue;
-                }
-                let base = (k * chunks + i / t) * bits;
-                let bit = 1u16 << (i % t);
+            assert!(
+                row.iter().all(|&v| v >= lo && v < -lo),
+                "an entry does not fit {bits} bits"
+            );
+            for (c, part) in row.chunks(t).enumerate() {
+                let base = (k * chunks + c) * bits;
                 for (p, m) in masks[base..base + bits].iter_mut().enumerate() {
-                    if (v >> p) & 1 == 1 {
-                        *m |= bit;
-                    }
+                    *m = part
+                        .iter()
+                        .enumerate()
+                        .fold(0u16, |acc, (j, &v)| acc | ((((v >> p) & 1) as u16) << j));
                 }
             }
         }
