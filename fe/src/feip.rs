@@ -14,10 +14,18 @@
 //! point is not within that bound (tampered ciphertext, key for another vector, or a value
 //! beyond the promise).
 //!
-//! Speed: encryption uses fixed-base tables for `G` and every `H_i`; decryption of many
-//! ciphertexts against many keys ([`decrypt_matrix`]) uses the small-scalar bucket method or
-//! per-point small-multiple tables, whichever costs fewer additions, a fixed-base table for a
-//! `C_0` shared by many keys, batched discrete logs, and all cores.
+//! Speed: encryption uses fixed-base tables for `G` and every `H_i`. Decryption of many
+//! ciphertexts against many keys ([`decrypt_matrix`]) counts the point additions of three
+//! strategies and takes the cheapest:
+//!
+//! * bit planes over subset sums ([`crate::msm::BitPlanes`]), with `−sk` written in signed
+//!   base-`2^b` digits `e_j` so that `sk·C_0` becomes extra points `2^(bj)·C_0` with small
+//!   coefficients: `D = Σ y_i C_i + Σ e_j (2^(bj) C_0)` is one small-scalar product over
+//!   `n + ⌈256/b⌉ + 1` points (many keys: the forward and backward passes of training);
+//! * the bucket method per key, with a fixed-base table for `C_0` (one or a few keys);
+//! * small multiples per point, shared by all keys (tiny entries on very short vectors);
+//!
+//! then batched discrete logs, on all cores.
 
 use crate::dlog::{DlogTable, GeneratorTable};
 use crate::encoding::bound_for_key;
