@@ -32,8 +32,8 @@ use crate::encoding::bound_for_key;
 use crate::error::{FeError, Result};
 use crate::group::{double, generator, halve, wrap, FeCurve, RawPoint};
 use crate::msm::{
-    best_window, msm_signed_with, recode_scalar, subset_sum_products, windows_for, BitPlanes,
-    FixedBase, SmallMultiples,
+    best_window, double_k, msm_signed_with, recode_scalar, subset_sum_products, windows_for,
+    BitPlanes, FixedBase, SmallMultiples,
 };
 use crate::serial::{put_i64s, put_point, put_points, put_scalar, serde_via_bytes, Encode, Reader};
 use curv::arithmetic::{BigInt, Converter};
@@ -675,10 +675,7 @@ pub fn decrypt_matrix_with_stats<E: FeCurve>(
                 let mut q = c0.clone();
                 for _ in 0..sk_digits {
                     all.push(q.clone());
-                    for _ in 0..bits {
-                        let q2 = q.clone();
-                        q.add_point_assign(&q2);
-                    }
+                    double_k::<E>(&mut q, bits);
                 }
                 let per = h.div_ceil(key_groups);
                 (0..key_groups)

@@ -43,7 +43,7 @@ fn add_signed<E: FeCurve>(acc: &mut RawPoint<E>, p: &RawPoint<E>, neg: bool) {
 }
 
 /// `2^k · p` by repeated doubling.
-fn double_k<E: FeCurve>(p: &mut RawPoint<E>, k: usize) {
+pub(crate) fn double_k<E: FeCurve>(p: &mut RawPoint<E>, k: usize) {
     for _ in 0..k {
         let q = p.clone();
         p.add_point_assign(&q);

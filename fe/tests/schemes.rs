@@ -222,24 +222,18 @@ fn feip_forward_shape_bit_planes() {
         vec![255i64; 785],
         (0..785).map(|i| (i % 256) as i64).collect(),
     ];
-    let ys: Vec<Vec<i64>> = (0..128)
+    let mut ys: Vec<Vec<i64>> = (0..128)
         .map(|k| {
             (0..785)
                 .map(|i| ((i * 31 + k * 17) % 256) as i64 - 128)
                 .collect()
         })
         .collect();
-    let mut ys = ys;
     ys[0] = vec![-128; 785];
     ys[1] = vec![127; 785];
+    assert_matrix_matches_plain(785, &xs, &ys);
     let mut cts = enc.encrypt_many(&xs).expect("encrypt");
     let ks = msk.derive_keys(&ys).expect("keys");
-    let m = feip::decrypt_matrix(&pk.params(), &cts, &ks, dlog()).expect("decrypt");
-    for (x, row) in xs.iter().zip(&m) {
-        for (y, v) in ys.iter().zip(row) {
-            assert_eq!(*v, dot(x, y));
-        }
-    }
     // Swap two elements: every key whose entries differ there now sees another point.
     let mut c = cts[0].elements().to_vec();
     c.swap(0, 1);
