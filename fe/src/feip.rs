@@ -21,7 +21,7 @@
 //! * bit planes over subset sums ([`crate::msm::BitPlanes`]), with `−sk` written in signed
 //!   base-`2^b` digits `e_j` so that `sk·C_0` becomes extra points `2^(bj)·C_0` with small
 //!   coefficients: `D = Σ y_i C_i + Σ e_j (2^(bj) C_0)` is one small-scalar product over
-//!   `n + ⌈256/b⌉ + 1` points (many keys: the forward and backward passes of training);
+//!   `n + ⌈(log₂q + 2)/b⌉` points (many keys: the forward and backward passes of training);
 //! * the bucket method per key, with a fixed-base table for `C_0` (one or a few keys);
 //! * small multiples per point, shared by all keys (tiny entries on very short vectors);
 //!
@@ -32,8 +32,8 @@ use crate::encoding::bound_for_key;
 use crate::error::{FeError, Result};
 use crate::group::{double, generator, halve, wrap, FeCurve, RawPoint};
 use crate::msm::{
-    best_window, double_k, msm_signed_with, recode_scalar, subset_sum_products, windows_for,
-    BitPlanes, FixedBase, SmallMultiples,
+    best_window, double_k, msm_signed_with, recode_scalar, scalar_digits, subset_sum_products,
+    windows_for, BitPlanes, FixedBase, SmallMultiples, MAX_CHUNK_BITS,
 };
 use crate::serial::{put_i64s, put_point, put_points, put_scalar, serde_via_bytes, Encode, Reader};
 use curv::arithmetic::{BigInt, Converter};
@@ -519,10 +519,10 @@ pub fn decrypt_matrix<E: FeCurve>(
 }
 
 /// The `C_0` table window minimising table size plus additions for `keys` keys.
-fn c0_window(keys: usize) -> usize {
+fn c0_window<E: FeCurve>(keys: usize) -> usize {
     (3..=8usize)
         .min_by_key(|&w| {
-            let windows = 256usize.div_ceil(w) + 1;
+            let windows = scalar_digits::<E>(w);
             windows * (1 << (w - 1)) + keys * windows
         })
         .unwrap_or(5)
@@ -536,15 +536,16 @@ struct Plan {
     bits: usize,
     /// Digits of `sk` in base `2^bits` for [`Strategy::Planes`].
     sk_digits: usize,
-    /// Chunk width for [`Strategy::Planes`].
-    chunk: usize,
 }
 
 /// Picks the strategy with the fewest additions per ciphertext (the `C_0` term included) for
 /// `h` keys of length `n` with entries in `lo..=hi` (`m` the largest absolute value).
-fn plan(n: usize, h: usize, (lo, hi): (i64, i64), c0w: usize) -> Plan {
+///
+/// Bit planes are costed as if every lookup were needed (dense keys); the layout built for
+/// the actual keys ([`BitPlanes::new`]) can only need fewer.
+fn plan<E: FeCurve>(n: usize, h: usize, (lo, hi): (i64, i64), c0w: usize) -> Plan {
     let m = lo.unsigned_abs().max(hi.unsigned_abs());
-    let c0_windows = 256usize.div_ceil(c0w) + 1;
+    let c0_windows = scalar_digits::<E>(c0w);
     let cost_c0 = if h >= C0_TABLE_MIN_KEYS {
         c0_windows * (1 << (c0w - 1)) + h * c0_windows
     } else {
@@ -555,9 +556,16 @@ fn plan(n: usize, h: usize, (lo, hi): (i64, i64), c0w: usize) -> Plan {
     let cost_buckets = h * windows * (n + (1usize << c)) + cost_c0;
     let cost_multiples = n * m as usize + h * n + cost_c0;
     let bits = BitPlanes::bits_for(lo, hi);
-    let sk_digits = 256usize.div_ceil(bits) + 1;
-    let (chunk, cost_planes) = BitPlanes::best_chunk(n + sk_digits, h, bits);
-    let cost_planes = cost_planes.saturating_add(sk_digits * bits);
+    let sk_digits = scalar_digits::<E>(bits);
+    let points = n + sk_digits;
+    let cost_planes = (1..=MAX_CHUNK_BITS)
+        .map(|t| {
+            let chunks = points.div_ceil(t);
+            chunks * ((1usize << t) - t - 1) + h * (bits * chunks + 2 * (bits - 1))
+        })
+        .min()
+        .unwrap_or(usize::MAX)
+        .saturating_add(sk_digits * bits);
     let strategy =
         if bits <= PLANES_MAX_BITS && m > 0 && cost_planes < cost_buckets.min(cost_multiples) {
             Strategy::Planes
@@ -570,7 +578,6 @@ fn plan(n: usize, h: usize, (lo, hi): (i64, i64), c0w: usize) -> Plan {
         strategy,
         bits,
         sk_digits,
-        chunk,
     }
 }
 
@@ -582,7 +589,7 @@ pub fn decrypt_matrix_with_stats<E: FeCurve>(
     dlog: &DlogTable<E>,
     stats: &DecryptStats,
 ) -> Result<Vec<Vec<i64>>> {
-    let c0w = c0_window(keys.len());
+    let c0w = c0_window::<E>(keys.len());
     for ct in cts {
         params.check_len("ciphertext", ct.c.len())?;
     }
@@ -607,8 +614,7 @@ pub fn decrypt_matrix_with_stats<E: FeCurve>(
         strategy,
         bits,
         sk_digits,
-        chunk,
-    } = plan(n, h, (lo, hi), c0w);
+    } = plan::<E>(n, h, (lo, hi), c0w);
     let prepared: Vec<PreparedKey<'_>> = keys
         .iter()
         .map(|k| {
@@ -643,7 +649,8 @@ pub fn decrypt_matrix_with_stats<E: FeCurve>(
     };
     // Bit planes: every key is `y` followed by the signed base-2^bits digits of `−sk`, the
     // coefficients of the points `2^(bits·j)·C_0`, so that `Σ y_i C_i − sk·C_0` is one
-    // product over `n + sk_digits` points.
+    // product over `n + sk_digits` points. The two parts get their own digit form and chunk
+    // width: `y` may be sparse (gradients), the digits of `−sk` are uniform.
     let planes = (strategy == Strategy::Planes).then(|| {
         let rows: Vec<Vec<i64>> = keys
             .par_iter()
@@ -657,7 +664,7 @@ pub fn decrypt_matrix_with_stats<E: FeCurve>(
                 row
             })
             .collect();
-        BitPlanes::new(&rows, chunk, bits)
+        BitPlanes::new(&rows, bits, &[n])
     });
     // With fewer ciphertexts than threads, split the keys instead.
     let key_groups = if cts.len() >= rayon::current_num_threads() {
@@ -817,31 +824,40 @@ serde_via_bytes!(FeipCiphertext);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::group::{Ristretto, Secp256k1};
 
     /// The shapes of training pick the strategies the cost model was designed for.
     #[test]
     fn plans_for_training_shapes() {
         // Forward (one sample, 128 neuron rows of length 785) and backward (one pixel column
         // of a batch of 64, 128 delta rows): bit planes with 8 bits and C_0 folded in.
-        for (n, chunk) in [(785, 8), (64, 7)] {
-            let p = plan(n, 128, (-128, 127), c0_window(128));
+        for n in [785, 64] {
+            let p = plan::<Ristretto>(n, 128, (-128, 127), c0_window::<Ristretto>(128));
+            assert_eq!((p.strategy, p.bits, p.sk_digits), (Strategy::Planes, 8, 32));
+            let p = plan::<Secp256k1>(n, 128, (-128, 127), c0_window::<Secp256k1>(128));
             assert_eq!((p.strategy, p.bits, p.sk_digits), (Strategy::Planes, 8, 33));
-            assert_eq!(p.chunk, chunk, "n = {n}");
         }
         // One key: buckets; tiny entries on a single point: small multiples; wide keys: buckets.
         assert_eq!(
-            plan(785, 1, (-127, 127), c0_window(1)).strategy,
+            plan::<Ristretto>(785, 1, (-127, 127), c0_window::<Ristretto>(1)).strategy,
             Strategy::Buckets
         );
         assert_eq!(
-            plan(1, 16, (-3, 3), c0_window(16)).strategy,
+            plan::<Ristretto>(1, 16, (-3, 3), c0_window::<Ristretto>(16)).strategy,
             Strategy::Multiples
         );
         // Entries of -128..=127 take 8 bits, one more on either side takes 9.
-        assert_eq!(plan(64, 128, (-128, 128), c0_window(128)).bits, 9);
-        assert_eq!(plan(64, 128, (-129, 127), c0_window(128)).bits, 9);
         assert_eq!(
-            plan(785, 128, (-(1 << 30), 1 << 30), c0_window(128)).strategy,
+            plan::<Ristretto>(64, 128, (-128, 128), c0_window::<Ristretto>(128)).bits,
+            9
+        );
+        assert_eq!(
+            plan::<Ristretto>(64, 128, (-129, 127), c0_window::<Ristretto>(128)).bits,
+            9
+        );
+        assert_eq!(
+            plan::<Ristretto>(785, 128, (-(1 << 30), 1 << 30), c0_window::<Ristretto>(128))
+                .strategy,
             Strategy::Buckets
         );
     }

@@ -25,6 +25,9 @@ pub trait FeCurve: Curve {
     /// Length in bytes of a compressed point encoding.
     const POINT_LEN: usize;
 
+    /// Bits of the group order: every canonical scalar is below `2^SCALAR_BITS`.
+    const SCALAR_BITS: usize;
+
     /// Fingerprints of points for the discrete-log table: equal points give equal
     /// fingerprints, the identity gives 0, distinct points differ except with probability
     /// about 2^-128.
@@ -42,6 +45,8 @@ pub trait FeCurve: Curve {
 
 impl FeCurve for Ristretto {
     const POINT_LEN: usize = 32;
+    // q = 2^252 + 27742317777372353535851937790883648493
+    const SCALAR_BITS: usize = 253;
 
     fn fingerprints(points: &[RawPoint<Self>]) -> Vec<u128> {
         let mut out = vec![0u128; points.len()];
@@ -85,6 +90,8 @@ fn ristretto_doubled_encodings(points: &[RawPoint<Ristretto>]) -> Vec<(usize, [u
 
 impl FeCurve for Secp256k1 {
     const POINT_LEN: usize = 33;
+    // n = 2^256 − 432420386565659656852420866394968145599
+    const SCALAR_BITS: usize = 256;
 
     fn fingerprints(points: &[RawPoint<Self>]) -> Vec<u128> {
         // curv keeps secp256k1 points affine, so the encoding is cheap and needs no batching.

@@ -15,22 +15,33 @@
 //!   product costs one addition per point.
 //! * **Fixed-base tables** ([`FixedBase`]): for a base that does not change (the generator, the
 //!   public key points, a ciphertext's `C_0` shared by many keys), store `d·2^(wk)·P` for the
-//!   signed `w`-bit digits `d`; a 256-bit scalar multiplication is then `⌈257/w⌉` additions.
+//!   signed `w`-bit digits `d`; a scalar multiplication is then one addition per digit,
+//!   `⌈255/w⌉` on Ristretto255.
 //! * **Bit planes over subset sums** ([`BitPlanes`], [`subset_sum_products`]): for `h` keys
-//!   over the same `n` points, write every scalar in `b`-bit two's complement,
-//!   `y = −2^(b−1)·y_(b−1) + Σ_(p<b−1) 2^p·y_p`, and cut the points into chunks of `t`.
-//!   A chunk's table holds all `2^t` subset sums (`2^t − t − 1` additions, shared by all keys);
-//!   bit plane `p` of a key selects one entry per chunk, so a key costs `b·⌈n/t⌉` additions
-//!   plus `2(b−1)` to combine its planes by Horner's rule, instead of the bucket method's
-//!   `n + 2^b`. With `h = 128`, `b = 8`, `t = 8` that is about 830 additions per key for
-//!   `n = 785` (buckets: about 1,040) and 118 for `n = 64` plus a 256-bit scalar folded in as
-//!   33 extra points (small multiples and a fixed-base table: about 190).
+//!   over the same `n` points, write every scalar as `y = Σ_(p<b) 2^p·d_p` with digits
+//!   `d_p ∈ {−1, 0, 1}`, and cut the points into chunks of `t`. Plane `p` of a key selects, in
+//!   every chunk, the signed sum of the points whose digit is non-zero; a chunk's table holds
+//!   all these sums once for all keys, so a key costs one addition per (plane, chunk) with a
+//!   non-zero digit, plus `2(b−1)` to combine its planes by Horner's rule, instead of the
+//!   bucket method's `n + 2^b`. Two digit forms ([`Digits`]):
+//!   - *two's complement* (`d_p` = bit `p`, the top plane negative): a table of all `2^t`
+//!     subsets (`2^t − t − 1` additions); best for dense, uniform entries;
+//!   - *non-adjacent form* (NAF): a third of the digits of a uniform entry and most digits of a
+//!     small one are zero, and the table holds the `(3^t − 1)/2` signed patterns with top digit
+//!     +1 (the others are their negatives); best for sparse or small entries.
+//!
+//!   The layout (form and `t`, per segment of the points) is chosen by counting the additions
+//!   for the actual keys. With `h = 128`, `b = 8`: about 1,020 additions per key for `n = 785`
+//!   uniform entries (buckets: about 1,040), and for `n = 64` plus a 253-bit scalar folded in as
+//!   32 extra points, about 115 with uniform entries and 75-80 with the gradients of training
+//!   (two thirds zeros).
 //!
 //! The functions work on `curv`'s raw points ([`RawPoint`]) through the `ECPoint` trait, so they
 //! run at the speed of the underlying library's point addition.
 
 use crate::group::{FeCurve, RawPoint};
 use curv::elliptic::curves::{ECPoint, Scalar};
+use rayon::prelude::*;
 
 /// Adds `p` to `acc` with the sign of `neg`.
 #[inline(always)]
@@ -219,10 +230,20 @@ impl<E: FeCurve> SmallMultiples<E> {
     }
 }
 
-/// Signed digits of a scalar in base `2^w` (`⌈256/w⌉ + 1` digits, each in `[-2^(w-1), 2^(w-1))`).
+/// Number of signed base-`2^w` digits of a scalar: `⌈(SCALAR_BITS + 2)/w⌉`.
+///
+/// A scalar is below `2^SCALAR_BITS`, so once the digits span `SCALAR_BITS + 2` bits the top
+/// window's bits plus the incoming carry stay below `2^(w−1)` and no carry is left over
+/// (32 digits of 8 bits on Ristretto255, 33 on secp256k1).
+pub fn scalar_digits<E: FeCurve>(w: usize) -> usize {
+    (E::SCALAR_BITS + 2).div_ceil(w)
+}
+
+/// Signed digits of a scalar in base `2^w` ([`scalar_digits`] of them, each in
+/// `[-2^(w-1), 2^(w-1))`).
 pub fn recode_scalar<E: FeCurve>(s: &Scalar<E>, w: usize) -> Vec<i32> {
     let le = E::scalar_le_bytes(s);
-    let windows = 256usize.div_ceil(w) + 1;
+    let windows = scalar_digits::<E>(w);
     let base = 1i32 << w;
     let half = base >> 1;
     let mut digits = Vec::with_capacity(windows);
@@ -259,11 +280,11 @@ pub struct FixedBase<E: FeCurve> {
 }
 
 impl<E: FeCurve> FixedBase<E> {
-    /// Builds the table with window width `w` (2 to 8): `(⌈256/w⌉+1)·2^(w-1)` points.
+    /// Builds the table with window width `w` (2 to 8): [`scalar_digits`]`·2^(w-1)` points.
     pub fn new(p: &RawPoint<E>, w: usize) -> Self {
         let w = w.clamp(2, 8);
         let half = 1usize << (w - 1);
-        let windows = 256usize.div_ceil(w) + 1;
+        let windows = scalar_digits::<E>(w);
         let mut table = Vec::with_capacity(windows * half);
         let mut base = p.clone();
         for _ in 0..windows {
@@ -302,59 +323,182 @@ impl<E: FeCurve> FixedBase<E> {
     }
 }
 
-/// The largest chunk width of [`BitPlanes`] (a chunk's table has `2^t` points).
+/// The largest chunk width of [`BitPlanes`] in two's complement (a table of `2^t` points).
 pub const MAX_CHUNK_BITS: usize = 10;
+/// The largest chunk width of [`BitPlanes`] in NAF digits (a table of `(3^t + 1)/2` points).
+pub const MAX_NAF_CHUNK_BITS: usize = 6;
+/// Flag of a lookup code: subtract the table entry instead of adding it.
+const NEG: u16 = 1 << 15;
 
-/// Keys prepared for [`subset_sum_products`]: the chunk masks of every bit plane.
+/// How the entries of a segment of [`BitPlanes`] are cut into planes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Digits {
+    /// `b`-bit two's complement: plane `p` holds bit `p`, the top plane counts negatively.
+    /// Dense entries (uniform weights) cost least this way.
+    TwosComplement,
+    /// Non-adjacent form, digits in `{−1, 0, 1}` with no two adjacent non-zero: a third of
+    /// the digits of a uniform entry are non-zero, and small entries leave the high planes
+    /// empty (sparse, heavy-tailed gradients cost least this way).
+    Naf,
+}
+
+/// One chunk of points: `len` points from `start`, all in one digit form.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    start: usize,
+    len: usize,
+    digits: Digits,
+}
+
+impl Chunk {
+    /// Additions to build this chunk's table.
+    fn table_cost(&self) -> usize {
+        table_cost(self.digits, self.len)
+    }
+}
+
+fn table_cost(digits: Digits, len: usize) -> usize {
+    match digits {
+        Digits::TwosComplement => (1usize << len) - len - 1,
+        Digits::Naf => (3usize.pow(len as u32) - 1) / 2 - len,
+    }
+}
+
+/// The NAF digits of `v` as two masks (digit +1, digit −1): `v = Σ 2^p (pos_p − neg_p)`.
+fn naf_masks(v: i64) -> (u64, u64) {
+    let (mut v, mut pos, mut neg) = (i128::from(v), 0u64, 0u64);
+    let mut p = 0;
+    while v != 0 {
+        if v & 1 == 1 {
+            // The digit that makes the rest divisible by 4: ±1.
+            if v.rem_euclid(4) == 1 {
+                pos |= 1 << p;
+                v -= 1;
+            } else {
+                neg |= 1 << p;
+                v += 1;
+            }
+        }
+        v >>= 1;
+        p += 1;
+    }
+    (pos, neg)
+}
+
+/// The plane masks of one entry in a digit form: (positive digits, negative digits).
+fn entry_masks(v: i64, digits: Digits, bits: usize) -> (u64, u64) {
+    match digits {
+        Digits::TwosComplement => {
+            let m = (v as u64) & ((1u64 << bits) - 1);
+            let top = 1u64 << (bits - 1);
+            (m & !top, m & top)
+        }
+        Digits::Naf => naf_masks(v),
+    }
+}
+
+/// Keys prepared for [`subset_sum_products`]: every key's lookup code per chunk and bit plane.
 ///
-/// For key `k`, chunk `c` and plane `p`, the mask has bit `j` set when bit `p` of the two's
-/// complement of `rows[k][c·t + j]` is set.
+/// The points are cut into segments, and each segment into chunks of one [`Digits`] form. A
+/// code names the chunk's table entry that bit plane `p` of the key selects (the subset sum
+/// of the points whose digit is non-zero, signed), or 0 for nothing to add.
 #[derive(Debug, Clone)]
 pub struct BitPlanes {
     n: usize,
     keys: usize,
-    t: usize,
     bits: usize,
-    chunks: usize,
-    masks: Vec<u16>,
+    chunks: Vec<Chunk>,
+    codes: Vec<u16>,
+    lookups: usize,
 }
 
 impl BitPlanes {
-    /// Prepares `rows` (all of one length `n`, entries in `[−2^(bits−1), 2^(bits−1))`) for chunks
-    /// of `t` points (`1 ≤ t ≤ MAX_CHUNK_BITS`, `2 ≤ bits ≤ 62`).
+    /// Prepares `rows` (all of one length `n`, entries in `[−2^(bits−1), 2^(bits−1))`,
+    /// `2 ≤ bits ≤ 62`), cut into segments at the positions `splits`. Every segment gets the
+    /// digit form and chunk width with the fewest additions for these very rows (counted, not
+    /// estimated: sparse keys make many lookups vanish).
     ///
     /// # Panics
     /// If the rows differ in length or an entry does not fit `bits`: the callers (this crate's
     /// decryption) size `bits` from the entries themselves.
-    pub fn new(rows: &[Vec<i64>], t: usize, bits: usize) -> Self {
-        assert!((1..=MAX_CHUNK_BITS).contains(&t) && (2..=62).contains(&bits));
+    pub fn new(rows: &[Vec<i64>], bits: usize, splits: &[usize]) -> Self {
         let n = rows.first().map_or(0, Vec::len);
-        let chunks = n.div_ceil(t);
-        let lo = -(1i64 << (bits - 1));
-        let mut masks = vec![0u16; rows.len() * chunks * bits];
-        for (k, row) in rows.iter().enumerate() {
-            assert_eq!(row.len(), n, "rows of one length");
-            assert!(
-                row.iter().all(|&v| v >= lo && v < -lo),
-                "an entry does not fit {bits} bits"
-            );
-            for (c, part) in row.chunks(t).enumerate() {
-                let base = (k * chunks + c) * bits;
-                for (p, m) in masks[base..base + bits].iter_mut().enumerate() {
-                    *m = part
-                        .iter()
-                        .enumerate()
-                        .fold(0u16, |acc, (j, &v)| acc | ((((v >> p) & 1) as u16) << j));
-                }
+        let mut bounds: Vec<usize> = splits.iter().copied().filter(|&s| s < n).collect();
+        bounds.push(n);
+        bounds.sort_unstable();
+        bounds.dedup();
+        let mut layout = Vec::new();
+        let mut from = 0;
+        for &to in &bounds {
+            if to > from {
+                let (digits, t) = best_layout(rows, bits, from..to);
+                layout.push((to - from, digits, t));
             }
+            from = to;
         }
+        Self::with_layout(rows, bits, &layout)
+    }
+
+    /// Prepares `rows` with a given layout: consecutive segments `(length, digit form, chunk
+    /// width)` covering the rows' length.
+    ///
+    /// # Panics
+    /// As [`BitPlanes::new`], and if the layout does not cover the rows or a chunk width is
+    /// outside `1..=MAX_CHUNK_BITS` (`1..=MAX_NAF_CHUNK_BITS` for NAF).
+    pub fn with_layout(rows: &[Vec<i64>], bits: usize, layout: &[(usize, Digits, usize)]) -> Self {
+        assert!((2..=62).contains(&bits));
+        let n = rows.first().map_or(0, Vec::len);
+        assert_eq!(
+            layout.iter().map(|s| s.0).sum::<usize>(),
+            n,
+            "layout covers the rows"
+        );
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        for &(len, digits, t) in layout {
+            let max = match digits {
+                Digits::TwosComplement => MAX_CHUNK_BITS,
+                Digits::Naf => MAX_NAF_CHUNK_BITS,
+            };
+            assert!((1..=max).contains(&t), "chunk width {t} for {digits:?}");
+            for c in (0..len).step_by(t) {
+                chunks.push(Chunk {
+                    start: start + c,
+                    len: t.min(len - c),
+                    digits,
+                });
+            }
+            start += len;
+        }
+        let lo = -(1i64 << (bits - 1));
+        let per_key = chunks.len() * bits;
+        let mut codes = vec![0u16; rows.len() * per_key];
+        rows.par_iter()
+            .zip(codes.par_chunks_mut(per_key.max(1)))
+            .for_each(|(row, out)| {
+                assert_eq!(row.len(), n, "rows of one length");
+                assert!(
+                    row.iter().all(|&v| v >= lo && v < -lo),
+                    "an entry does not fit {bits} bits"
+                );
+                for (chunk, out) in chunks.iter().zip(out.chunks_mut(bits)) {
+                    let masks: Vec<(u64, u64)> = row[chunk.start..chunk.start + chunk.len]
+                        .iter()
+                        .map(|&v| entry_masks(v, chunk.digits, bits))
+                        .collect();
+                    for (p, code) in out.iter_mut().enumerate() {
+                        *code = plane_code(&masks, p, chunk.digits);
+                    }
+                }
+            });
+        let lookups = codes.iter().filter(|&&c| c != 0).count();
         BitPlanes {
             n,
             keys: rows.len(),
-            t,
             bits,
             chunks,
-            masks,
+            codes,
+            lookups,
         }
     }
 
@@ -363,32 +507,176 @@ impl BitPlanes {
         self.keys
     }
 
+    /// Point additions (doublings included) of one [`subset_sum_products`] over all keys:
+    /// the chunk tables, one per non-zero code, and Horner's rule over the planes.
+    pub fn additions(&self) -> usize {
+        self.chunks.iter().map(Chunk::table_cost).sum::<usize>()
+            + self.lookups
+            + self.keys * 2 * (self.bits - 1)
+    }
+
     /// Bits per scalar: the smallest `b ≥ 2` with `−2^(b−1) ≤ v < 2^(b−1)` for `lo ≤ v ≤ hi`.
     pub fn bits_for(lo: i64, hi: i64) -> usize {
         (2..=62)
             .find(|&b| lo >= -(1i64 << (b - 1)) && hi < (1i64 << (b - 1)))
             .unwrap_or(62)
     }
+}
 
-    /// The chunk width minimising the estimated additions for `keys` keys of `bits` bits over
-    /// `n` points, and that estimate.
-    pub fn best_chunk(n: usize, keys: usize, bits: usize) -> (usize, usize) {
-        (1..=MAX_CHUNK_BITS)
-            .map(|t| {
-                let chunks = n.div_ceil(t);
-                let per_key = bits * chunks + 2 * (bits - 1);
-                (t, chunks * ((1usize << t) - t - 1) + keys * per_key)
-            })
-            .min_by_key(|&(_, cost)| cost)
-            .unwrap_or((1, usize::MAX))
+/// The code of plane `p` of one chunk whose entries have the plane masks `masks`.
+///
+/// Two's complement: the bit mask of the chunk, negated on the top plane. NAF: the balanced
+/// ternary number `u = Σ_j d_j 3^j` of the chunk's digits, as `|u|` and a sign (the table
+/// holds the patterns whose top digit is +1; the others are their negatives).
+fn plane_code(masks: &[(u64, u64)], p: usize, digits: Digits) -> u16 {
+    match digits {
+        Digits::TwosComplement => {
+            let mut m = 0u16;
+            let mut neg = false;
+            for (j, &(pos, negm)) in masks.iter().enumerate() {
+                if (pos | negm) >> p & 1 == 1 {
+                    m |= 1 << j;
+                    neg = negm >> p & 1 == 1;
+                }
+            }
+            if neg {
+                m | NEG
+            } else {
+                m
+            }
+        }
+        Digits::Naf => {
+            let mut u = 0i32;
+            for &(pos, negm) in masks.iter().rev() {
+                u = 3 * u + ((pos >> p) & 1) as i32 - ((negm >> p) & 1) as i32;
+            }
+            if u < 0 {
+                u.unsigned_abs() as u16 | NEG
+            } else {
+                u as u16
+            }
+        }
+    }
+}
+
+/// The digit form and chunk width with the fewest additions (tables plus non-zero lookups)
+/// for the columns `cols` of `rows`.
+fn best_layout(rows: &[Vec<i64>], bits: usize, cols: std::ops::Range<usize>) -> (Digits, usize) {
+    let len = cols.len();
+    let options: Vec<(Digits, usize)> = (1..=MAX_CHUNK_BITS)
+        .map(|t| (Digits::TwosComplement, t))
+        .chain((1..=MAX_NAF_CHUNK_BITS).map(|t| (Digits::Naf, t)))
+        .filter(|&(_, t)| t <= len.max(1))
+        .collect();
+    // Per key and option: the non-zero (plane, chunk) pairs, from per-plane bit sets.
+    let lookups = rows
+        .par_iter()
+        .map(|row| {
+            let part = &row[cols.clone()];
+            let sets = |digits: Digits| -> Vec<Vec<u64>> {
+                let mut sets = vec![vec![0u64; len.div_ceil(64)]; bits];
+                for (i, &v) in part.iter().enumerate() {
+                    let (pos, neg) = entry_masks(v, digits, bits);
+                    let mut m = pos | neg;
+                    while m != 0 {
+                        let p = m.trailing_zeros() as usize;
+                        sets[p][i / 64] |= 1 << (i % 64);
+                        m &= m - 1;
+                    }
+                }
+                sets
+            };
+            let (tc, naf) = (sets(Digits::TwosComplement), sets(Digits::Naf));
+            options
+                .iter()
+                .map(|&(digits, t)| {
+                    let sets = if digits == Digits::Naf { &naf } else { &tc };
+                    sets.iter()
+                        .map(|set| {
+                            (0..len)
+                                .step_by(t)
+                                .filter(|&c| any_bit(set, c, t.min(len - c)))
+                                .count()
+                        })
+                        .sum::<usize>()
+                })
+                .collect::<Vec<usize>>()
+        })
+        .reduce(
+            || vec![0usize; options.len()],
+            |mut acc, v| {
+                acc.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+                acc
+            },
+        );
+    options
+        .iter()
+        .zip(lookups)
+        .map(|(&(digits, t), l)| {
+            let tables: usize = (0..len)
+                .step_by(t)
+                .map(|c| table_cost(digits, t.min(len - c)))
+                .sum();
+            ((digits, t), tables + l)
+        })
+        .min_by_key(|&(_, cost)| cost)
+        .map_or((Digits::TwosComplement, 1), |(o, _)| o)
+}
+
+/// Whether any of the `len ≤ 64` bits from `start` is set in the bit set `set`.
+fn any_bit(set: &[u64], start: usize, len: usize) -> bool {
+    let (w, off) = (start / 64, start % 64);
+    let mut v = set[w] >> off;
+    if off + len > 64 {
+        v |= set[w + 1] << (64 - off);
+    }
+    v & (u64::MAX >> (64 - len)) != 0
+}
+
+/// Builds the table of a chunk into `table`: every subset sum (two's complement) or every
+/// signed pattern with top digit +1 (NAF), one addition per entry that is not a single point.
+fn build_table<E: FeCurve>(chunk: &[RawPoint<E>], digits: Digits, table: &mut Vec<RawPoint<E>>) {
+    table.clear();
+    table.push(E::Point::zero());
+    match digits {
+        Digits::TwosComplement => {
+            for mask in 1usize..(1 << chunk.len()) {
+                let low = mask.trailing_zeros() as usize;
+                let rest = mask & (mask - 1);
+                let mut p = chunk[low].clone();
+                if rest != 0 {
+                    p.add_point_assign(&table[rest]);
+                }
+                table.push(p);
+            }
+        }
+        Digits::Naf => {
+            // Entry u > 0 has top digit +1 at position j (3^j < 2u ≤ 3^(j+1)), and the
+            // rest u − 3^j has fewer digits: entry = P_j ± entry |u − 3^j|.
+            let mut j = 0;
+            let mut pow = 1i64;
+            for u in 1..=(3i64.pow(chunk.len() as u32) - 1) / 2 {
+                if 2 * u > 3 * pow {
+                    j += 1;
+                    pow *= 3;
+                }
+                let rest = u - pow;
+                let mut p = chunk[j].clone();
+                if rest != 0 {
+                    add_signed::<E>(&mut p, &table[rest.unsigned_abs() as usize], rest < 0);
+                }
+                table.push(p);
+            }
+        }
     }
 }
 
 /// `Σ_i rows[k][i]·points[i]` for every prepared key `k`, by bit planes over subset sums.
 ///
-/// The loop runs chunk-major: one chunk's table (`2^t` points) is built, used by every key
-/// while it is in cache, and dropped. `keys` selects a range of the prepared keys (all of them
-/// for `0..planes.keys()`), so that callers can split the keys across threads.
+/// The loop runs chunk-major: one chunk's table is built, used by every key while it is in
+/// cache, and dropped; each key then combines its planes by Horner's rule. `keys` selects a
+/// range of the prepared keys (all of them for `0..planes.keys()`), so that callers can split
+/// the keys across threads.
 ///
 /// # Panics
 /// If `points.len()` differs from the rows' length or `keys` is out of range.
@@ -399,35 +687,30 @@ pub fn subset_sum_products<E: FeCurve>(
 ) -> Vec<RawPoint<E>> {
     assert_eq!(points.len(), planes.n, "one point per scalar");
     assert!(keys.end <= planes.keys);
-    let (t, bits, chunks) = (planes.t, planes.bits, planes.chunks);
+    let bits = planes.bits;
+    let per_key = planes.chunks.len() * bits;
     let zero = E::Point::zero();
     let mut accs = vec![zero.clone(); keys.len() * bits];
-    let mut table: Vec<RawPoint<E>> = Vec::with_capacity(1 << t);
-    for (c, chunk) in points.chunks(t).enumerate() {
-        table.clear();
-        table.push(zero.clone());
-        for mask in 1usize..(1 << chunk.len()) {
-            let low = mask.trailing_zeros() as usize;
-            let rest = mask & (mask - 1);
-            let mut p = chunk[low].clone();
-            if rest != 0 {
-                p.add_point_assign(&table[rest]);
-            }
-            table.push(p);
-        }
+    let mut table: Vec<RawPoint<E>> = Vec::new();
+    for (c, chunk) in planes.chunks.iter().enumerate() {
+        build_table::<E>(
+            &points[chunk.start..chunk.start + chunk.len],
+            chunk.digits,
+            &mut table,
+        );
         for (acc, k) in accs.chunks_mut(bits).zip(keys.clone()) {
-            let base = (k * chunks + c) * bits;
-            for (a, &m) in acc.iter_mut().zip(&planes.masks[base..base + bits]) {
-                if m != 0 {
-                    a.add_point_assign(&table[m as usize]);
+            let base = k * per_key + c * bits;
+            for (a, &code) in acc.iter_mut().zip(&planes.codes[base..base + bits]) {
+                if code != 0 {
+                    add_signed::<E>(a, &table[(code & !NEG) as usize], code & NEG != 0);
                 }
             }
         }
     }
     accs.chunks(bits)
         .map(|acc| {
-            // −2^(b−1)·acc[b−1] + Σ 2^p·acc[p], by Horner's rule from the top plane.
-            let mut r = zero.sub_point(&acc[bits - 1]);
+            // Σ 2^p·acc[p] (signs are in the codes), by Horner's rule from the top plane.
+            let mut r = acc[bits - 1].clone();
             for a in acc[..bits - 1].iter().rev() {
                 double_k::<E>(&mut r, 1);
                 r.add_point_assign(a);
@@ -441,8 +724,10 @@ pub fn subset_sum_products<E: FeCurve>(
 mod tests {
     use super::*;
     use crate::group::{generator, mul_i64, wrap, Ristretto, Secp256k1};
+    use curv::arithmetic::{BigInt, One};
     use curv::elliptic::curves::Point;
     use proptest::prelude::*;
+    use rand::Rng;
 
     fn naive<E: FeCurve>(points: &[RawPoint<E>], s: &[i64]) -> Point<E> {
         points.iter().zip(s).fold(Point::zero(), |acc, (p, &k)| {
@@ -496,20 +781,27 @@ mod tests {
         }
     }
 
-    fn check_planes<E: FeCurve>(rows: &[Vec<i64>], t: usize) {
+    /// Every digit form and chunk width, and the chosen layout, give the naive products.
+    fn check_planes<E: FeCurve>(rows: &[Vec<i64>], splits: &[usize]) {
         let n = rows[0].len();
         let pts = random_points::<E>(n);
         let lo = rows.iter().flatten().copied().min().unwrap_or(0);
         let hi = rows.iter().flatten().copied().max().unwrap_or(0);
-        let planes = BitPlanes::new(rows, t, BitPlanes::bits_for(lo, hi));
-        let got = subset_sum_products::<E>(&pts, &planes, 0..rows.len());
-        for (g, row) in got.into_iter().zip(rows) {
-            assert_eq!(wrap::<E>(g), naive::<E>(&pts, row));
-        }
-        // A sub-range of keys gives the same products.
-        if rows.len() > 1 {
-            let tail = subset_sum_products::<E>(&pts, &planes, 1..rows.len());
-            assert_eq!(wrap::<E>(tail[0].clone()), naive::<E>(&pts, &rows[1]));
+        let bits = BitPlanes::bits_for(lo, hi);
+        let want: Vec<Point<E>> = rows.iter().map(|r| naive::<E>(&pts, r)).collect();
+        let forced = (1..=MAX_CHUNK_BITS)
+            .map(|t| (Digits::TwosComplement, t))
+            .chain((1..=MAX_NAF_CHUNK_BITS).map(|t| (Digits::Naf, t)))
+            .map(|(d, t)| BitPlanes::with_layout(rows, bits, &[(n, d, t)]));
+        for planes in forced.chain([BitPlanes::new(rows, bits, splits)]) {
+            let got = subset_sum_products::<E>(&pts, &planes, 0..rows.len());
+            let got: Vec<Point<E>> = got.into_iter().map(wrap::<E>).collect();
+            assert_eq!(got, want);
+            // A sub-range of keys gives the same products.
+            if rows.len() > 1 {
+                let tail = subset_sum_products::<E>(&pts, &planes, 1..rows.len());
+                assert_eq!(wrap::<E>(tail[0].clone()), want[1]);
+            }
         }
     }
 
@@ -519,22 +811,102 @@ mod tests {
         fn bit_planes_match_naive(
             rows in (1usize..30).prop_flat_map(|n| proptest::collection::vec(
                 proptest::collection::vec(-128i64..=127, n), 1..5)),
-            t in 1usize..=MAX_CHUNK_BITS,
+            split in 0usize..30,
         ) {
-            check_planes::<Ristretto>(&rows, t);
+            check_planes::<Ristretto>(&rows, &[split]);
+        }
+
+        #[test]
+        fn sparse_bit_planes_match_naive(
+            rows in (1usize..40).prop_flat_map(|n| proptest::collection::vec(
+                proptest::collection::vec(
+                    prop_oneof![6 => Just(0i64), 2 => -8i64..=8, 1 => -128i64..=127], n),
+                1..6)),
+        ) {
+            check_planes::<Ristretto>(&rows, &[]);
+        }
+
+        #[test]
+        fn naf_masks_reconstruct(v in proptest::num::i64::ANY.prop_map(|v| v >> 2)) {
+            let (pos, neg) = naf_masks(v);
+            prop_assert_eq!(pos & neg, 0);
+            let nonzero = pos | neg;
+            prop_assert_eq!(nonzero & (nonzero << 1), 0, "adjacent non-zero digits");
+            prop_assert_eq!(pos as i128 - neg as i128, i128::from(v));
         }
     }
 
     #[test]
     fn bit_planes_extremes() {
         // Bounds of the two's complement range, zeros, wide entries, and secp256k1.
-        check_planes::<Ristretto>(&[vec![-128, 127, 0, -1, 1], vec![0; 5], vec![-128; 5]], 2);
-        check_planes::<Ristretto>(&[vec![1 << 40, -(1 << 40) - 3, 7]], 3);
-        check_planes::<Secp256k1>(&[vec![-5, 6, 127, -128, 0, 3, 9]], 4);
+        check_planes::<Ristretto>(
+            &[vec![-128, 127, 0, -1, 1], vec![0; 5], vec![-128; 5]],
+            &[2],
+        );
+        check_planes::<Ristretto>(&[vec![1 << 40, -(1 << 40) - 3, 7]], &[1]);
+        check_planes::<Secp256k1>(&[vec![-5, 6, 127, -128, 0, 3, 9]], &[4]);
         assert_eq!(BitPlanes::bits_for(-128, 127), 8);
         assert_eq!(BitPlanes::bits_for(-128, 128), 9);
         assert_eq!(BitPlanes::bits_for(0, 0), 2);
-        assert_eq!(BitPlanes::best_chunk(97, 128, 8).0, 7);
+    }
+
+    #[test]
+    fn layout_follows_sparsity() {
+        // Dense uniform entries: two's complement; mostly zeros and small values: NAF.
+        let mut rng = rand::thread_rng();
+        let dense: Vec<Vec<i64>> = (0..128)
+            .map(|_| (0..64).map(|_| rng.gen_range(-128..=127)).collect())
+            .collect();
+        let sparse: Vec<Vec<i64>> = (0..128)
+            .map(|_| {
+                (0..64)
+                    .map(|_| {
+                        if rng.gen_bool(0.7) {
+                            0
+                        } else {
+                            rng.gen_range(-6..=6)
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let planes = BitPlanes::new(&dense, 8, &[]);
+        assert_eq!(planes.chunks[0].digits, Digits::TwosComplement);
+        let sparse_planes = BitPlanes::new(&sparse, 8, &[]);
+        assert_eq!(sparse_planes.chunks[0].digits, Digits::Naf);
+        assert!(sparse_planes.additions() < planes.additions() / 2);
+        // The chosen layout is never costlier than a fixed one.
+        for t in 1..=MAX_CHUNK_BITS {
+            let fixed = BitPlanes::with_layout(&sparse, 8, &[(64, Digits::TwosComplement, t)]);
+            assert!(sparse_planes.additions() <= fixed.additions());
+        }
+    }
+
+    #[test]
+    fn recoding_reaches_the_group_order() {
+        // The largest scalars (q − 1, and 2^k − 1 below q) recode without a leftover carry
+        // into scalar_digits digits, and the digits give the scalar back.
+        fn check<E: FeCurve>() {
+            let minus_one = -Scalar::<E>::from(1);
+            let big = Scalar::<E>::from_bigint(
+                &((BigInt::one() << (E::SCALAR_BITS - 1)) - BigInt::one()),
+            );
+            for s in [minus_one, big, Scalar::<E>::random(), Scalar::<E>::zero()] {
+                for w in 2..=24 {
+                    let d = recode_scalar::<E>(&s, w);
+                    assert_eq!(d.len(), scalar_digits::<E>(w));
+                    let back = d.iter().rev().fold(Scalar::<E>::zero(), |acc, &x| {
+                        acc * Scalar::<E>::from(1u64 << w) + Scalar::<E>::from(x)
+                    });
+                    assert_eq!(back, s, "w = {w}");
+                    assert!(d
+                        .iter()
+                        .all(|&x| (-(1 << (w - 1))..(1 << (w - 1))).contains(&x)));
+                }
+            }
+        }
+        check::<Ristretto>();
+        check::<Secp256k1>();
     }
 
     #[test]
