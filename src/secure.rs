@@ -76,6 +76,9 @@ pub struct Timings {
     pub keys_received: u64,
     /// Values decrypted.
     pub decryptions: u64,
+    /// Batches read and decoded from the file: one per step when prefetching works.
+    #[serde(default)]
+    pub batches_read: u64,
 }
 
 /// Zeroes weight rows and delta columns with fewer non-zero entries than the key policy
@@ -225,10 +228,9 @@ impl<K: KeyService> SecureProducts<K> {
                     backend(std::io::Error::other("the batch reader thread panicked"))
                 })?,
                 other => {
-                    if let Some(p) = other {
-                        // A prefetch of another batch: let it finish, drop its result.
-                        let _ = p.handle.join();
-                    }
+                    // A prefetch of another batch stays queued: it is for a later step.
+                    self.pending = other;
+                    self.timings.batches_read += 1;
                     lock(&self.reader).batch(batch)
                 }
             };
@@ -381,7 +383,11 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
     }
 
     /// Reads and decodes `batch` on another thread (its point decoding joins the rayon pool),
-    /// so that it is ready when the current step ends.
+    /// so that it is ready when the step after the current one starts.
+    ///
+    /// The training loop calls this at the start of a step, before it loads the step's own
+    /// batch: a batch still queued from the previous call is that one, so it is kept (waiting
+    /// for it here is waiting the step would do anyway), never dropped and read again.
     fn prefetch(&mut self, batch: usize) {
         let loaded = self.current.as_ref().map(|b| b.index as usize) == Some(batch);
         let queued = self.pending.as_ref().map(|p| p.batch) == Some(batch);
@@ -389,9 +395,15 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
             return;
         }
         if let Some(p) = self.pending.take() {
-            let _ = p.handle.join();
+            let t = Instant::now();
+            // A failed read is dropped here and read again (and reported) by `load`.
+            if let Ok(Ok(b)) = p.handle.join() {
+                self.current = Some(b);
+            }
+            self.timings.io += t.elapsed();
         }
         let reader = Arc::clone(&self.reader);
+        self.timings.batches_read += 1;
         self.pending = Some(Pending {
             batch,
             handle: std::thread::spawn(move || lock(&reader).batch(batch)),

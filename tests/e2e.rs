@@ -155,12 +155,14 @@ fn encrypted_training_equals_simulation_and_survives_a_kill() {
     // the plain simulation with the same seed and partition
     simulate(limit, batch, &w.join("sim.bin"));
     // uninterrupted encrypted training, as separate processes over TCP
-    run(&mut train_cmd(
-        &s.authority,
-        &s.data,
-        &w.join("secure.bin"),
-        w,
-    ));
+    let metrics = w.join("metrics.jsonl");
+    run(train_cmd(&s.authority, &s.data, &w.join("secure.bin"), w)
+        .arg("--metrics")
+        .arg(&metrics));
+    // every batch is read and decoded once (the next one while the current step computes)
+    let line = std::fs::read_to_string(&metrics).expect("metrics");
+    let m: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
+    assert_eq!(m["timings"]["batches_read"], (limit / batch) as u64, "{m}");
     let secure = std::fs::read(w.join("secure.bin")).expect("model");
     assert_eq!(
         secure,

@@ -221,6 +221,7 @@ pub fn timings_delta(now: &Timings, before: &Timings) -> Timings {
         output_error: now.output_error.saturating_sub(before.output_error),
         keys_received: now.keys_received.saturating_sub(before.keys_received),
         decryptions: now.decryptions.saturating_sub(before.decryptions),
+        batches_read: now.batches_read.saturating_sub(before.batches_read),
         ..Timings::default()
     }
 }

@@ -158,7 +158,7 @@ fn report(m: &EpochMetrics, timings: Option<&Timings>) {
         println!(
             "  time (cumulative): forward decryption {:.1} s, backward decryption {:.1} s \
              (discrete logs {:.1}% of their CPU time), output error {:.1} s, keys {:.1} s, \
-             I/O {:.1} s, clear layers and quantization {:.1} s; {} keys, {} decryptions",
+             I/O {:.1} s, clear layers and quantization {:.1} s; {} keys, {} decryptions, {} batches read",
             t.forward.as_secs_f64(),
             t.backward.as_secs_f64(),
             100.0 * t.dlog_cpu.as_secs_f64() / cpu,
@@ -167,7 +167,8 @@ fn report(m: &EpochMetrics, timings: Option<&Timings>) {
             t.io.as_secs_f64(),
             (m.seconds - t.secure_total().as_secs_f64()).max(0.0),
             t.keys_received,
-            t.decryptions
+            t.decryptions,
+            t.batches_read
         );
     }
 }
