@@ -38,6 +38,31 @@ fn keys_of_bits(n: usize, count: usize, bits: u32) -> Vec<Vec<i64>> {
         .collect()
 }
 
+/// Keys shaped like training's delta columns mid-epoch: about two thirds zeros, heavy-tailed
+/// magnitudes, each column scaled so that its largest entry is ±127.
+fn gradient_like_keys(n: usize, count: usize) -> Vec<Vec<i64>> {
+    let mut r = rng();
+    (0..count)
+        .map(|_| {
+            let mut y: Vec<i64> = (0..n)
+                .map(|_| {
+                    if r.gen_bool(0.67) {
+                        return 0;
+                    }
+                    let m = (127.0 * r.gen::<f64>().powi(3)).round() as i64;
+                    if r.gen_bool(0.5) {
+                        -m
+                    } else {
+                        m
+                    }
+                })
+                .collect();
+            y[r.gen_range(0..n)] = if r.gen_bool(0.5) { -127 } else { 127 };
+            y
+        })
+        .collect()
+}
+
 fn pixels(n: usize) -> Vec<i64> {
     let mut r = rng();
     (0..n).map(|_| r.gen_range(0..=255)).collect()
@@ -135,6 +160,21 @@ fn bench_curve<E: FeCurve>(c: &mut Criterion, dlog: &DlogTable<E>, configs: &[(u
 fn feip_benches(c: &mut Criterion) {
     let dlog = one_core().install(|| DlogTable::<Ristretto>::new(DEFAULT_HALF_WIDTH).expect("t"));
     bench_curve::<Ristretto>(c, &dlog, &[(785, 8), (785, 16), (64, 8)]);
+    // The backward shape with training-like sparse keys (NAF bit planes).
+    let mut s = setup::<Ristretto>(64, 128, 4, 8);
+    s.keys = s
+        .msk
+        .derive_keys(&gradient_like_keys(64, 128))
+        .expect("keys");
+    let mut g = c.benchmark_group("feip/ristretto/n=64/gradient-like keys");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .throughput(Throughput::Elements(128 * s.cts.len() as u64));
+    g.bench_function(BenchmarkId::new("decrypt, 4 cts x 128 keys", "fast"), |b| {
+        b.iter(|| one_core().install(|| feip::decrypt_matrix(&s.params, &s.cts, &s.keys, &dlog)))
+    });
+    g.finish();
     let dlog_s = DlogTable::<Secp256k1>::new(1 << 16).expect("t");
     bench_curve::<Secp256k1>(c, &dlog_s, &[(785, 8), (64, 8)]);
 }
