@@ -350,13 +350,7 @@ struct Chunk {
     digits: Digits,
 }
 
-impl Chunk {
-    /// Additions to build this chunk's table.
-    fn table_cost(&self) -> usize {
-        table_cost(self.digits, self.len)
-    }
-}
-
+/// Additions to build the table of a chunk of `len` points in the form `digits`.
 fn table_cost(digits: Digits, len: usize) -> usize {
     match digits {
         Digits::TwosComplement => (1usize << len) - len - 1,
@@ -509,7 +503,10 @@ impl BitPlanes {
     /// Point additions (doublings included) of one [`subset_sum_products`] over all keys:
     /// the chunk tables, one per non-zero code, and Horner's rule over the planes.
     pub fn additions(&self) -> usize {
-        self.chunks.iter().map(Chunk::table_cost).sum::<usize>()
+        self.chunks
+            .iter()
+            .map(|c| table_cost(c.digits, c.len))
+            .sum::<usize>()
             + self.lookups
             + self.keys * 2 * (self.bits - 1)
     }
