@@ -21,7 +21,9 @@
 //! * bit planes over subset sums ([`crate::msm::BitPlanes`]), with `−sk` written in signed
 //!   base-`2^b` digits `e_j` so that `sk·C_0` becomes extra points `2^(bj)·C_0` with small
 //!   coefficients: `D = Σ y_i C_i + Σ e_j (2^(bj) C_0)` is one small-scalar product over
-//!   `n + ⌈(log₂q + 2)/b⌉` points (many keys: the forward and backward passes of training);
+//!   `n + ⌈(log₂q + 2)/b⌉` points (many keys: the forward and backward passes of training).
+//!   Dense segments may use zero-free digits, which give `2·D`; the discrete log then solves
+//!   `2·⟨x, y⟩` (within twice the bound) and halves it;
 //! * the bucket method per key, with a fixed-base table for `C_0` (one or a few keys);
 //! * small multiples per point, shared by all keys (tiny entries on very short vectors);
 //!
@@ -33,7 +35,7 @@ use crate::error::{FeError, Result};
 use crate::group::{double, generator, halve, wrap, FeCurve, RawPoint};
 use crate::msm::{
     best_window, double_k, msm_signed_with, recode_scalar, scalar_digits, subset_sum_products,
-    windows_for, BitPlanes, FixedBase, SmallMultiples, MAX_CHUNK_BITS,
+    windows_for, BitPlanes, FixedBase, SmallMultiples, MAX_CHUNK_BITS, MAX_ZERO_FREE_CHUNK_BITS,
 };
 use crate::serial::{put_i64s, put_point, put_points, put_scalar, serde_via_bytes, Encode, Reader};
 use curv::arithmetic::{BigInt, Converter};
@@ -558,11 +560,18 @@ fn plan<E: FeCurve>(n: usize, h: usize, (lo, hi): (i64, i64), c0w: usize) -> Pla
     let bits = BitPlanes::bits_for(lo, hi);
     let sk_digits = scalar_digits::<E>(bits);
     let points = n + sk_digits;
-    let cost_planes = (1..=MAX_CHUNK_BITS)
-        .map(|t| {
-            let chunks = points.div_ceil(t);
-            chunks * ((1usize << t) - t - 1) + h * (bits * chunks + 2 * (bits - 1))
-        })
+    // Two's complement with tables of 2^t, or zero-free digits with tables of 2^(t−1) (and
+    // one more addition per key).
+    let two_complement = (1..=MAX_CHUNK_BITS).map(|t| {
+        let chunks = points.div_ceil(t);
+        chunks * ((1usize << t) - t - 1) + h * (bits * chunks + 2 * (bits - 1))
+    });
+    let zero_free = (1..=MAX_ZERO_FREE_CHUNK_BITS).map(|t| {
+        let chunks = points.div_ceil(t);
+        chunks * ((1usize << (t - 1)) + 2 * t) + h * (bits * chunks + 2 * bits - 1)
+    });
+    let cost_planes = two_complement
+        .chain(zero_free)
         .min()
         .unwrap_or(usize::MAX)
         .saturating_add(sk_digits * bits);
@@ -578,6 +587,18 @@ fn plan<E: FeCurve>(n: usize, h: usize, (lo, hi): (i64, i64), c0w: usize) -> Pla
         strategy,
         bits,
         sk_digits,
+    }
+}
+
+/// `v/2` for the discrete log `v` of a doubled product `2·D`.
+///
+/// `2·D = v·G` with `|v| ≤ 2·bound < q` means `D = (v/2)·G` for even `v`; an odd `v` means
+/// that `D` is not within the bound (a tampered ciphertext or a key for another vector).
+fn halve_solution(v: i64, bound: u64) -> Result<i64> {
+    if v % 2 == 0 {
+        Ok(v / 2)
+    } else {
+        Err(FeError::DlogNotFound { bound })
     }
 }
 
@@ -650,7 +671,11 @@ pub fn decrypt_matrix_with_stats<E: FeCurve>(
     // Bit planes: every key is `y` followed by the signed base-2^bits digits of `−sk`, the
     // coefficients of the points `2^(bits·j)·C_0`, so that `Σ y_i C_i − sk·C_0` is one
     // product over `n + sk_digits` points. The two parts get their own digit form and chunk
-    // width: `y` may be sparse (gradients), the digits of `−sk` are uniform.
+    // width: `y` may be sparse (gradients), the digits of `−sk` are uniform. Doubled products
+    // (zero-free digits) are allowed when twice every bound is still solvable.
+    let may_double = bounds
+        .iter()
+        .all(|&b| u128::from(b) * 2 <= u128::from(dlog.limit()));
     let planes = (strategy == Strategy::Planes).then(|| {
         let rows: Vec<Vec<i64>> = keys
             .par_iter()
@@ -664,8 +689,14 @@ pub fn decrypt_matrix_with_stats<E: FeCurve>(
                 row
             })
             .collect();
-        BitPlanes::new(&rows, bits, &[n])
+        BitPlanes::new(&rows, bits, &[n], may_double)
     });
+    let doubled = planes.as_ref().is_some_and(BitPlanes::doubled);
+    let solve_bounds: Vec<u64> = if doubled {
+        bounds.iter().map(|&b| 2 * b).collect()
+    } else {
+        bounds.clone()
+    };
     // With fewer ciphertexts than threads, split the keys instead.
     let key_groups = if cts.len() >= rayon::current_num_threads() {
         1
@@ -730,8 +761,17 @@ pub fn decrypt_matrix_with_stats<E: FeCurve>(
             DecryptStats::add(&stats.group_nanos, started);
             let started = Instant::now();
             let out = dlog
-                .solve_batch(&d, &bounds)
+                .solve_batch(&d, &solve_bounds)
                 .into_iter()
+                .zip(&bounds)
+                .map(|(v, &bound)| match v {
+                    Ok(v) if doubled => halve_solution(v, bound),
+                    // Report the caller's bound, not the doubled one searched.
+                    Err(FeError::DlogNotFound { .. }) if doubled => {
+                        Err(FeError::DlogNotFound { bound })
+                    }
+                    other => other,
+                })
                 .collect::<Result<Vec<i64>>>();
             DecryptStats::add(&stats.dlog_nanos, started);
             out
@@ -859,6 +899,17 @@ mod tests {
             plan::<Ristretto>(785, 128, (-(1 << 30), 1 << 30), c0_window::<Ristretto>(128))
                 .strategy,
             Strategy::Buckets
+        );
+    }
+
+    #[test]
+    fn doubled_solutions_halve_or_fail() {
+        assert_eq!(halve_solution(-8, 4), Ok(-4));
+        assert_eq!(halve_solution(0, 4), Ok(0));
+        // An odd logarithm of 2·D: D itself is (v + q)/2·G, outside any small bound.
+        assert_eq!(
+            halve_solution(7, 4),
+            Err(FeError::DlogNotFound { bound: 4 })
         );
     }
 }

@@ -234,6 +234,16 @@ fn feip_forward_shape_bit_planes() {
     assert_matrix_matches_plain(785, &xs, &ys);
     let mut cts = enc.encrypt_many(&xs).expect("encrypt");
     let ks = msk.derive_keys(&ys).expect("keys");
+    // A solver that reaches exactly the bound (255·785·128) but not twice it: the products are
+    // not doubled (no zero-free digits), and the results are the same.
+    let tight = DlogTable::<Ristretto>::new(1 << 14)
+        .expect("table")
+        .with_limit(255 * 785 * 128);
+    let want = feip::decrypt_matrix(&pk.params(), &cts, &ks, dlog()).expect("decrypt");
+    assert_eq!(
+        feip::decrypt_matrix(&pk.params(), &cts, &ks, &tight).expect("decrypt"),
+        want
+    );
     // Swap two elements: every key whose entries differ there now sees another point.
     let mut c = cts[0].elements().to_vec();
     c.swap(0, 1);
