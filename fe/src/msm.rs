@@ -1064,13 +1064,18 @@ mod tests {
         assert_eq!(BitPlanes::bits_for(0, 0), 2);
     }
 
+    /// `keys` rows of `n` uniform 8-bit entries.
+    fn uniform_rows(rng: &mut impl Rng, keys: usize, n: usize) -> Vec<Vec<i64>> {
+        (0..keys)
+            .map(|_| (0..n).map(|_| rng.gen_range(-128..=127)).collect())
+            .collect()
+    }
+
     #[test]
     fn layout_follows_sparsity() {
         // Dense uniform entries: two's complement; mostly zeros and small values: NAF.
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let dense: Vec<Vec<i64>> = (0..128)
-            .map(|_| (0..64).map(|_| rng.gen_range(-128..=127)).collect())
-            .collect();
+        let dense = uniform_rows(&mut rng, 128, 64);
         let sparse: Vec<Vec<i64>> = (0..128)
             .map(|_| {
                 (0..64)
@@ -1116,9 +1121,7 @@ mod tests {
         // pass): zero-free tables of 2^(t−1) allow wider chunks, about 8 % fewer additions
         // (1,027 → 940 per key).
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let rows: Vec<Vec<i64>> = (0..128)
-            .map(|_| (0..817).map(|_| rng.gen_range(-128..=127)).collect())
-            .collect();
+        let rows = uniform_rows(&mut rng, 128, 817);
         let exact = BitPlanes::new(&rows, 8, &[785], false);
         let doubled = BitPlanes::new(&rows, 8, &[785], true);
         assert!(doubled.doubled() && !exact.doubled());
