@@ -12,6 +12,7 @@
 #![deny(missing_docs)]
 
 pub mod authority;
+pub mod basis;
 pub mod client;
 pub mod dataset;
 pub mod protocol;

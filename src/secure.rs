@@ -8,13 +8,16 @@
 //! * one basic-operation key per label element, operation `sub` with operand `a_bk`, and
 //!   decrypts `LABEL_SCALE·y_bk − a_bk` (output error, negated to `A_q − LABEL_SCALE·Y`);
 //! * one inner-product key per delta column `δ_j` (length B) and decrypts
-//!   `g_ji = ⟨δ_j, x_col_i⟩` from the 785 column ciphertexts (backward).
+//!   `g_ji = ⟨δ_j, x_col_i⟩` from the 785 column ciphertexts (backward). With more units
+//!   than samples the columns are dependent: keys are asked for a basis of them only, and
+//!   the other columns' products are derived exactly ([`crate::basis`]).
 //!
 //! The results are exactly the integers the plain computation gives ([`nn::first_layer::PlainIntegers`]).
 //! [`KeyPolicyFilter`] zeroes the rows and columns the authority's policy would refuse (too few
 //! non-zero entries) *before* either implementation sees them, so simulated and encrypted runs
 //! stay bit-identical and normal training is never refused.
 
+use crate::basis::Basis;
 use crate::dataset::{DatasetError, EncryptedBatch, Reader};
 use crate::protocol::{AuthorityClient, FeboKeyRequest, ProtocolError, PublicParams};
 use crate::Curve;
@@ -23,6 +26,7 @@ use fe::febo::{self, FeboFunctionKey, Op};
 use fe::feip::{self, FeipFunctionKey};
 use ndarray::{Array2, ArrayView2, Axis};
 use nn::first_layer::{IntegerProducts, SeamError, LABEL_SCALE};
+use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,6 +83,9 @@ pub struct Timings {
     /// Batches read and decoded from the file: one per step when prefetching works.
     #[serde(default)]
     pub batches_read: u64,
+    /// Backward products derived from a basis of the deltas instead of decrypted.
+    #[serde(default)]
+    pub derived: u64,
 }
 
 /// Zeroes weight rows and delta columns with fewer non-zero entries than the key policy
@@ -311,11 +318,20 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
             });
         }
         let (idx, ys) = live_vectors(delta_q.axis_iter(Axis(1)));
+        // Keys only for a basis of the deltas when they are dependent (more units than
+        // samples); the other columns' products follow exactly (see `crate::basis`).
         let t = Instant::now();
-        let keys = if ys.is_empty() {
+        let basis = Basis::find(&ys, cp.x_bound);
+        let asked: Vec<Vec<i64>> = match &basis {
+            Some(basis) => basis.pivots().iter().map(|&k| ys[k].clone()).collect(),
+            None => ys.clone(),
+        };
+        self.timings.backward += t.elapsed();
+        let t = Instant::now();
+        let keys = if asked.is_empty() {
             Vec::new()
         } else {
-            self.keys.col_keys(&ys).map_err(backend)?
+            self.keys.col_keys(&asked).map_err(backend)?
         };
         self.timings.keys += t.elapsed();
         self.timings.keys_received += keys.len() as u64;
@@ -327,6 +343,17 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
             feip::decrypt_matrix_with_stats(&cp, &b.cols, &keys, &dlog, &stats).map_err(backend)?;
         self.timings.dlog_cpu += stats.dlog_time();
         self.timings.group_cpu += stats.group_time();
+        self.timings.decryptions += (m.len() * asked.len()) as u64;
+        let m = match &basis {
+            Some(basis) => {
+                self.timings.derived += (m.len() * (ys.len() - asked.len())) as u64;
+                m.par_iter()
+                    .map(|col| basis.expand(col))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(backend)?
+            }
+            None => m,
+        };
         let mut out = Array2::<i64>::zeros((delta_q.ncols(), rows));
         for (i, col) in m.iter().enumerate() {
             for (k, &j) in idx.iter().enumerate() {
@@ -334,7 +361,6 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
             }
         }
         self.timings.backward += t.elapsed();
-        self.timings.decryptions += (m.len() * idx.len()) as u64;
         Ok(out)
     }
 

@@ -158,7 +158,8 @@ fn report(m: &EpochMetrics, timings: Option<&Timings>) {
         println!(
             "  time (cumulative): forward decryption {:.1} s, backward decryption {:.1} s \
              (discrete logs {:.1}% of their CPU time), output error {:.1} s, keys {:.1} s, \
-             I/O {:.1} s, clear layers and quantization {:.1} s; {} keys, {} decryptions, {} batches read",
+             I/O {:.1} s, clear layers and quantization {:.1} s; {} keys, {} decryptions, {} backward products derived \
+             from a basis of the deltas, {} batches read",
             t.forward.as_secs_f64(),
             t.backward.as_secs_f64(),
             100.0 * t.dlog_cpu.as_secs_f64() / cpu,
@@ -168,6 +169,7 @@ fn report(m: &EpochMetrics, timings: Option<&Timings>) {
             (m.seconds - t.secure_total().as_secs_f64()).max(0.0),
             t.keys_received,
             t.decryptions,
+            t.derived,
             t.batches_read
         );
     }
