@@ -8,9 +8,10 @@
 //! quantization, the optimizer).
 //!
 //! The model: per step, forward decryption is `B·H` inner products of length 785, backward
-//! decryption `785·H` inner products of length `B`, the output error `10·B` FEBO
-//! decryptions, I/O reads `≈ 1571·B + 785` points, keys are `2H + 10B` per step; an epoch is
-//! `⌊N/B⌋` steps. Each part's coefficients are fitted (non-negative least squares) on the
+//! decryption `785·min(H, B)` inner products of length `B` (keys for a basis of the deltas;
+//! the other `H − B` columns' products are derived), the output error `10·B` FEBO
+//! decryptions, I/O reads `≈ 1571·B + 785` points, keys are `H + min(H, B) + 10B` per step;
+//! an epoch is `⌊N/B⌋` steps. Each part's coefficients are fitted (non-negative least squares) on the
 //! measured settings.
 
 use crate::common::{progress, CommonArgs, Stopwatch, Summary};
@@ -118,11 +119,11 @@ impl Measured {
 /// Features of each part for a setting `(H, B)`, per step (see the module documentation).
 fn features(part: usize, h: f64, b: f64) -> Vec<f64> {
     match part {
-        0 => vec![1.0, h, b],     // keys: request + 2H FEIP + 10B FEBO keys
-        1 => vec![b * h, b],      // forward: B·H inner products of length 785
-        2 => vec![h * b, h, 1.0], // backward: 785·H inner products of length B
-        3 => vec![b, 1.0],        // output error: 10·B FEBO decryptions
-        4 => vec![b, 1.0],        // I/O: ≈ 1571·B + 785 points
+        0 => vec![1.0, h, b], // keys: request + H + min(H, B) FEIP + 10B FEBO keys
+        1 => vec![b * h, b],  // forward: B·H inner products of length 785
+        2 => vec![h.min(b) * b, h, 1.0], // backward: 785·min(H, B) of length B, H − B derived
+        3 => vec![b, 1.0],    // output error: 10·B FEBO decryptions
+        4 => vec![b, 1.0],    // I/O: ≈ 1571·B + 785 points
         _ => vec![b * h, b, 1.0], // clear layers
     }
 }
@@ -132,7 +133,7 @@ fn feature_names(part: usize) -> &'static [&'static str] {
     match part {
         0 => &["1", "H", "B"],
         1 => &["B·H", "B"],
-        2 => &["B·H", "H", "1"],
+        2 => &["B·min(H,B)", "H", "1"],
         3 | 4 => &["B", "1"],
         _ => &["B·H", "B", "1"],
     }
