@@ -61,8 +61,8 @@ impl Basis {
     /// Finds a basis of `columns` (each of the batch length) for data with `|x| ≤ x_bound`.
     ///
     /// `None` when it would not save a decryption (no column is derived), when elimination
-    /// mod `p` finds fewer pivots than there are samples with a non-zero delta, or when a
-    /// product could reach `p/2`.
+    /// mod `p` finds fewer pivots than there are samples with non-zero deltas that are not
+    /// multiples of another sample's, or when a product could reach `p/2`.
     pub fn find(columns: &[Vec<i64>], x_bound: u64) -> Option<Basis> {
         let len = columns.first().map_or(0, Vec::len);
         if columns.iter().any(|c| c.len() != len) {
@@ -82,18 +82,14 @@ impl Basis {
         // The samples with some non-zero delta, less those whose deltas are a multiple of an
         // earlier sample's (sparse deltas make such pairs common): the rows to reduce.
         let mut seen = std::collections::HashSet::new();
-        let rows: Vec<usize> = (0..len)
-            .filter(|&b| {
-                let row: Vec<i64> = columns.iter().map(|c| c[b]).collect();
-                primitive(&row).is_some_and(|p| seen.insert(p))
-            })
+        let mut a: Vec<Vec<u64>> = (0..len)
+            .map(|b| columns.iter().map(|c| c[b]).collect::<Vec<i64>>())
+            .filter(|row| primitive(row).is_some_and(|p| seen.insert(p)))
+            .map(|row| row.into_iter().map(residue).collect())
             .collect();
-        let mut a: Vec<Vec<u64>> = rows
-            .iter()
-            .map(|&b| columns.iter().map(|c| residue(c[b])).collect())
-            .collect();
+        let rows = a.len();
         let pivots = reduce_rows(&mut a);
-        if pivots.len() < rows.len() || pivots.len() == columns.len() {
+        if pivots.len() < rows || pivots.len() == columns.len() {
             return None;
         }
         // In reduced echelon form, row i of column k is k's coefficient on pivot i.
