@@ -26,6 +26,7 @@
 //! products that decrypting every column would give (the README's threat model discusses what
 //! `δᵀX` reveals).
 
+use fe::encoding::bound_for_key;
 use thiserror::Error;
 
 /// The prime modulus, `2^61 − 1`.
@@ -47,8 +48,6 @@ pub struct OutOfBound {
 /// The pivot columns to decrypt and, for every other column, its coefficients over them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Basis {
-    /// Number of columns.
-    columns: usize,
     /// The pivot columns, increasing.
     pivots: Vec<usize>,
     /// The other columns, increasing, each with its coefficients over `pivots` (mod `p`).
@@ -71,14 +70,11 @@ impl Basis {
         let bounds = columns
             .iter()
             .map(|c| {
-                c.iter().try_fold(0u64, |acc, v| {
-                    acc.checked_add(v.unsigned_abs().checked_mul(x_bound)?)
-                })
+                u64::try_from(bound_for_key(c, x_bound))
+                    .ok()
+                    .filter(|&b| b < P / 2)
             })
             .collect::<Option<Vec<u64>>>()?;
-        if bounds.iter().any(|&b| b >= P / 2) {
-            return None;
-        }
         // The samples with some non-zero delta, less those whose deltas are a multiple of an
         // earlier sample's (sparse deltas make such pairs common): the rows to reduce.
         let mut seen = std::collections::HashSet::new();
@@ -98,7 +94,6 @@ impl Basis {
             .map(|k| (k, a.iter().map(|row| row[k]).collect()))
             .collect();
         Some(Basis {
-            columns: columns.len(),
             pivots,
             derived,
             bounds,
@@ -112,7 +107,7 @@ impl Basis {
 
     /// Number of columns.
     pub fn columns(&self) -> usize {
-        self.columns
+        self.bounds.len()
     }
 
     /// Every column's product from the pivots' products (`at_pivots[i]` for `pivots()[i]`).
@@ -121,7 +116,7 @@ impl Basis {
     /// If `at_pivots` does not have one value per pivot.
     pub fn expand(&self, at_pivots: &[i64]) -> Result<Vec<i64>, OutOfBound> {
         assert_eq!(at_pivots.len(), self.pivots.len(), "one value per pivot");
-        let mut out = vec![0i64; self.columns];
+        let mut out = vec![0i64; self.columns()];
         for (&k, &v) in self.pivots.iter().zip(at_pivots) {
             out[k] = v;
         }
