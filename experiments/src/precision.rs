@@ -25,6 +25,7 @@ use nn::first_layer::{
     max_abs_backward, max_abs_forward, qmax, FirstLayer, IntegerProducts, PlainIntegers, Quantizer,
     SeamError,
 };
+use rayon::prelude::*;
 
 /// Options of `precision`.
 #[derive(Args, Debug, Clone)]
@@ -36,7 +37,9 @@ pub struct PrecisionArgs {
     /// Bit widths of the first-layer weights and deltas to try: a range `2-12` or a list `4,8`.
     #[arg(long, default_value = "2-12", value_parser = crate::common::parse_list_arg)]
     pub bits: crate::common::List,
-    /// Seeds per setting (seed, seed+1, ...): the table shows mean ± standard deviation.
+    /// Seeds per setting (seed, seed+1, ...), run side by side on all cores: the table shows
+    /// the accuracy's mean ± standard deviation and each setting minus the float run of the
+    /// same seed (mean ± standard error).
     #[arg(long, default_value_t = 3)]
     pub seeds: u64,
     /// Decimal digits `d` (fixed scale 10^d, as in the paper) to try; "none" to skip.
@@ -61,11 +64,12 @@ fn parse_digits(s: &str) -> Result<crate::common::List, String> {
 const DEFAULT_EPOCHS: usize = 3;
 
 /// Columns of `precision.csv`.
-pub const COLUMNS: [&str; 15] = [
+pub const COLUMNS: [&str; 16] = [
     "scheme",
     "value",
     "test_accuracy",
     "test_loss",
+    "float_test_accuracy",
     "max_weight_int",
     "max_delta_int",
     "forward_bound",
@@ -207,6 +211,8 @@ struct Outcome {
     seed: u64,
     accuracy: f64,
     loss: f64,
+    /// The float baseline's test accuracy for the same seed (same model and batches).
+    float_accuracy: f64,
     max_w: u64,
     max_d: u64,
     fwd_bound: u64,
@@ -238,6 +244,7 @@ impl Outcome {
             self.value.to_string(),
             format!("{:.6}", self.accuracy),
             format!("{:.6}", self.loss),
+            format!("{:.6}", self.float_accuracy),
             self.max_w.to_string(),
             self.max_d.to_string(),
             self.fwd_bound.to_string(),
@@ -297,105 +304,14 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
     let seeds: Vec<u64> = (0..args.seeds).map(|k| args.train.seed + k).collect();
     let total = (args.bits.0.len() + args.digits.0.len() + 1) * seeds.len();
     let pb = progress(args.common.quiet, total as u64, "precision runs");
-    let mut float_acc = Vec::new();
-    let mut float_loss = Vec::new();
-    let mut results = Vec::new();
-    for &seed in &seeds {
-        let mut targs = args.train.clone();
-        targs.seed = seed;
-
-        // Plain float baseline: the trainer's own float loop, same model and batches.
-        pb.set_message(format!("float, seed {seed}"));
-        let cfg = targs.config(8, epochs)?;
-        let mut h = Vec::new();
-        trainer::run_float(data.train.clone(), bs, &cfg, Some(&data.test), |_, m, _| {
-            h.push(m.clone());
-            Ok(())
-        })
-        .context("plain float training")?;
-        float_acc.push(h.last().and_then(|m| m.test_accuracy).unwrap_or(f64::NAN));
-        float_loss.push(h.last().and_then(|m| m.test_loss).unwrap_or(f64::NAN));
-        pb.inc(1);
-
-        for &bits in &args.bits.0 {
-            pb.set_message(format!("{bits}-bit products, seed {seed}"));
-            let cfg = targs.config(bits, epochs)?;
-            let p = Tracking::new(PlainIntegers::from_dataset(
-                data.train.clone(),
-                bs,
-                true,
-                10,
-            )?);
-            let mut seen = (0, 0, 0, 0);
-            let r = trainer::run(p, &cfg, Some(&data.test), None, None, |_, _, t| {
-                seen = (t.max_w, t.max_d, t.max_z, t.max_g);
-                Ok(())
-            })
-            .with_context(|| format!("training with {bits}-bit products"))?;
-            let last = r.history.last();
-            results.push(Outcome {
-                scheme: "bits",
-                value: bits,
-                seed,
-                accuracy: last.and_then(|m| m.test_accuracy).unwrap_or(f64::NAN),
-                loss: last.and_then(|m| m.test_loss).unwrap_or(f64::NAN),
-                max_w: seen.0,
-                max_d: seen.1,
-                fwd_bound: max_abs_forward(n_cols, bits),
-                bwd_bound: max_abs_backward(bs, bits),
-                seen_z: seen.2,
-                seen_g: seen.3,
-            });
-            pb.inc(1);
-        }
-        for &d in &args.digits.0 {
-            pb.set_message(format!("{d} decimal digits, seed {seed}"));
-            let inner = KeyPolicyFilter::new(
-                Tracking::new(PlainIntegers::from_dataset(
-                    data.train.clone(),
-                    bs,
-                    true,
-                    10,
-                )?),
-                targs.min_nonzero_row,
-                targs.min_nonzero_col,
-            );
-            let layer = FixedScale {
-                inner,
-                scale: 10f64.powi(d as i32),
-                q: Quantizer::new(8),
-            };
-            let cfg = targs.config(8, epochs)?;
-            let mut seen = (0, 0, 0, 0);
-            let mut last = None;
-            let r = trainer::run_layer(layer, &cfg, Some(&data.test), None, None, |_, m, l| {
-                let t = l.inner.inner();
-                seen = (t.max_w, t.max_d, t.max_z, t.max_g);
-                last = Some(m.clone());
-                Ok(())
-            });
-            if let Err(e) = r {
-                eprintln!("{d} decimal digits, seed {seed}: training failed: {e}");
-            }
-            results.push(Outcome {
-                scheme: "digits",
-                value: d,
-                seed,
-                accuracy: last
-                    .as_ref()
-                    .and_then(|m| m.test_accuracy)
-                    .unwrap_or(f64::NAN),
-                loss: last.as_ref().and_then(|m| m.test_loss).unwrap_or(f64::NAN),
-                max_w: seen.0,
-                max_d: seen.1,
-                fwd_bound: (n_cols as u64).saturating_mul(255).saturating_mul(seen.0),
-                bwd_bound: (bs as u64).saturating_mul(255).saturating_mul(seen.1),
-                seen_z: seen.2,
-                seen_g: seen.3,
-            });
-            pb.inc(1);
-        }
-    }
+    // Seeds are independent runs, each on one core: run them side by side.
+    let per_seed = seeds
+        .par_iter()
+        .map(|&seed| run_seed(args, &data, seed, epochs, n_cols, &pb))
+        .collect::<Result<Vec<_>>>()?;
+    let float_acc: Vec<f64> = per_seed.iter().map(|s| s.0).collect();
+    let float_loss: Vec<f64> = per_seed.iter().map(|s| s.1).collect();
+    let results: Vec<Outcome> = per_seed.into_iter().flat_map(|s| s.2).collect();
     pb.finish_and_clear();
 
     write_csv(
@@ -428,12 +344,15 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
 
     let mut t = Table::new(
         format!(
-            "Final test accuracy vs first-layer precision ({net}, batch {bs}, {epochs} epochs of {nb} steps, {} seed(s))",
-            seeds.len()
+            "Final test accuracy vs first-layer precision ({net}, batch {bs}, {epochs} epoch{} of {nb} steps, {} seed{})",
+            if epochs == 1 { "" } else { "s" },
+            seeds.len(),
+            if seeds.len() == 1 { "" } else { "s" }
         ),
         &[
             "precision",
             "test accuracy",
+            "minus float, same seed",
             "test loss",
             "largest w_q",
             "largest δ_q",
@@ -447,6 +366,7 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
     t.row(vec![
         "float (no quantization)".into(),
         pct_pm(&float_acc),
+        "-".into(),
         format!("{:.4}", mean_std(&float_loss).0),
         "-".into(),
         "-".into(),
@@ -471,9 +391,15 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
             (false, _) => "no: bound > 2^36".to_string(),
             (true, false) => "no: key entries > 32767".to_string(),
         };
+        let diffs: Vec<f64> = results
+            .iter()
+            .filter(|o| o.scheme == r.scheme && o.value == r.value)
+            .map(|o| o.accuracy - o.float_accuracy)
+            .collect();
         t.row(vec![
             name,
             pct_pm(acc),
+            paired(&diffs),
             format!("{:.4}", mean_std(loss).0),
             r.max_w.to_string(),
             r.max_d.to_string(),
@@ -501,6 +427,14 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
          accepts bounds up to 2^36, the authority's policy key entries up to 32767."
     ));
     t.note(
+        "Minus float: each seed's accuracy minus the float run's with the same seed (same \
+         initial weights and batch order), in percentage points: mean ± standard error over \
+         the seeds, and how many seeds are within 0.5 points of their float run. Runs that \
+         differ in any rounding drift apart chaotically, so one seed's difference is mostly \
+         noise; the mean over many seeds measures the cost of the quantization."
+            .to_string(),
+    );
+    t.note(
         "Simulation only: the plain integer products are the integers FE decrypts, so each \
          row is what FE training with that setting gives (proven bit for bit by `accuracy` \
          and by the end-to-end tests)."
@@ -509,16 +443,23 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
     Ok(Summary {
         name: "precision".into(),
         description: format!(
-            "Final test accuracy of {net} after {epochs} epochs (batch {bs}, seeds {}) for \
+            "Final test accuracy of {net} after {epochs} epoch{} (batch {bs}, {}) for \
              first-layer weights and deltas quantized to {} bits (per-row scales, the \
-             trainer's scheme) and to {} decimal digits (fixed scale 10^d, the paper's \
-             encoding), on the {}.",
-            list(&seeds.iter().map(|&s| s as u32).collect::<Vec<_>>()),
+             trainer's scheme){}, against plain float training with the same seeds, on the {}.",
+            if epochs == 1 { "" } else { "s" },
+            match seeds.as_slice() {
+                [s] => format!("seed {s}"),
+                [first, .., last] => format!("seeds {first} to {last}"),
+                [] => "no seeds".into(),
+            },
             list(&args.bits.0),
             if args.digits.0.is_empty() {
-                "no".into()
+                String::new()
             } else {
-                list(&args.digits.0)
+                format!(
+                    " and to {} decimal digits (fixed scale 10^d, the paper's encoding)",
+                    list(&args.digits.0)
+                )
             },
             data.source
         ),
@@ -528,6 +469,134 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
         seconds: clock.secs(),
         command: crate::common::command_line(),
     })
+}
+
+/// One seed's runs: the float baseline (its test accuracy and loss), then every bit width and
+/// every number of decimal digits, each outcome carrying the baseline's accuracy.
+fn run_seed(
+    args: &PrecisionArgs,
+    data: &crate::common::Data,
+    seed: u64,
+    epochs: usize,
+    n_cols: usize,
+    pb: &indicatif::ProgressBar,
+) -> Result<(f64, f64, Vec<Outcome>)> {
+    let bs = args.train.batch_size;
+    let mut targs = args.train.clone();
+    targs.seed = seed;
+    let mut results = Vec::new();
+
+    // Plain float baseline: the trainer's own float loop, same model and batches.
+    let cfg = targs.config(8, epochs)?;
+    let mut h = Vec::new();
+    trainer::run_float(data.train.clone(), bs, &cfg, Some(&data.test), |_, m, _| {
+        h.push(m.clone());
+        Ok(())
+    })
+    .with_context(|| format!("plain float training, seed {seed}"))?;
+    let float_acc = h.last().and_then(|m| m.test_accuracy).unwrap_or(f64::NAN);
+    let float_loss = h.last().and_then(|m| m.test_loss).unwrap_or(f64::NAN);
+    pb.inc(1);
+
+    for &bits in &args.bits.0 {
+        let cfg = targs.config(bits, epochs)?;
+        let p = Tracking::new(PlainIntegers::from_dataset(
+            data.train.clone(),
+            bs,
+            true,
+            10,
+        )?);
+        let mut seen = (0, 0, 0, 0);
+        let r = trainer::run(p, &cfg, Some(&data.test), None, None, |_, _, t| {
+            seen = (t.max_w, t.max_d, t.max_z, t.max_g);
+            Ok(())
+        })
+        .with_context(|| format!("training with {bits}-bit products, seed {seed}"))?;
+        let last = r.history.last();
+        results.push(Outcome {
+            scheme: "bits",
+            value: bits,
+            seed,
+            accuracy: last.and_then(|m| m.test_accuracy).unwrap_or(f64::NAN),
+            loss: last.and_then(|m| m.test_loss).unwrap_or(f64::NAN),
+            float_accuracy: float_acc,
+            max_w: seen.0,
+            max_d: seen.1,
+            fwd_bound: max_abs_forward(n_cols, bits),
+            bwd_bound: max_abs_backward(bs, bits),
+            seen_z: seen.2,
+            seen_g: seen.3,
+        });
+        pb.inc(1);
+    }
+    for &d in &args.digits.0 {
+        let inner = KeyPolicyFilter::new(
+            Tracking::new(PlainIntegers::from_dataset(
+                data.train.clone(),
+                bs,
+                true,
+                10,
+            )?),
+            targs.min_nonzero_row,
+            targs.min_nonzero_col,
+        );
+        let layer = FixedScale {
+            inner,
+            scale: 10f64.powi(d as i32),
+            q: Quantizer::new(8),
+        };
+        let cfg = targs.config(8, epochs)?;
+        let mut seen = (0, 0, 0, 0);
+        let mut last = None;
+        let r = trainer::run_layer(layer, &cfg, Some(&data.test), None, None, |_, m, l| {
+            let t = l.inner.inner();
+            seen = (t.max_w, t.max_d, t.max_z, t.max_g);
+            last = Some(m.clone());
+            Ok(())
+        });
+        if let Err(e) = r {
+            pb.suspend(|| eprintln!("{d} decimal digits, seed {seed}: training failed: {e}"));
+        }
+        results.push(Outcome {
+            scheme: "digits",
+            value: d,
+            seed,
+            accuracy: last
+                .as_ref()
+                .and_then(|m| m.test_accuracy)
+                .unwrap_or(f64::NAN),
+            loss: last.as_ref().and_then(|m| m.test_loss).unwrap_or(f64::NAN),
+            float_accuracy: float_acc,
+            max_w: seen.0,
+            max_d: seen.1,
+            fwd_bound: (n_cols as u64).saturating_mul(255).saturating_mul(seen.0),
+            bwd_bound: (bs as u64).saturating_mul(255).saturating_mul(seen.1),
+            seen_z: seen.2,
+            seen_g: seen.3,
+        });
+        pb.inc(1);
+    }
+    Ok((float_acc, float_loss, results))
+}
+
+/// Paired differences (fractions) as `mean ± standard error` in points and the count within
+/// half a point; just the value for one seed.
+fn paired(diffs: &[f64]) -> String {
+    let (m, sd) = mean_std(diffs);
+    let finite = diffs.iter().filter(|d| d.is_finite()).count();
+    if !m.is_finite() {
+        return "-".into();
+    }
+    if finite < 2 {
+        return format!("{:+.2} pt", 100.0 * m);
+    }
+    // The tolerance absorbs the rounding of accuracies like 0.9530 - 0.9480.
+    let within = diffs.iter().filter(|d| d.abs() <= 0.005 + 1e-9).count();
+    format!(
+        "{:+.2} ± {:.2} pt ({within}/{finite} within 0.5)",
+        100.0 * m,
+        100.0 * sd / (finite as f64).sqrt()
+    )
 }
 
 fn list(v: &[u32]) -> String {
@@ -670,4 +739,23 @@ fn plot_results(
         ),
         &panels,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::paired;
+
+    #[test]
+    fn paired_differences_report_mean_standard_error_and_count_within_half_a_point() {
+        // -0.58, +0.23, +0.35, +0.33 points: mean +0.0825, sd 0.4462, s.e. 0.2231.
+        let d = [-0.0058, 0.0023, 0.0035, 0.0033];
+        assert_eq!(paired(&d), "+0.08 ± 0.22 pt (3/4 within 0.5)");
+        // Exactly half a point counts as within, despite the rounding of 0.9530 - 0.9480.
+        assert_eq!(
+            paired(&[0.9530 - 0.9480, -0.005]),
+            "+0.00 ± 0.50 pt (2/2 within 0.5)"
+        );
+        assert_eq!(paired(&[-0.0058]), "-0.58 pt");
+        assert_eq!(paired(&[f64::NAN]), "-");
+    }
 }

@@ -195,6 +195,12 @@ fn all_quick_writes_consistent_csv_plots_and_report() {
         [("bits", "4"), ("bits", "8"), ("digits", "2")]
             .map(|(a, b)| (a.to_string(), b.to_string()))
     );
+    // One seed: every setting is paired with the same float run.
+    let float: f64 = rows[0]["float_test_accuracy"].parse().expect("number");
+    assert!((0.0..=1.0).contains(&float) && float > 0.1, "{float}");
+    assert!(rows
+        .iter()
+        .all(|r| r["float_test_accuracy"] == rows[0]["float_test_accuracy"]));
     let bits8 = &rows[1];
     assert_eq!(bits8["forward_bound"], (785u64 * 255 * 127).to_string());
     assert_eq!(bits8["max_weight_int"], "127");
