@@ -219,7 +219,9 @@ fn draw<DB: DrawingBackend>(
 /// A number for an axis label: short, no trailing zeros.
 pub fn short_number(v: f64) -> String {
     let a = v.abs();
-    if a == 0.0 {
+    // Below 1e-12 only as the rounding residue of a tick at zero (like -6e-17); no plotted
+    // quantity is that small.
+    if a < 1e-12 {
         "0".into()
     } else if !(1e-3..1e5).contains(&a) {
         format!("{v:.0e}")
@@ -515,6 +517,7 @@ mod tests {
     #[test]
     fn numbers_are_short() {
         assert_eq!(short_number(0.0), "0");
+        assert_eq!(short_number(-6e-17), "0");
         assert_eq!(short_number(2.0), "2");
         assert_eq!(short_number(0.25), "0.25");
         assert_eq!(short_number(1.5), "1.5");

@@ -696,6 +696,43 @@ fn plot_results(
             COLORS[4],
         ));
     }
+    // Each seed minus its own float run: the cost of quantization without seed noise.
+    let diffs: Vec<(f64, f64)> = results
+        .iter()
+        .filter(|r| r.scheme == "bits" && (r.accuracy - r.float_accuracy).is_finite())
+        .map(|r| (r.value as f64, 100.0 * (r.accuracy - r.float_accuracy)))
+        .collect();
+    if several && !diffs.is_empty() {
+        let lo = diffs.iter().map(|p| p.0).fold(f64::INFINITY, f64::min) - 0.3;
+        let hi = diffs.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max) + 0.3;
+        let mean_diff: Vec<(f64, f64)> = settings
+            .iter()
+            .filter(|(o, _, _)| o.scheme == "bits")
+            .map(|(o, _, _)| {
+                let d: Vec<f64> = diffs
+                    .iter()
+                    .filter(|p| p.0 == o.value as f64)
+                    .map(|p| p.1)
+                    .collect();
+                (o.value as f64, mean_std(&d).0)
+            })
+            .collect();
+        let mut c = LineChart::new(
+            "Minus the float run of the same seed",
+            "bits of first-layer weights and deltas",
+            "accuracy difference (points)",
+            vec![
+                Series::new("±0.5 points", vec![(lo, 0.5), (hi, 0.5)], COLORS[7])
+                    .styled(Line::Dashed, Marker::None),
+                Series::new("", vec![(lo, -0.5), (hi, -0.5)], COLORS[7])
+                    .styled(Line::Dashed, Marker::None),
+                Series::new("mean", mean_diff, COLORS[3]),
+                Series::new("single seeds", diffs, COLORS[3]).styled(Line::None, Marker::Hollow),
+            ],
+        );
+        c.integer_x = true;
+        panels.push(Panel::Lines(c));
+    }
     let fwd = of("bits", &|r| r.fwd_bound as f64);
     if !fwd.is_empty() {
         let lo = fwd.first().map(|p| p.0).unwrap_or(2.0);
@@ -735,7 +772,8 @@ fn plot_results(
         out,
         "precision",
         &format!(
-            "{net}, batch {bs}, {epochs} epochs: accuracy and discrete-log bound vs precision"
+            "{net}, batch {bs}, {epochs} epoch{}: accuracy and discrete-log bound vs precision",
+            if epochs == 1 { "" } else { "s" }
         ),
         &panels,
     )
