@@ -260,6 +260,25 @@ impl Outcome {
     }
 }
 
+/// One setting (scheme and value) over all seeds: the first seed's outcome (its largest
+/// integers raised to the maximum over the seeds), and per seed the accuracy, the loss and
+/// the accuracy minus the float run's of that seed.
+#[derive(Debug, Clone)]
+struct Setting {
+    first: Outcome,
+    acc: Vec<f64>,
+    loss: Vec<f64>,
+    diff: Vec<f64>,
+}
+
+impl Setting {
+    fn push(&mut self, r: &Outcome) {
+        self.acc.push(r.accuracy);
+        self.loss.push(r.loss);
+        self.diff.push(r.accuracy - r.float_accuracy);
+    }
+}
+
 /// Mean and sample standard deviation (0 for one value) of the finite values.
 pub fn mean_std(v: &[f64]) -> (f64, f64) {
     let v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
@@ -319,16 +338,16 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
         &COLUMNS,
         &results.iter().map(Outcome::csv).collect::<Vec<_>>(),
     )?;
-    // One row per setting: accuracies of every seed, largest integers over the seeds.
-    let mut settings: Vec<(Outcome, Vec<f64>, Vec<f64>)> = Vec::new();
+    // One row per setting: figures of every seed, largest integers over the seeds.
+    let mut settings: Vec<Setting> = Vec::new();
     for r in &results {
         match settings
             .iter_mut()
-            .find(|(o, _, _)| o.scheme == r.scheme && o.value == r.value)
+            .find(|s| s.first.scheme == r.scheme && s.first.value == r.value)
         {
-            Some((o, acc, loss)) => {
-                acc.push(r.accuracy);
-                loss.push(r.loss);
+            Some(s) => {
+                s.push(r);
+                let o = &mut s.first;
                 o.max_w = o.max_w.max(r.max_w);
                 o.max_d = o.max_d.max(r.max_d);
                 o.fwd_bound = o.fwd_bound.max(r.fwd_bound);
@@ -336,7 +355,16 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
                 o.seen_z = o.seen_z.max(r.seen_z);
                 o.seen_g = o.seen_g.max(r.seen_g);
             }
-            None => settings.push((r.clone(), vec![r.accuracy], vec![r.loss])),
+            None => {
+                let mut s = Setting {
+                    first: r.clone(),
+                    acc: Vec::new(),
+                    loss: Vec::new(),
+                    diff: Vec::new(),
+                };
+                s.push(r);
+                settings.push(s);
+            }
         }
     }
     let net = format!("{} {}", args.train.spec, args.train.activation);
@@ -376,7 +404,13 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
         "-".into(),
         "-".into(),
     ]);
-    for (r, acc, loss) in &settings {
+    for Setting {
+        first: r,
+        acc,
+        loss,
+        diff,
+    } in &settings
+    {
         let name = match r.scheme {
             "bits" => format!("{} bits", r.value),
             _ => format!(
@@ -391,15 +425,10 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
             (false, _) => "no: bound > 2^36".to_string(),
             (true, false) => "no: key entries > 32767".to_string(),
         };
-        let diffs: Vec<f64> = results
-            .iter()
-            .filter(|o| o.scheme == r.scheme && o.value == r.value)
-            .map(|o| o.accuracy - o.float_accuracy)
-            .collect();
         t.row(vec![
             name,
             pct_pm(acc),
-            paired(&diffs),
+            paired(diff),
             format!("{:.4}", mean_std(loss).0),
             r.max_w.to_string(),
             r.max_d.to_string(),
@@ -608,7 +637,7 @@ fn list(v: &[u32]) -> String {
 
 fn plot_results(
     out: &std::path::Path,
-    settings: &[(Outcome, Vec<f64>, Vec<f64>)],
+    settings: &[Setting],
     results: &[Outcome],
     float_acc: &[f64],
     net: &str,
@@ -618,7 +647,7 @@ fn plot_results(
     let of = |scheme: &str, y: &dyn Fn(&Outcome) -> f64| -> Vec<(f64, f64)> {
         settings
             .iter()
-            .map(|(o, _, _)| o)
+            .map(|s| &s.first)
             .filter(|r| r.scheme == scheme && y(r).is_finite())
             .map(|r| (r.value as f64, y(r)))
             .collect()
@@ -626,8 +655,8 @@ fn plot_results(
     let mean = |scheme: &str| -> Vec<(f64, f64)> {
         settings
             .iter()
-            .filter(|(o, _, _)| o.scheme == scheme)
-            .map(|(o, acc, _)| (o.value as f64, mean_std(acc).0))
+            .filter(|s| s.first.scheme == scheme)
+            .map(|s| (s.first.value as f64, mean_std(&s.acc).0))
             .filter(|p| p.1.is_finite())
             .collect()
     };
@@ -697,25 +726,16 @@ fn plot_results(
         ));
     }
     // Each seed minus its own float run: the cost of quantization without seed noise.
-    let diffs: Vec<(f64, f64)> = results
-        .iter()
-        .filter(|r| r.scheme == "bits" && (r.accuracy - r.float_accuracy).is_finite())
-        .map(|r| (r.value as f64, 100.0 * (r.accuracy - r.float_accuracy)))
+    let bits = || settings.iter().filter(|s| s.first.scheme == "bits");
+    let diffs: Vec<(f64, f64)> = bits()
+        .flat_map(|s| s.diff.iter().map(|&d| (s.first.value as f64, 100.0 * d)))
+        .filter(|p| p.1.is_finite())
         .collect();
     if several && !diffs.is_empty() {
         let lo = diffs.iter().map(|p| p.0).fold(f64::INFINITY, f64::min) - 0.3;
         let hi = diffs.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max) + 0.3;
-        let mean_diff: Vec<(f64, f64)> = settings
-            .iter()
-            .filter(|(o, _, _)| o.scheme == "bits")
-            .map(|(o, _, _)| {
-                let d: Vec<f64> = diffs
-                    .iter()
-                    .filter(|p| p.0 == o.value as f64)
-                    .map(|p| p.1)
-                    .collect();
-                (o.value as f64, mean_std(&d).0)
-            })
+        let mean_diff: Vec<(f64, f64)> = bits()
+            .map(|s| (s.first.value as f64, 100.0 * mean_std(&s.diff).0))
             .collect();
         let mut c = LineChart::new(
             "Minus the float run of the same seed",
