@@ -27,6 +27,7 @@ use fe::feip::{self, FeipFunctionKey};
 use ndarray::{Array2, ArrayView2, Axis};
 use nn::first_layer::{IntegerProducts, SeamError, LABEL_SCALE};
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -322,9 +323,9 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
         // samples); the other columns' products follow exactly (see `crate::basis`).
         let t = Instant::now();
         let basis = Basis::find(&ys, cp.x_bound);
-        let asked: Vec<Vec<i64>> = match &basis {
-            Some(basis) => basis.pivots().iter().map(|&k| ys[k].clone()).collect(),
-            None => ys.clone(),
+        let asked: Cow<'_, [Vec<i64>]> = match &basis {
+            Some(basis) => Cow::Owned(basis.pivots().iter().map(|&k| ys[k].clone()).collect()),
+            None => Cow::Borrowed(&ys),
         };
         self.timings.backward += t.elapsed();
         let t = Instant::now();
