@@ -1,24 +1,23 @@
-//! The client (data owner): encodes a labelled image dataset as integers and encrypts it.
+//! The client (data owner): encrypts an encoded, labelled dataset under the authority's
+//! parameters.
 //!
-//! Every sample becomes its 784 pixel integers `0..=255` plus the bias input 255
-//! ([`nn::first_layer::BIAS_PIXEL`]), encrypted as one FEIP row; every pixel position of a
-//! batch becomes one FEIP column over the batch; every label becomes `classes` FEBO
-//! ciphertexts of the one-hot vector scaled by [`nn::first_layer::LABEL_SCALE`]. Samples that
-//! do not fill a last batch are left out (the column key has the batch length).
+//! Every sample becomes its `n` encoded values `0..=X` plus the bias input `X`
+//! ([`nn::data::Dataset::row`]), encrypted as one FEIP row; every feature position of a
+//! batch becomes one FEIP column over the batch; every label becomes `C` FEBO ciphertexts of
+//! the one-hot vector scaled by [`nn::first_layer::LABEL_SCALE`]. Samples that do not fill a
+//! last batch are left out (the column key has the batch length). Data whose description
+//! does not fit the parameters (features, bound, classes) is refused before any encryption.
 
 use crate::dataset::{DatasetError, DatasetHeader, WireBatch, Writer, FORMAT_VERSION};
 use crate::protocol::PublicParams;
-use crate::{Curve, ROW_LEN};
+use crate::Curve;
 use fe::febo::FeboEncryptor;
 use fe::feip::FeipEncryptor;
 use nn::data::Dataset;
-use nn::first_layer::{BIAS_PIXEL, LABEL_SCALE};
+use nn::first_layer::LABEL_SCALE;
 use std::path::Path;
 use std::time::Instant;
 use thiserror::Error;
-
-/// Number of classes of MNIST labels.
-pub const CLASSES: usize = 10;
 
 /// Errors of the client.
 #[derive(Debug, Error)]
@@ -49,11 +48,15 @@ pub struct EncryptSummary {
     pub seconds: f64,
 }
 
-/// The integer row of sample `i`: its pixels and the bias input.
-pub fn row_of(data: &Dataset, i: usize) -> Vec<i64> {
-    let mut r: Vec<i64> = data.images.row(i).iter().map(|&p| i64::from(p)).collect();
-    r.push(i64::from(BIAS_PIXEL));
-    r
+/// Checks that `data` fits `params` (features, bound, classes, and names where both have
+/// them), with an error that gives both sides.
+pub fn check_fits(data: &Dataset, params: &PublicParams) -> Result<(), ClientError> {
+    data.info.check_fits(&params.dataset).map_err(|e| {
+        ClientError::Input(format!(
+            "{e} (the data: {}; the authority's parameters: {})",
+            data.info, params.dataset
+        ))
+    })
 }
 
 /// Encrypts `data` under `params` into `out` (atomically), batch by batch on all cores.
@@ -65,18 +68,9 @@ pub fn encrypt_dataset(
     progress: bool,
 ) -> Result<EncryptSummary, ClientError> {
     let started = Instant::now();
-    if data.features() + 1 != ROW_LEN || params.row.params().n != ROW_LEN {
-        return Err(ClientError::Input(format!(
-            "samples have {} features; the parameters expect {} pixels",
-            data.features(),
-            params.row.params().n.saturating_sub(1)
-        )));
-    }
-    if let Some(&l) = data.labels.iter().find(|&&l| l as usize >= CLASSES) {
-        return Err(ClientError::Input(format!(
-            "label {l} is not a digit 0..=9"
-        )));
-    }
+    check_fits(data, params)?;
+    let classes = data.info.classes;
+    let row_len = data.info.row_len();
     let bs = params.batch_size();
     let nb = data.len() / bs;
     if nb == 0 {
@@ -92,8 +86,7 @@ pub fn encrypt_dataset(
         batch_size: bs as u32,
         num_batches: nb as u32,
         num_samples: (nb * bs) as u64,
-        row_len: ROW_LEN as u32,
-        classes: CLASSES as u32,
+        dataset: data.info.clone(),
         label_scale: LABEL_SCALE,
         source: source.to_string(),
     };
@@ -103,14 +96,14 @@ pub fn encrypt_dataset(
     let mut w = Writer::create(out, header)?;
     let pb = crate::progress_bar(progress, nb as u64, "encrypting batches");
     for b in 0..nb {
-        let rows: Vec<Vec<i64>> = (b * bs..(b + 1) * bs).map(|i| row_of(data, i)).collect();
-        let cols: Vec<Vec<i64>> = (0..ROW_LEN)
+        let rows: Vec<Vec<i64>> = (b * bs..(b + 1) * bs).map(|i| data.row(i)).collect();
+        let cols: Vec<Vec<i64>> = (0..row_len)
             .map(|p| rows.iter().map(|r| r[p]).collect())
             .collect();
         let labels: Vec<i64> = (b * bs..(b + 1) * bs)
             .flat_map(|i| {
                 let l = data.labels[i] as usize;
-                (0..CLASSES).map(move |k| if k == l { LABEL_SCALE } else { 0 })
+                (0..classes).map(move |k| if k == l { LABEL_SCALE } else { 0 })
             })
             .collect();
         let batch = WireBatch::from_encoded(

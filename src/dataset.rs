@@ -23,6 +23,7 @@ use crate::protocol::PublicParams;
 use crate::Curve;
 use fe::febo::FeboCiphertext;
 use fe::feip::FeipCiphertext;
+use nn::data::DatasetInfo;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -33,8 +34,8 @@ use thiserror::Error;
 
 const MAGIC: &[u8; 8] = b"CNNENC01";
 const INDEX_MAGIC: &[u8; 8] = b"CNNIDX01";
-/// Version of the encrypted-dataset format.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the encrypted-dataset format (2: the header carries the dataset description).
+pub const FORMAT_VERSION: u32 = 2;
 /// Largest record accepted when reading (a batch of 1024 samples is about 55 MiB).
 pub const MAX_RECORD: u64 = 256 << 20;
 
@@ -88,10 +89,9 @@ pub struct DatasetHeader {
     pub num_batches: u32,
     /// Number of samples (`batch_size · num_batches`).
     pub num_samples: u64,
-    /// Row length (784 pixels + bias).
-    pub row_len: u32,
-    /// Number of classes of the one-hot labels.
-    pub classes: u32,
+    /// The description of the encrypted data (features, bound, classes with their names,
+    /// image shape): rows have length `features + 1`, labels `classes` entries.
+    pub dataset: DatasetInfo,
     /// The value a one-hot 1 is encrypted as.
     pub label_scale: i64,
     /// Free text: where the data came from.
@@ -339,6 +339,15 @@ impl Reader {
         if header.curve != <Curve as curv::elliptic::curves::Curve>::CURVE_NAME {
             return Err(invalid(path, format!("made for curve {}", header.curve)));
         }
+        header
+            .dataset
+            .validate()
+            .map_err(|e| invalid(path, format!("header: {e}")))?;
+        if header.batch_size == 0
+            || header.num_samples != u64::from(header.batch_size) * u64::from(header.num_batches)
+        {
+            return Err(invalid(path, "header: batch counts do not add up"));
+        }
         // footer
         if size < 12 + hlen + 32 + 48 {
             return Err(invalid(path, "truncated (no index)"));
@@ -399,11 +408,20 @@ impl Reader {
                 expected: hex(&fp),
             });
         }
-        if r.header.batch_size as usize != params.batch_size()
-            || r.header.row_len as usize != params.row.params().n
-        {
-            return Err(invalid(path, "shape does not match the public parameters"));
+        if r.header.batch_size as usize != params.batch_size() {
+            return Err(invalid(
+                path,
+                format!(
+                    "batches of {} samples, the public parameters' are {}",
+                    r.header.batch_size,
+                    params.batch_size()
+                ),
+            ));
         }
+        r.header
+            .dataset
+            .check_fits(&params.dataset)
+            .map_err(|e| invalid(path, e.to_string()))?;
         Ok(r)
     }
 
@@ -443,13 +461,13 @@ impl Reader {
             EncryptedBatch::from_wire(w).map_err(|e| invalid(&path, format!("record {i}: {e}")))?;
         let h = &self.header;
         let bs = h.batch_size as usize;
-        let rl = h.row_len as usize;
+        let rl = h.dataset.row_len();
         let ok = b.index as usize == i
             && b.rows.len() == bs
             && b.rows.iter().all(|c| c.elements().len() == rl)
             && b.cols.len() == rl
             && b.cols.iter().all(|c| c.elements().len() == bs)
-            && b.labels.len() == bs * h.classes as usize;
+            && b.labels.len() == bs * h.dataset.classes;
         if !ok {
             return Err(invalid(&path, format!("record {i} has the wrong shape")));
         }

@@ -13,6 +13,7 @@
 
 pub mod authority;
 pub mod basis;
+pub mod cli;
 pub mod client;
 pub mod dataset;
 pub mod protocol;
@@ -36,8 +37,3 @@ pub fn progress_bar(show: bool, len: u64, what: &str) -> indicatif::ProgressBar 
 
 /// The group every role uses.
 pub type Curve = fe::Ristretto;
-
-/// Length of a first-layer row: 784 pixels and the bias input.
-pub const ROW_LEN: usize = 785;
-/// Bound on encrypted pixel values.
-pub const PIXEL_BOUND: u64 = 255;

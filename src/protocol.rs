@@ -10,11 +10,13 @@
 //! Keys travel compactly: for inner-product keys the authority returns only the 32-byte
 //! secret `sk_y`, since the caller already has `y`.
 
+use crate::authority::Policy;
 use crate::Curve;
 use bincode::Options;
 use fe::febo::{FeboFunctionKey, FeboPublicKey, Op};
 use fe::feip::{FeipFunctionKey, FeipPublicKey};
 use fe::Encode;
+use nn::data::DatasetInfo;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -23,7 +25,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 /// Version of the protocol; both ends must agree.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame accepted by either end (64 MiB).
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -31,7 +33,10 @@ pub const MAX_FRAME: usize = 64 << 20;
 /// ask for keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PublicParams {
-    /// FEIP key for the rows (one sample, 784 pixels and the bias: length 785).
+    /// The description of the data these parameters are for: the row key has length
+    /// `features + 1`, every key bounds values by `x_bound`, labels have `classes` entries.
+    pub dataset: DatasetInfo,
+    /// FEIP key for the rows (one sample: its features and the bias, length `n + 1`).
     pub row: FeipPublicKey<Curve>,
     /// FEIP key for the columns (one pixel position over a batch: length = batch size).
     pub col: FeipPublicKey<Curve>,
@@ -45,15 +50,49 @@ impl PublicParams {
         self.col.params().n
     }
 
-    /// SHA-256 over the encodings of the three public keys: names this set of parameters in
-    /// encrypted-dataset headers, so data and keys from different authorities never mix.
+    /// Checks that the keys fit the dataset description: row length `n + 1`, bound `X`.
+    pub fn validate(&self) -> Result<(), String> {
+        self.dataset.validate().map_err(|e| e.to_string())?;
+        let (row, col) = (self.row.params(), self.col.params());
+        if row.n != self.dataset.row_len() {
+            return Err(format!(
+                "the row key has length {}, the dataset description needs {} ({} features and the bias)",
+                row.n,
+                self.dataset.row_len(),
+                self.dataset.features
+            ));
+        }
+        let x = u64::from(self.dataset.x_bound);
+        if row.x_bound != x || col.x_bound != x {
+            return Err(format!(
+                "the keys bound values by {} and {}, the dataset description by {x}",
+                row.x_bound, col.x_bound
+            ));
+        }
+        Ok(())
+    }
+
+    /// SHA-256 over the dataset description and the encodings of the three public keys:
+    /// names this set of parameters in encrypted-dataset headers, so data and keys from
+    /// different authorities never mix.
     pub fn fingerprint(&self) -> [u8; 32] {
         let mut h = Sha256::new();
+        h.update(codec().serialize(&self.dataset).unwrap_or_default());
         h.update(self.row.to_bytes());
         h.update(self.col.to_bytes());
         h.update(self.febo.to_bytes());
         h.finalize().into()
     }
+}
+
+/// What the authority publishes: its public parameters and the key policy it applies, so
+/// that a trainer filters its requests by the same rules without a flag to keep in step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Published {
+    /// The public parameters.
+    pub params: PublicParams,
+    /// The key policy in force (lengths set from the parameters).
+    pub policy: Policy,
 }
 
 /// One request for a basic-operation key.
@@ -72,7 +111,7 @@ pub struct FeboKeyRequest {
 pub enum Request {
     /// The public parameters.
     Params,
-    /// Inner-product keys for row vectors (first-layer weights, length 785).
+    /// Inner-product keys for row vectors (first-layer weights, length `n + 1`).
     RowKeys(Vec<Vec<i32>>),
     /// Inner-product keys for column vectors (first-layer deltas, length = batch size).
     ColKeys(Vec<Vec<i32>>),
@@ -94,8 +133,8 @@ pub struct RequestFrame {
 /// What the authority answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
-    /// The public parameters.
-    Params(Box<PublicParams>),
+    /// The public parameters and the key policy.
+    Params(Box<Published>),
     /// The secrets `sk_y` of inner-product keys (32 bytes each), in request order.
     FeipSecrets(Vec<Vec<u8>>),
     /// Basic-operation keys, in request order.
@@ -219,8 +258,23 @@ impl AuthorityClient {
 
     /// The authority's public parameters.
     pub fn params(&mut self) -> Result<PublicParams, ProtocolError> {
+        Ok(self.published()?.params)
+    }
+
+    /// The authority's public parameters and key policy, validated.
+    pub fn published(&mut self) -> Result<Published, ProtocolError> {
         match self.call(Request::Params)? {
-            Response::Params(p) => Ok(*p),
+            Response::Params(p) => {
+                p.params.validate().map_err(ProtocolError::Unexpected)?;
+                let policy = p
+                    .policy
+                    .clone()
+                    .with_lengths(p.params.dataset.row_len(), p.params.batch_size());
+                Ok(Published {
+                    params: p.params,
+                    policy,
+                })
+            }
             other => Err(unexpected(&other)),
         }
     }
@@ -263,7 +317,7 @@ impl AuthorityClient {
         }
     }
 
-    /// Inner-product keys for first-layer weight rows (length 785).
+    /// Inner-product keys for first-layer weight rows (length `n + 1`).
     pub fn row_keys(
         &mut self,
         ys: &[Vec<i64>],

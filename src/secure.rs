@@ -1,14 +1,14 @@
 //! The secure first layer: the trainer's [`IntegerProducts`] over encrypted data.
 //!
-//! For batch `b` with quantized weights `W_q` (H × 785), quantized deltas `Δ_q` (B × H) and
-//! quantized predictions `A_q` (B × 10), the trainer asks the authority for
+//! For batch `b` with quantized weights `W_q` (H × (n + 1)), quantized deltas `Δ_q` (B × H) and
+//! quantized predictions `A_q` (B × C), the trainer asks the authority for
 //!
 //! * one inner-product key per weight row `w_j` and decrypts `z_bj = ⟨w_j, x_b⟩` from the
 //!   batch's row ciphertexts (forward, [`IntegerProducts::forward_int`]);
 //! * one basic-operation key per label element, operation `sub` with operand `a_bk`, and
 //!   decrypts `LABEL_SCALE·y_bk − a_bk` (output error, negated to `A_q − LABEL_SCALE·Y`);
 //! * one inner-product key per delta column `δ_j` (length B) and decrypts
-//!   `g_ji = ⟨δ_j, x_col_i⟩` from the 785 column ciphertexts (backward). With more units
+//!   `g_ji = ⟨δ_j, x_col_i⟩` from the `n + 1` column ciphertexts (backward). With more units
 //!   than samples the columns are dependent: keys are asked for a basis of them only, and
 //!   the other columns' products are derived exactly ([`crate::basis`]).
 //!
@@ -167,6 +167,9 @@ impl<P: IntegerProducts> IntegerProducts for KeyPolicyFilter<P> {
     }
     fn batch_len(&self, batch: usize) -> usize {
         self.inner.batch_len(batch)
+    }
+    fn input_bound(&self) -> u32 {
+        self.inner.input_bound()
     }
 }
 
@@ -444,6 +447,10 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
             0
         }
     }
+
+    fn input_bound(&self) -> u32 {
+        self.params.dataset.x_bound
+    }
 }
 
 #[cfg(test)]
@@ -479,6 +486,9 @@ mod tests {
         }
         fn batch_len(&self, _: usize) -> usize {
             3
+        }
+        fn input_bound(&self) -> u32 {
+            255
         }
     }
 

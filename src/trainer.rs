@@ -12,18 +12,23 @@
 //! The secure path ([`train_secure`]) opens only the encrypted-dataset file: no plaintext
 //! training data is reachable from it.
 
+use crate::authority::Policy;
 use crate::dataset::Reader;
-use crate::protocol::{AuthorityClient, PublicParams};
+use crate::protocol::AuthorityClient;
 use crate::secure::{KeyPolicyFilter, SecureProducts, Timings};
 use crate::Curve;
 use fe::dlog::DlogTable;
 use nn::activation::Activation;
 use nn::data::Dataset;
+use nn::data::DatasetInfo;
 use nn::first_layer::{FirstLayer, IntegerProducts, PlainFloat, Quantized, Quantizer, Rounding};
 use nn::model::{Model, ModelSpec};
 use nn::optim::Optimizer;
-use nn::train::{train_epoch_from, Checkpoint, EpochMetrics, EpochState, TrainError};
+use nn::train::{
+    Checkpoint, EpochMetrics, EpochState, Flow, Hooks, Progress, RunSettings, StepView, TrainError,
+};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
@@ -54,7 +59,8 @@ pub enum TrainerError {
 /// Settings of a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
-    /// Network layout, for example `784-128-32-10`.
+    /// Network layout: hidden widths only (`128-32`) or every width from input to output
+    /// (`784-128-32-10`), checked against the data ([`ModelSpec::for_data`]).
     pub spec: String,
     /// Hidden activation.
     pub activation: Activation,
@@ -68,10 +74,6 @@ pub struct TrainConfig {
     pub stochastic_rounding: bool,
     /// Learning rate (Adam).
     pub lr: f32,
-    /// Fewest non-zero entries of a weight row key (the authority's policy).
-    pub min_row_nonzero: usize,
-    /// Fewest non-zero entries of a delta column key (the authority's policy).
-    pub min_col_nonzero: usize,
     /// Show progress bars.
     pub progress: bool,
 }
@@ -79,15 +81,13 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            spec: "784-128-32-10".into(),
+            spec: "128-32".into(),
             activation: Activation::Sigmoid,
             epochs: 1,
             seed: 1,
             bits: 8,
             stochastic_rounding: false,
             lr: 0.01,
-            min_row_nonzero: 16,
-            min_col_nonzero: 2,
             progress: true,
         }
     }
@@ -108,17 +108,61 @@ impl TrainConfig {
         }
     }
 
-    fn model(&self) -> Result<Model, TrainerError> {
-        let spec = ModelSpec::parse(&self.spec, self.activation)?;
-        if spec.n_in() + 1 != crate::ROW_LEN {
-            return Err(TrainerError::Config(format!(
-                "the network must take {} inputs (MNIST pixels), got {}",
-                crate::ROW_LEN - 1,
-                spec.n_in()
-            )));
-        }
-        Ok(Model::new(spec, self.seed))
+    /// The architecture for data described by `info`.
+    pub fn model_spec(&self, info: &DatasetInfo) -> Result<ModelSpec, TrainerError> {
+        Ok(ModelSpec::for_data(
+            &self.spec,
+            self.activation,
+            info.features,
+            info.classes,
+        )?)
     }
+
+    /// A fresh model for data described by `info`.
+    pub fn model(&self, info: &DatasetInfo) -> Result<Model, TrainerError> {
+        Ok(Model::new(self.model_spec(info)?, self.seed).with_data(info.clone())?)
+    }
+
+    /// The settings a checkpoint records, as (flag, value) pairs; `data` names the training
+    /// data (see [`data_identity`]).
+    pub fn identity(
+        &self,
+        info: &DatasetInfo,
+        data: &str,
+    ) -> Result<Vec<(String, String)>, TrainerError> {
+        let spec = self.model_spec(info)?;
+        let sizes: Vec<String> = spec.sizes.iter().map(|s| s.to_string()).collect();
+        Ok(vec![
+            ("--data".into(), data.to_string()),
+            ("--spec".into(), sizes.join("-")),
+            ("--activation".into(), self.activation.to_string()),
+            ("--seed".into(), self.seed.to_string()),
+            ("--bits".into(), self.bits.to_string()),
+            (
+                "--stochastic-rounding".into(),
+                self.stochastic_rounding.to_string(),
+            ),
+            ("--lr".into(), self.lr.to_string()),
+        ])
+    }
+}
+
+/// A short name of a plaintext dataset's content: its description and a SHA-256 over its
+/// values and labels (the first 16 hex digits), so that a checkpoint is not resumed on other
+/// data.
+pub fn data_identity(data: &Dataset) -> String {
+    let mut h = Sha256::new();
+    h.update(format!("{}", data.info).as_bytes());
+    for v in data.values.iter() {
+        h.update(v.to_le_bytes());
+    }
+    h.update(&data.labels);
+    let d = h.finalize();
+    format!(
+        "{} samples, sha256 {}",
+        data.len(),
+        crate::dataset::hex(&d[..8])
+    )
 }
 
 /// What a run produced.
@@ -154,11 +198,24 @@ impl Resumable for PlainFloat {
     fn set_rounding_stream(&mut self, _: u64) {}
 }
 
+/// What a run trains on besides its settings: the data's description, a name of the data
+/// for checkpoints, and the key policy whose refusals the trainer avoids.
+#[derive(Debug, Clone)]
+pub struct RunData {
+    /// The description of the training data.
+    pub info: DatasetInfo,
+    /// The data's name in checkpoints ([`data_identity`], or the encrypted file's).
+    pub identity: String,
+    /// The authority's key policy, lengths set (the trainer zeroes what it would refuse).
+    pub policy: Policy,
+}
+
 /// Trains with any integer products, wrapped in the key-policy filter and the quantized seam:
 /// the encrypted run ([`SecureProducts`]) and its simulation ([`nn::first_layer::PlainIntegers`]) both go
 /// through here. See [`run_layer`] for the arguments.
 pub fn run<P, F>(
     products: P,
+    data: &RunData,
     cfg: &TrainConfig,
     test: Option<&Dataset>,
     checkpoint: Option<&Path>,
@@ -169,12 +226,13 @@ where
     P: IntegerProducts,
     F: FnMut(&Model, &EpochMetrics, &P) -> Result<(), TrainerError>,
 {
+    let policy = &data.policy;
     let layer = Quantized::new(
-        KeyPolicyFilter::new(products, cfg.min_row_nonzero, cfg.min_col_nonzero),
+        KeyPolicyFilter::new(products, policy.min_row(), policy.min_nonzero_col),
         cfg.quantizer(),
     )
     .map_err(TrainError::from)?;
-    run_layer(layer, cfg, test, checkpoint, stop_after, |m, e, l| {
+    run_layer(layer, data, cfg, test, checkpoint, stop_after, |m, e, l| {
         on_epoch(m, e, l.inner().inner())
     })
 }
@@ -182,103 +240,145 @@ where
 /// The unquantized baseline: the same model, optimizer, partition and batch order as [`run`],
 /// with a plain float first layer.
 pub fn run_float(
-    data: Dataset,
+    train: Dataset,
     batch_size: usize,
     cfg: &TrainConfig,
     test: Option<&Dataset>,
     on_epoch: impl FnMut(&Model, &EpochMetrics, &PlainFloat) -> Result<(), TrainerError>,
 ) -> Result<RunResult, TrainerError> {
-    let layer = PlainFloat::from_dataset(data, batch_size, true, 10)
+    let data = RunData {
+        info: train.info.clone(),
+        identity: data_identity(&train),
+        policy: Policy::default(),
+    };
+    let layer = PlainFloat::from_dataset(train, batch_size, true)
         .map_err(|e| TrainerError::Config(e.to_string()))?;
-    run_layer(layer, cfg, test, None, None, on_epoch)
+    run_layer(layer, &data, cfg, test, None, None, on_epoch)
 }
 
-/// The training loop: checkpoints to `checkpoint` after every step and resumes from it if it
-/// exists; `on_epoch` sees each finished epoch (test figures filled from `test` when given)
-/// and the layer; `stop_after` ends the run after that many steps of this invocation (the
-/// checkpoint allows continuing later).
+/// The trainer's hooks on the training loop: a checkpoint after every step and epoch, the
+/// caller's per-epoch callback, and a stop after `stop_after` steps of this invocation.
+struct TrainerHooks<'a, F> {
+    checkpoint: Option<&'a Path>,
+    config: Vec<(String, String)>,
+    stop_after: Option<usize>,
+    steps: usize,
+    on_epoch: F,
+}
+
+impl<F> TrainerHooks<'_, F> {
+    fn save(&self, p: Progress, stream: u64) -> Result<(), TrainError> {
+        match self.checkpoint {
+            Some(path) => Checkpoint {
+                model: p.model,
+                optimizer: p.optimizer,
+                state: p.state,
+                history: p.history,
+                rounding_stream: stream,
+                config: self.config.clone(),
+            }
+            .save(path)
+            .map_err(TrainError::from),
+            None => Ok(()),
+        }
+    }
+
+    fn flow(&self) -> Flow {
+        if self.stop_after.is_some_and(|s| self.steps >= s) {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        }
+    }
+}
+
+impl<L, F> Hooks<L> for TrainerHooks<'_, F>
+where
+    L: Resumable,
+    F: FnMut(&Model, &EpochMetrics, &L) -> Result<(), TrainerError>,
+{
+    fn after_step(&mut self, s: &StepView<'_, L>) -> Result<Flow, TrainError> {
+        self.steps += 1;
+        if self.checkpoint.is_some() {
+            self.save(s.progress(), s.layer.rounding_stream())?;
+        }
+        Ok(self.flow())
+    }
+
+    fn after_epoch(
+        &mut self,
+        p: &Progress,
+        layer: &L,
+        m: &EpochMetrics,
+    ) -> Result<Flow, TrainError> {
+        (self.on_epoch)(&p.model, m, layer).map_err(|e| TrainError::Callback(Box::new(e)))?;
+        if self.checkpoint.is_some() {
+            self.save(p.clone(), layer.rounding_stream())?;
+        }
+        Ok(self.flow())
+    }
+}
+
+/// The training run: checkpoints to `checkpoint` after every step and resumes from it if it
+/// exists (refusing a checkpoint made with other settings or data); `on_epoch` sees each
+/// finished epoch (test figures filled from `test` when given) and the layer; `stop_after`
+/// ends the run after that many steps of this invocation (the checkpoint allows continuing
+/// later).
 pub fn run_layer<L, F>(
     mut layer: L,
+    data: &RunData,
     cfg: &TrainConfig,
     test: Option<&Dataset>,
     checkpoint: Option<&Path>,
     stop_after: Option<usize>,
-    mut on_epoch: F,
+    on_epoch: F,
 ) -> Result<RunResult, TrainerError>
 where
     L: Resumable,
     F: FnMut(&Model, &EpochMetrics, &L) -> Result<(), TrainerError>,
 {
     let nb = layer.num_batches();
+    let config = cfg.identity(&data.info, &data.identity)?;
     let resumed = match checkpoint {
         Some(p) if p.exists() => Some(Checkpoint::load(p)?),
         _ => None,
     };
-    let (mut model, mut opt, mut state, mut history) = match resumed {
+    let mut progress = match resumed {
         Some(c) => {
+            c.check_config(&config)?;
             layer.set_rounding_stream(c.rounding_stream);
-            (c.model, c.optimizer, c.state, c.history)
-        }
-        None => (
-            cfg.model()?,
-            Optimizer::adam(cfg.lr),
-            EpochState::new(0, nb, cfg.seed, true),
-            Vec::new(),
-        ),
-    };
-    let save =
-        |model: &Model, opt: &Optimizer, state: &EpochState, hist: &[EpochMetrics], stream: u64| {
-            match checkpoint {
-                Some(p) => Checkpoint {
-                    model: model.clone(),
-                    optimizer: opt.clone(),
-                    state: state.clone(),
-                    history: hist.to_vec(),
-                    rounding_stream: stream,
-                }
-                .save(p)
-                .map_err(TrainError::from),
-                None => Ok(()),
+            Progress {
+                model: c.model,
+                optimizer: c.optimizer,
+                state: c.state,
+                history: c.history,
             }
-        };
-    let mut steps = 0usize;
-    while state.epoch < cfg.epochs {
-        let hist = history.clone();
-        let mut stopped = false;
-        let result = train_epoch_from(
-            &mut model,
-            &mut layer,
-            &mut opt,
-            &mut state,
-            cfg.progress,
-            |model, opt, layer, state| {
-                steps += 1;
-                save(model, opt, state, &hist, layer.rounding_stream())?;
-                if stop_after.is_some_and(|s| steps >= s) && !state.is_done() {
-                    stopped = true;
-                    return Err(TrainError::State("stopped".into()));
-                }
-                Ok(())
-            },
-        );
-        if stopped {
-            return Ok(RunResult { model, history });
         }
-        let mut m = result?;
-        if let Some(t) = test {
-            let ev = nn::eval::evaluate(&model, t)?;
-            m.test_accuracy = Some(ev.accuracy);
-            m.test_loss = Some(ev.loss);
-        }
-        on_epoch(&model, &m, &layer)?;
-        history.push(m);
-        state = EpochState::new(state.epoch + 1, nb, cfg.seed, true);
-        save(&model, &opt, &state, &history, layer.rounding_stream())?;
-        if stop_after.is_some_and(|s| steps >= s) && state.epoch < cfg.epochs {
-            return Ok(RunResult { model, history });
-        }
-    }
-    Ok(RunResult { model, history })
+        None => Progress {
+            model: cfg.model(&data.info)?,
+            optimizer: Optimizer::adam(cfg.lr),
+            state: EpochState::new(0, nb, cfg.seed, true),
+            history: Vec::new(),
+        },
+    };
+    let settings = RunSettings {
+        epochs: cfg.epochs,
+        seed: cfg.seed,
+        shuffle: true,
+        progress_bar: cfg.progress,
+    };
+    let mut hooks = TrainerHooks {
+        checkpoint,
+        config,
+        stop_after,
+        steps: 0,
+        on_epoch,
+    };
+    nn::train::run(&mut layer, &mut progress, &settings, test, &mut hooks)?;
+    Ok(RunResult {
+        model: progress.model,
+        history: progress.history,
+    })
 }
 
 /// Everything the secure trainer needs besides the model settings.
@@ -310,18 +410,26 @@ pub fn dlog_table(path: Option<&Path>) -> Result<Arc<DlogTable<Curve>>, TrainerE
 }
 
 /// Opens the encrypted dataset, connects to the authority and checks that the data was made
-/// under its parameters: the secure products ready for [`run`].
+/// under its parameters: the secure products and what the run needs to know of the data.
 pub fn secure_products(
     setup: &SecureSetup,
-) -> Result<(SecureProducts<AuthorityClient>, PublicParams), TrainerError> {
+) -> Result<(SecureProducts<AuthorityClient>, RunData), TrainerError> {
     let mut client = AuthorityClient::connect(&setup.authority, &setup.token)?;
-    let params = client.params()?;
+    let published = client.published()?;
+    let params = published.params;
     let reader = Reader::open_for(&setup.data, &params)?;
+    let h = reader.header();
+    let data = RunData {
+        info: h.dataset.clone(),
+        identity: format!(
+            "encrypted {} samples, parameters {}",
+            h.num_samples,
+            crate::dataset::hex(&h.params_fingerprint[..8])
+        ),
+        policy: published.policy,
+    };
     let dlog = dlog_table(setup.dlog_table.as_deref())?;
-    Ok((
-        SecureProducts::new(reader, client, params.clone(), dlog),
-        params,
-    ))
+    Ok((SecureProducts::new(reader, client, params, dlog), data))
 }
 
 /// Trains over the encrypted dataset: the product of this crate.
@@ -336,12 +444,20 @@ pub fn train_secure<F>(
 where
     F: FnMut(&Model, &EpochMetrics, &SecureProducts<AuthorityClient>) -> Result<(), TrainerError>,
 {
-    let (products, _) = secure_products(setup)?;
+    let (products, data) = secure_products(setup)?;
     let mut timings = Timings::default();
     let mut on_epoch = on_epoch;
-    let r = run(products, cfg, test, checkpoint, stop_after, |m, e, p| {
-        timings = p.timings();
-        on_epoch(m, e, p)
-    })?;
+    let r = run(
+        products,
+        &data,
+        cfg,
+        test,
+        checkpoint,
+        stop_after,
+        |m, e, p| {
+            timings = p.timings();
+            on_epoch(m, e, p)
+        },
+    )?;
     Ok((r, timings))
 }

@@ -40,7 +40,7 @@ struct Server {
 
 fn start_with(name: &str, tweak: impl FnOnce(&mut ServerConfig)) -> Server {
     let dir = tmpdir(name);
-    let made = authority::init(&dir, BATCH, &InitOptions::default()).unwrap();
+    let made = authority::init(&dir, nn::mnist::info(), BATCH, &InitOptions::default()).unwrap();
     let auth = authority::load(&dir).unwrap();
     let token = authority::read_token(&dir).unwrap();
     assert_eq!(token, made.token);
@@ -63,7 +63,7 @@ fn start(name: &str) -> Server {
 
 /// A dense row vector with entries in -3..=3 (about 6/7 of them non-zero).
 fn row_vector(seed: i64) -> Vec<i64> {
-    (0..cryptonn::ROW_LEN as i64)
+    (0..(nn::mnist::FEATURES + 1) as i64)
         .map(|i| (i * 5 + seed).rem_euclid(7) - 3)
         .collect()
 }
@@ -129,7 +129,7 @@ fn issued_keys_decrypt() {
     let dlog = DlogTable::<Ristretto>::new(1 << 12).unwrap();
 
     // Rows: two keys on one encrypted sample, negative entries included.
-    let x: Vec<i64> = (0..cryptonn::ROW_LEN as i64)
+    let x: Vec<i64> = (0..(nn::mnist::FEATURES + 1) as i64)
         .map(|i| (i * 37) % 256)
         .collect();
     let enc = FeipEncryptor::new(&params.row);
@@ -200,11 +200,11 @@ fn policy_refusals_keep_the_connection() {
     let s = start("policy");
     let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
 
-    let m = refused(c.row_keys(&[unit(cryptonn::ROW_LEN, 100)]));
+    let m = refused(c.row_keys(&[unit(nn::mnist::FEATURES + 1, 100)]));
     assert!(m.contains("non-zero"), "{m}");
     let m = refused(c.col_keys(&[unit(BATCH, 3)]));
     assert!(m.contains("non-zero"), "{m}");
-    let m = refused(c.row_keys(&[vec![1; cryptonn::ROW_LEN - 1]]));
+    let m = refused(c.row_keys(&[vec![1; (nn::mnist::FEATURES + 1) - 1]]));
     assert!(m.contains("length"), "{m}");
     let m = refused(c.col_keys(&[vec![1; BATCH + 1]]));
     assert!(m.contains("length"), "{m}");
@@ -374,7 +374,7 @@ fn audit_log_records_issued_keys_and_refusals() {
         })
         .collect();
     c.febo_keys(reqs).unwrap();
-    refused(c.row_keys(&[unit(cryptonn::ROW_LEN, 0)]));
+    refused(c.row_keys(&[unit(nn::mnist::FEATURES + 1, 0)]));
     let mut bad = AuthorityClient::connect(&s.addr, "intruder").unwrap();
     refused(bad.params());
     // Wait until the server has handled everything (responses come after the log lines).
@@ -429,6 +429,7 @@ fn key_files_modes_overwrite_and_validation() {
     let dir = tmpdir("files");
     let made = authority::init(
         &dir,
+        nn::mnist::info(),
         4,
         &InitOptions {
             token: Some("s3cret-token".into()),
@@ -461,7 +462,7 @@ fn key_files_modes_overwrite_and_validation() {
     assert!(format!("{auth:?}").contains("redacted"));
 
     // No overwrite without force; with force, new keys.
-    let e = authority::init(&dir, 4, &InitOptions::default()).unwrap_err();
+    let e = authority::init(&dir, nn::mnist::info(), 4, &InitOptions::default()).unwrap_err();
     assert!(
         matches!(e, authority::AuthorityError::AlreadyInitialized(_)),
         "{e}"
@@ -470,6 +471,7 @@ fn key_files_modes_overwrite_and_validation() {
     assert_eq!(authority::load(&dir).unwrap().params(), &made.params);
     let again = authority::init(
         &dir,
+        nn::mnist::info(),
         4,
         &InitOptions {
             token: None,
@@ -485,6 +487,7 @@ fn key_files_modes_overwrite_and_validation() {
     for t in ["", "has space", "tab\t"] {
         let e = authority::init(
             &tmpdir("badtoken"),
+            nn::mnist::info(),
             4,
             &InitOptions {
                 token: Some(t.into()),
@@ -515,7 +518,7 @@ fn key_files_modes_overwrite_and_validation() {
 
     // Parameters of another authority, a truncated key, a missing key: clear errors.
     let other = tmpdir("other");
-    authority::init(&other, 4, &InitOptions::default()).unwrap();
+    authority::init(&other, nn::mnist::info(), 4, &InitOptions::default()).unwrap();
     std::fs::copy(
         other.join(authority::PARAMS_FILE),
         dir.join(authority::PARAMS_FILE),
@@ -539,7 +542,7 @@ fn key_files_modes_overwrite_and_validation() {
 #[test]
 fn server_refuses_an_unusable_configuration() {
     let dir = tmpdir("config");
-    authority::init(&dir, 1, &InitOptions::default()).unwrap();
+    authority::init(&dir, nn::mnist::info(), 1, &InitOptions::default()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     // Batch size 1 cannot satisfy the default two non-zero column entries.
     let config = ServerConfig::new("t", dir.join("audit.log"));
@@ -618,7 +621,7 @@ fn binary_init_and_serve() {
 #[ignore]
 fn timing_key_issuance() {
     let dir = tmpdir("timing");
-    authority::init(&dir, 64, &InitOptions::default()).unwrap();
+    authority::init(&dir, nn::mnist::info(), 64, &InitOptions::default()).unwrap();
     let auth = authority::load(&dir).unwrap();
     let token = authority::read_token(&dir).unwrap();
     let config = ServerConfig::new(token.clone(), dir.join(authority::AUDIT_FILE));
@@ -673,7 +676,7 @@ fn timing_key_issuance() {
         tf.push(t.elapsed().as_secs_f64() * 1e3);
     }
     // The same derivations in process, without network, audit or framing.
-    let local = authority::Authority::generate(64).unwrap();
+    let local = authority::Authority::generate(nn::mnist::info(), 64).unwrap();
     let policy = Policy::default().with_lengths(785, 64);
     let wire = |ys: &[Vec<i64>]| -> Vec<Vec<i32>> {
         ys.iter()

@@ -21,10 +21,11 @@ use cryptonn::protocol::AuthorityClient;
 use cryptonn::secure::{KeyPolicyFilter, SecureProducts, Timings};
 use cryptonn::trainer::{self, TrainConfig};
 use nn::data::Dataset;
+use nn::first_layer::FirstLayer;
 use nn::first_layer::{IntegerProducts, PlainFloat, PlainIntegers, Quantized};
 use nn::model::Model;
 use nn::optim::Optimizer;
-use nn::train::{train_step, EpochState, StepStats};
+use nn::train::{train_step, EpochState, Flow, Hooks, Progress, RunSettings, StepStats, StepView};
 
 /// Options of `accuracy`.
 #[derive(Args, Debug, Clone)]
@@ -191,9 +192,14 @@ impl LockstepRow {
 
 type Layer<P> = Quantized<KeyPolicyFilter<P>>;
 
-fn layer<P: IntegerProducts>(p: P, cfg: &TrainConfig) -> Result<Layer<P>> {
+fn layer<P: IntegerProducts>(
+    p: P,
+    cfg: &TrainConfig,
+    train: &Dataset,
+    bs: usize,
+) -> Result<Layer<P>> {
     Ok(Quantized::new(
-        KeyPolicyFilter::new(p, cfg.min_row_nonzero, cfg.min_col_nonzero),
+        crate::common::policy_filter(p, &train.info, bs),
         cfg.quantizer(),
     )?)
 }
@@ -201,6 +207,203 @@ fn layer<P: IntegerProducts>(p: P, cfg: &TrainConfig) -> Result<Layer<P>> {
 fn eval(model: &Model, test: &Dataset) -> Result<(f64, f64)> {
     let e = nn::eval::evaluate(model, test)?;
     Ok((e.loss, e.accuracy))
+}
+
+/// A run stepped beside the training loop's own, on the same batches: the float baseline,
+/// or the encrypted run in lockstep.
+struct Shadow<L> {
+    layer: L,
+    model: Model,
+    opt: Optimizer,
+}
+
+impl<L: FirstLayer> Shadow<L> {
+    fn new(layer: L, initial: &Model, lr: f32) -> Self {
+        Shadow {
+            layer,
+            model: initial.clone(),
+            opt: Optimizer::adam(lr),
+        }
+    }
+
+    /// One step on `batch` of `epoch`, as the training loop's.
+    fn step(&mut self, epoch: usize, batch: usize) -> Result<StepStats, nn::train::TrainError> {
+        self.opt.set_epoch(epoch);
+        train_step(&mut self.model, &mut self.layer, &mut self.opt, batch)
+    }
+}
+
+/// The hooks of run (c) on the simulation's training loop: after every step, the float
+/// shadow steps too, and while the FE budget lasts the encrypted shadow steps and must have
+/// the simulation's weights bit for bit; curve points and per-step rows are recorded.
+struct Lockstep<'a> {
+    enc: Option<Shadow<Layer<Remap<SecureProducts<AuthorityClient>>>>>,
+    flt: Shadow<PlainFloat>,
+    test: &'a Dataset,
+    nb: usize,
+    fe_max: usize,
+    fe_budget: Option<f64>,
+    total_steps: usize,
+    fe_done: usize,
+    fe_clock: f64,
+    step: usize,
+    epoch_encrypted: usize,
+    clock: Stopwatch,
+    points: Vec<Point>,
+    rows: Vec<LockstepRow>,
+    pb: indicatif::ProgressBar,
+    pb_sim: Option<indicatif::ProgressBar>,
+    quiet: bool,
+}
+
+fn hook_err(e: anyhow::Error) -> nn::train::TrainError {
+    nn::train::TrainError::Callback(e.into())
+}
+
+impl Lockstep<'_> {
+    fn lockstep(&self) -> bool {
+        let within_budget = match self.fe_budget {
+            Some(b) => self.fe_done == 0 || self.fe_clock < b,
+            None => true,
+        };
+        self.enc.is_some() && self.fe_done < self.fe_max && within_budget
+    }
+
+    /// The encrypted step of the simulation's step `s`, checked and recorded.
+    fn encrypted_step(
+        &mut self,
+        s: &StepView<'_, Layer<PlainIntegers>>,
+        fs: &StepStats,
+        sim_seconds: f64,
+    ) -> Result<()> {
+        let (step, epoch, batch) = (self.step, s.state.epoch, s.batch);
+        let Some(enc) = self.enc.as_mut() else {
+            return Ok(());
+        };
+        let before = enc.layer.inner().inner().inner().timings();
+        let t = Stopwatch::start();
+        let es = enc
+            .step(epoch, batch)
+            .with_context(|| format!("encrypted step {step}"))?;
+        let enc_seconds = t.secs();
+        let timings = timings_delta(&enc.layer.inner().inner().inner().timings(), &before);
+        self.fe_clock += enc_seconds;
+        self.fe_done += 1;
+        self.epoch_encrypted += 1;
+        let (de, ds) = (model_digest(&enc.model)?, model_digest(s.model)?);
+        if enc.model.to_bytes()? != s.model.to_bytes()? || &es != s.stats {
+            bail!(
+                "step {step} (epoch {epoch}, batch {batch}): the encrypted run's weights ({de}) \
+                 differ from the simulated run's ({ds}); FE and simulation must agree bit for \
+                 bit, so this is a bug"
+            );
+        }
+        let (test_loss, test_accuracy) = eval(&enc.model, self.test)?;
+        let (float_loss, float_accuracy) = eval(&self.flt.model, self.test)?;
+        let at = epoch as f64 + (step - epoch * self.nb) as f64 / self.nb as f64;
+        for (curve, l, a) in [
+            ("float", float_loss, float_accuracy),
+            ("quantized", test_loss, test_accuracy),
+        ] {
+            self.points.push(Point {
+                curve,
+                mode: "plain",
+                epoch: at,
+                steps: step,
+                train_loss: None,
+                train_accuracy: None,
+                test_loss: l,
+                test_accuracy: a,
+                encrypted_steps: 0,
+                seconds: 0.0,
+            });
+        }
+        self.rows.push(LockstepRow {
+            step,
+            epoch,
+            batch,
+            stats: es,
+            test_loss,
+            test_accuracy,
+            digest: de,
+            enc_seconds,
+            sim_seconds,
+            timings,
+            float: (stats_loss(fs), float_loss, float_accuracy),
+        });
+        self.points.push(Point {
+            curve: "fe",
+            mode: "encrypted",
+            epoch: at,
+            steps: step,
+            train_loss: Some(stats_loss(&s.state.stats)),
+            train_accuracy: Some(stats_acc(&s.state.stats)),
+            test_loss,
+            test_accuracy,
+            encrypted_steps: self.fe_done,
+            seconds: self.fe_clock,
+        });
+        self.pb.inc(1);
+        Ok(())
+    }
+
+    /// A step past the FE budget: the encrypted shadow is dropped once, with a message.
+    fn simulated_step(&mut self) {
+        if self.enc.take().is_some() {
+            self.pb.finish_and_clear();
+            eprintln!(
+                "    {} encrypted steps in {:.1} s, weights identical after every step; \
+                 continuing in simulation",
+                self.fe_done, self.fe_clock
+            );
+        }
+        let (quiet, left) = (self.quiet, (self.total_steps - self.step + 1) as u64);
+        self.pb_sim
+            .get_or_insert_with(|| progress(quiet, left, "(c) simulated continuation"))
+            .inc(1);
+    }
+}
+
+impl Hooks<Layer<PlainIntegers>> for Lockstep<'_> {
+    fn after_step(
+        &mut self,
+        s: &StepView<'_, Layer<PlainIntegers>>,
+    ) -> Result<Flow, nn::train::TrainError> {
+        let sim_seconds = self.clock.secs();
+        self.step += 1;
+        let fs = self.flt.step(s.state.epoch, s.batch)?;
+        if self.lockstep() {
+            self.encrypted_step(s, &fs, sim_seconds).map_err(hook_err)?;
+        } else {
+            self.simulated_step();
+        }
+        self.clock = Stopwatch::start();
+        Ok(Flow::Continue)
+    }
+
+    fn after_epoch(
+        &mut self,
+        _: &Progress,
+        _: &Layer<PlainIntegers>,
+        m: &nn::train::EpochMetrics,
+    ) -> Result<Flow, nn::train::TrainError> {
+        let fully = self.epoch_encrypted == self.nb;
+        self.epoch_encrypted = 0;
+        self.points.push(Point {
+            curve: "fe",
+            mode: if fully { "encrypted" } else { "simulated" },
+            epoch: (m.epoch + 1) as f64,
+            steps: (m.epoch + 1) * self.nb,
+            train_loss: Some(m.train_loss),
+            train_accuracy: Some(m.train_accuracy),
+            test_loss: m.test_loss.unwrap_or(f64::NAN),
+            test_accuracy: m.test_accuracy.unwrap_or(f64::NAN),
+            encrypted_steps: self.fe_done,
+            seconds: m.seconds,
+        });
+        self.clock = Stopwatch::start();
+        Ok(Flow::Continue)
+    }
 }
 
 /// The whole `accuracy` experiment.
@@ -215,7 +418,7 @@ pub fn run(args: &AccuracyArgs) -> Result<Summary> {
     let bs = args.train.batch_size;
     let nb = full_batches(data.train.len(), bs)?;
     let (train, test) = (&data.train, &data.test);
-    let initial = args.train.model()?;
+    let initial = args.train.model(&train.info)?;
     let (l0, a0) = eval(&initial, test)?;
     let mut points: Vec<Point> = Vec::new();
     let start_point = |curve, mode| Point {
@@ -259,12 +462,20 @@ pub fn run(args: &AccuracyArgs) -> Result<Summary> {
         "(b) plain training with {}-bit quantized first-layer products",
         args.bits
     );
-    let sim = PlainIntegers::from_dataset(train.clone(), bs, true, 10)?;
+    let sim = PlainIntegers::from_dataset(train.clone(), bs, true)?;
     let mut hist_b = Vec::new();
-    let run_b = trainer::run(sim, &cfg, Some(test), None, None, |_, m, _| {
-        hist_b.push(m.clone());
-        Ok(())
-    })
+    let run_b = trainer::run(
+        sim,
+        &crate::common::run_data(train, bs),
+        &cfg,
+        Some(test),
+        None,
+        None,
+        |_, m, _| {
+            hist_b.push(m.clone());
+            Ok(())
+        },
+    )
     .context("quantized plain training")?;
     points.push(start_point("quantized", "plain"));
     points.extend(
@@ -306,172 +517,80 @@ pub fn run(args: &AccuracyArgs) -> Result<Summary> {
         );
         let dlog = fe_env::dlog_table()?;
         let products = Remap::new(e.products(dlog)?, nb, bs, &encrypted);
-        enc_layer = Some(layer(products, &cfg)?);
+        enc_layer = Some(layer(products, &cfg, train, bs)?);
         env = Some(e);
     }
     let mut sim_layer = layer(
-        PlainIntegers::from_dataset(train.clone(), bs, true, 10)?,
+        PlainIntegers::from_dataset(train.clone(), bs, true)?,
         &cfg,
+        train,
+        bs,
     )?;
-    let mut sim_model = args.train.model()?;
-    let mut enc_model = sim_model.clone();
-    let mut sim_opt = Optimizer::adam(cfg.lr);
-    let mut enc_opt = sim_opt.clone();
-    // Run (a) again step by step, to compare with (b) and (c) inside the FE part.
-    let mut flt_layer = PlainFloat::from_dataset(train.clone(), bs, true, 10)?;
-    let mut flt_model = args.train.model()?;
-    let mut flt_opt = Optimizer::adam(cfg.lr);
-    let mut rows: Vec<LockstepRow> = Vec::new();
-    let mut fe_clock = 0.0f64;
-    let mut step = 0usize;
-    let mut fe_done = 0usize;
+    let initial = args.train.model(&train.info)?;
+    let mut sim = Progress {
+        model: initial.clone(),
+        optimizer: Optimizer::adam(cfg.lr),
+        state: EpochState::new(0, nb, cfg.seed, true),
+        history: Vec::new(),
+    };
     points.push(start_point("fe", "encrypted"));
-    let pb = progress(quiet, fe_max as u64, "(c) encrypted steps");
-    let mut pb_sim: Option<indicatif::ProgressBar> = None;
-    for epoch in 0..epochs {
-        let state = EpochState::new(epoch, nb, cfg.seed, true);
-        sim_opt.set_epoch(epoch);
-        enc_opt.set_epoch(epoch);
-        flt_opt.set_epoch(epoch);
-        let mut stats = StepStats::default();
-        let mut epoch_secs = 0.0;
-        let mut epoch_encrypted = 0;
-        for &batch in &state.order {
-            step += 1;
-            let within_budget = match args.fe_budget_secs {
-                Some(b) => fe_done == 0 || fe_clock < b,
-                None => true,
-            };
-            let lockstep = fe_done < fe_max && within_budget;
-            let t = Stopwatch::start();
-            let s = train_step(&mut sim_model, &mut sim_layer, &mut sim_opt, batch)
-                .with_context(|| format!("simulated step {step}"))?;
-            let sim_seconds = t.secs();
-            epoch_secs += sim_seconds;
-            if !s.loss_sum.is_finite() {
-                bail!("training diverged in epoch {epoch}, batch {batch}");
-            }
-            stats.loss_sum += s.loss_sum;
-            stats.correct += s.correct;
-            stats.samples += s.samples;
-            let fs = train_step(&mut flt_model, &mut flt_layer, &mut flt_opt, batch)
-                .with_context(|| format!("float step {step}"))?;
-            match (&mut enc_layer, lockstep) {
-                (Some(el), true) => {
-                    let before = el.inner().inner().inner().timings();
-                    let t = Stopwatch::start();
-                    let es = train_step(&mut enc_model, el, &mut enc_opt, batch)
-                        .with_context(|| format!("encrypted step {step}"))?;
-                    let enc_seconds = t.secs();
-                    let timings = timings_delta(&el.inner().inner().inner().timings(), &before);
-                    fe_clock += enc_seconds;
-                    fe_done += 1;
-                    epoch_encrypted += 1;
-                    let (de, ds) = (model_digest(&enc_model)?, model_digest(&sim_model)?);
-                    if enc_model.to_bytes()? != sim_model.to_bytes()? || es != s {
-                        bail!(
-                            "step {step} (epoch {epoch}, batch {batch}): the encrypted run's \
-                             weights ({de}) differ from the simulated run's ({ds}); FE and \
-                             simulation must agree bit for bit, so this is a bug"
-                        );
-                    }
-                    let (test_loss, test_accuracy) = eval(&enc_model, test)?;
-                    let (float_loss, float_accuracy) = eval(&flt_model, test)?;
-                    let at = epoch as f64 + (step - epoch * nb) as f64 / nb as f64;
-                    for (curve, l, a) in [
-                        ("float", float_loss, float_accuracy),
-                        ("quantized", test_loss, test_accuracy),
-                    ] {
-                        points.push(Point {
-                            curve,
-                            mode: "plain",
-                            epoch: at,
-                            steps: step,
-                            train_loss: None,
-                            train_accuracy: None,
-                            test_loss: l,
-                            test_accuracy: a,
-                            encrypted_steps: 0,
-                            seconds: 0.0,
-                        });
-                    }
-                    rows.push(LockstepRow {
-                        step,
-                        epoch,
-                        batch,
-                        stats: es,
-                        test_loss,
-                        test_accuracy,
-                        digest: de,
-                        enc_seconds,
-                        sim_seconds,
-                        timings,
-                        float: (stats_loss(&fs), float_loss, float_accuracy),
-                    });
-                    points.push(Point {
-                        curve: "fe",
-                        mode: "encrypted",
-                        epoch: at,
-                        steps: step,
-                        train_loss: Some(stats_loss(&stats)),
-                        train_accuracy: Some(stats_acc(&stats)),
-                        test_loss,
-                        test_accuracy,
-                        encrypted_steps: fe_done,
-                        seconds: fe_clock,
-                    });
-                    pb.inc(1);
-                }
-                _ => {
-                    if enc_layer.take().is_some() {
-                        pb.finish_and_clear();
-                        eprintln!(
-                            "    {fe_done} encrypted steps in {fe_clock:.1} s, weights identical \
-                             after every step; continuing in simulation"
-                        );
-                    }
-                    let bar = pb_sim.get_or_insert_with(|| {
-                        progress(
-                            quiet,
-                            (total_steps - step + 1) as u64,
-                            "(c) simulated continuation",
-                        )
-                    });
-                    bar.inc(1);
-                }
-            }
-        }
-        let (test_loss, test_accuracy) = eval(&sim_model, test)?;
-        let fully = epoch_encrypted == nb;
-        points.push(Point {
-            curve: "fe",
-            mode: if fully { "encrypted" } else { "simulated" },
-            epoch: (epoch + 1) as f64,
-            steps: (epoch + 1) * nb,
-            train_loss: Some(stats_loss(&stats)),
-            train_accuracy: Some(stats_acc(&stats)),
-            test_loss,
-            test_accuracy,
-            encrypted_steps: fe_done,
-            seconds: epoch_secs,
-        });
-    }
-    pb.finish_and_clear();
-    if let Some(b) = pb_sim {
+    // Run (a) again step by step beside the simulation, to compare with (b) and (c) inside
+    // the FE part; (c) steps in lockstep with the simulation while the FE budget lasts.
+    let mut hook = Lockstep {
+        enc: enc_layer.map(|l| Shadow::new(l, &initial, cfg.lr)),
+        flt: Shadow::new(
+            PlainFloat::from_dataset(train.clone(), bs, true)?,
+            &initial,
+            cfg.lr,
+        ),
+        test,
+        nb,
+        fe_max,
+        fe_budget: args.fe_budget_secs,
+        total_steps,
+        fe_done: 0,
+        fe_clock: 0.0,
+        step: 0,
+        epoch_encrypted: 0,
+        clock: Stopwatch::start(),
+        points: Vec::new(),
+        rows: Vec::new(),
+        pb: progress(quiet, fe_max as u64, "(c) encrypted steps"),
+        pb_sim: None,
+        quiet,
+    };
+    let settings = RunSettings {
+        epochs,
+        seed: cfg.seed,
+        shuffle: true,
+        progress_bar: false,
+    };
+    nn::train::run(&mut sim_layer, &mut sim, &settings, Some(test), &mut hook)
+        .context("the lockstep run (c)")?;
+    hook.pb.finish_and_clear();
+    if let Some(b) = &hook.pb_sim {
         b.finish_and_clear();
     }
-    drop(enc_layer);
-    // The lockstep loop must reproduce the trainer's own loops (runs a and b) exactly.
+    let Lockstep {
+        points: fe_points,
+        rows,
+        fe_done,
+        flt,
+        ..
+    } = hook;
+    points.extend(fe_points);
+    let (sim_model, flt_model) = (sim.model, flt.model);
+    // The lockstep run must reproduce the trainer's own runs (a and b) exactly.
     if sim_model.to_bytes()? != run_b.model.to_bytes()? {
         bail!(
             "the lockstep run's final weights differ from the trainer's simulated run; the \
-             experiment loop does not reproduce trainer::run"
+             lockstep hooks change the trainer's training"
         );
     }
     if flt_model.to_bytes()? != run_a.model.to_bytes()? {
         bail!(
             "the step-by-step float run's final weights differ from the trainer's float run; \
-             the experiment loop does not reproduce trainer::run_float"
+             the step-by-step float run does not reproduce trainer::run_float"
         );
     }
     let order = |c: &str| ["float", "quantized", "fe"].iter().position(|x| *x == c);

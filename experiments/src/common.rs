@@ -11,9 +11,11 @@ use std::time::Instant;
 /// Options shared by every subcommand: data, output, progress.
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// MNIST directory with the four IDX files (gzip or raw). Default: the embedded subset
-    /// (6,000 training and 1,000 test images), so nothing needs downloading.
-    #[arg(long, value_name = "DIR", conflicts_with = "full")]
+    /// The data, as for `client encrypt --data`: an IDX directory (MNIST-style names, any
+    /// image size) or a CIFAR-10 directory, with a test part; values are used as they are
+    /// (bound 255). Default: the embedded MNIST subset (6,000 training and 1,000 test
+    /// images), so nothing needs downloading.
+    #[arg(long, value_name = "PATH", conflicts_with = "full")]
     pub data: Option<PathBuf>,
     /// Use the full MNIST from the directory named by the CRYPTONN_MNIST_DIR environment
     /// variable (same as `--data "$CRYPTONN_MNIST_DIR"`).
@@ -67,9 +69,22 @@ impl CommonArgs {
     pub fn load(&self) -> Result<Data> {
         let (train, test, source) = match self.data_dir()? {
             Some(dir) => {
-                let (train, test) = nn::mnist::load_dir(&dir)
-                    .with_context(|| format!("loading MNIST from {}", dir.display()))?;
-                (train, test, format!("MNIST from {}", dir.display()))
+                let args = cryptonn::cli::DataArgs {
+                    data: Some(dir.clone()),
+                    ..Default::default()
+                };
+                let (train, test, source) = args
+                    .read_raw()
+                    .with_context(|| format!("loading {}", dir.display()))?;
+                let test = test.with_context(|| {
+                    format!(
+                        "{} has no test part (the experiments need one)",
+                        dir.display()
+                    )
+                })?;
+                let (train, test) = nn::data::RawSet::identity_pair(train, test, 255)
+                    .with_context(|| format!("reading {} as integers 0..=255", dir.display()))?;
+                (train, test, source)
             }
             None => {
                 let (train, test) =
@@ -244,7 +259,7 @@ mod tests {
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
     /// Layer widths; the first must be 784. Default: CryptoNN's network.
-    #[arg(long, default_value = "784-128-32-10")]
+    #[arg(long, default_value = "128-32")]
     pub spec: String,
     /// Hidden activation: sigmoid (CryptoNN's), relu or tanh.
     #[arg(long, default_value = "sigmoid")]
@@ -262,25 +277,11 @@ pub struct TrainArgs {
     /// Seed of initialization, batch order and rounding (the same for every run).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Fewest non-zero entries of a weight-row key (the authority's policy).
-    #[arg(long, default_value_t = 16, hide = true)]
-    pub min_nonzero_row: usize,
-    /// Fewest non-zero entries of a delta-column key (the authority's policy).
-    #[arg(long, default_value_t = 2, hide = true)]
-    pub min_nonzero_col: usize,
 }
 
 impl TrainArgs {
     /// The trainer's configuration with `bits`-bit first-layer products and `epochs` epochs.
     pub fn config(&self, bits: u32, epochs: usize) -> Result<cryptonn::trainer::TrainConfig> {
-        let spec = nn::model::ModelSpec::parse(&self.spec, self.activation)?;
-        if spec.n_in() != 784 {
-            bail!(
-                "the network must take the 784 MNIST pixels, but --spec {} takes {}",
-                self.spec,
-                spec.n_in()
-            );
-        }
         if self.batch_size == 0 {
             bail!("--batch-size must be at least 1");
         }
@@ -295,17 +296,37 @@ impl TrainArgs {
             bits,
             stochastic_rounding: false,
             lr: self.lr,
-            min_row_nonzero: self.min_nonzero_row,
-            min_col_nonzero: self.min_nonzero_col,
             progress: false,
         })
     }
 
-    /// A fresh model as the trainer makes it (same spec and seed).
-    pub fn model(&self) -> Result<nn::model::Model> {
-        let spec = nn::model::ModelSpec::parse(&self.spec, self.activation)?;
-        Ok(nn::model::Model::new(spec, self.seed))
+    /// A fresh model as the trainer makes it (same spec and seed) for data described by
+    /// `info`.
+    pub fn model(&self, info: &nn::data::DatasetInfo) -> Result<nn::model::Model> {
+        Ok(self.config(8, 1)?.model(info)?)
     }
+}
+
+/// What the trainer's run needs to know of plaintext training data: its description, its
+/// name for checkpoints and the authority's default policy for its shape and `batch_size`.
+pub fn run_data(train: &Dataset, batch_size: usize) -> cryptonn::trainer::RunData {
+    cryptonn::trainer::RunData {
+        info: train.info.clone(),
+        identity: cryptonn::trainer::data_identity(train),
+        policy: cryptonn::authority::Policy::default()
+            .with_lengths(train.info.row_len(), batch_size),
+    }
+}
+
+/// `products` behind the key-policy filter of the default policy for data described by
+/// `info` in batches of `batch_size`, as the trainer wraps them.
+pub fn policy_filter<P>(
+    products: P,
+    info: &nn::data::DatasetInfo,
+    batch_size: usize,
+) -> cryptonn::secure::KeyPolicyFilter<P> {
+    let p = cryptonn::authority::Policy::default().with_lengths(info.row_len(), batch_size);
+    cryptonn::secure::KeyPolicyFilter::new(products, p.min_row(), p.min_nonzero_col)
 }
 
 /// The number of full batches of `batch_size` in `n` samples, or an error if there is none.

@@ -44,7 +44,8 @@ impl FeEnv {
             .tempdir()
             .context("creating a temporary directory")?;
         let t = Instant::now();
-        let auth = Authority::generate(batch_size).context("generating the authority's keys")?;
+        let auth = Authority::generate(train.info.clone(), batch_size)
+            .context("generating the authority's keys")?;
         let setup_seconds = t.elapsed().as_secs_f64();
         let token = authority::generate_token();
         let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
@@ -115,12 +116,12 @@ pub fn batches_subset(data: &Dataset, batch_size: usize, batches: &[usize]) -> R
             );
         }
         for i in range {
-            images.extend(data.images.row(i).iter().copied());
+            images.extend(data.values.row(i).iter().copied());
             labels.push(data.labels[i]);
         }
     }
     let images = ndarray::Array2::from_shape_vec((labels.len(), data.features()), images)?;
-    Ok(Dataset::new(images, labels, data.rows, data.cols)?)
+    Ok(Dataset::new(images, labels, data.info.clone())?)
 }
 
 /// Integer products over an encrypted file that holds only some of the batches: batch `b` of
@@ -208,6 +209,9 @@ impl<P: IntegerProducts> IntegerProducts for Remap<P> {
         } else {
             0
         }
+    }
+    fn input_bound(&self) -> u32 {
+        self.inner.input_bound()
     }
 }
 

@@ -17,7 +17,7 @@ use crate::plot::{self, Line, LineChart, Marker, Panel, Series, COLORS};
 use crate::table::{pct, write_csv, Table};
 use anyhow::{Context, Result};
 use clap::Args;
-use cryptonn::secure::KeyPolicyFilter;
+
 use cryptonn::trainer;
 use fe::dlog::{DEFAULT_HALF_WIDTH, DEFAULT_LIMIT};
 use ndarray::{Array2, ArrayView2};
@@ -143,6 +143,9 @@ impl<P: IntegerProducts> IntegerProducts for Tracking<P> {
     fn batch_len(&self, batch: usize) -> usize {
         self.inner.batch_len(batch)
     }
+    fn input_bound(&self) -> u32 {
+        self.inner.input_bound()
+    }
 }
 
 /// A first layer with one fixed decimal scale `10^d` for weights and deltas (the paper's
@@ -174,14 +177,20 @@ impl<P: IntegerProducts> FirstLayer for FixedScale<P> {
     fn forward(&mut self, batch: usize, w1: ArrayView2<f32>) -> Result<Array2<f32>, SeamError> {
         let wq = self.round(w1, "weights")?;
         let z = self.inner.forward_int(batch, wq.view())?;
-        self.q
-            .dequantize_forward(z.view(), &vec![self.scale; w1.nrows()])
+        self.q.dequantize_forward(
+            z.view(),
+            &vec![self.scale; w1.nrows()],
+            self.inner.input_bound(),
+        )
     }
     fn backward(&mut self, batch: usize, delta: ArrayView2<f32>) -> Result<Array2<f32>, SeamError> {
         let dq = self.round(delta, "deltas")?;
         let g = self.inner.backward_int(batch, dq.view())?;
-        self.q
-            .dequantize_backward(g.view(), &vec![self.scale; delta.ncols()])
+        self.q.dequantize_backward(
+            g.view(),
+            &vec![self.scale; delta.ncols()],
+            self.inner.input_bound(),
+        )
     }
     fn output_error(&mut self, batch: usize, a: ArrayView2<f32>) -> Result<Array2<f32>, SeamError> {
         let a_q = self.q.quantize_outputs(a)?;
@@ -529,17 +538,20 @@ fn run_seed(
 
     for &bits in &args.bits.0 {
         let cfg = targs.config(bits, epochs)?;
-        let p = Tracking::new(PlainIntegers::from_dataset(
-            data.train.clone(),
-            bs,
-            true,
-            10,
-        )?);
+        let p = Tracking::new(PlainIntegers::from_dataset(data.train.clone(), bs, true)?);
         let mut seen = (0, 0, 0, 0);
-        let r = trainer::run(p, &cfg, Some(&data.test), None, None, |_, _, t| {
-            seen = (t.max_w, t.max_d, t.max_z, t.max_g);
-            Ok(())
-        })
+        let r = trainer::run(
+            p,
+            &crate::common::run_data(&data.train, bs),
+            &cfg,
+            Some(&data.test),
+            None,
+            None,
+            |_, _, t| {
+                seen = (t.max_w, t.max_d, t.max_z, t.max_g);
+                Ok(())
+            },
+        )
         .with_context(|| format!("training with {bits}-bit products, seed {seed}"))?;
         let last = r.history.last();
         results.push(Outcome {
@@ -551,23 +563,18 @@ fn run_seed(
             float_accuracy: float_acc,
             max_w: seen.0,
             max_d: seen.1,
-            fwd_bound: max_abs_forward(n_cols, bits),
-            bwd_bound: max_abs_backward(bs, bits),
+            fwd_bound: max_abs_forward(n_cols, bits, data.train.info.x_bound),
+            bwd_bound: max_abs_backward(bs, bits, data.train.info.x_bound),
             seen_z: seen.2,
             seen_g: seen.3,
         });
         pb.inc(1);
     }
     for &d in &args.digits.0 {
-        let inner = KeyPolicyFilter::new(
-            Tracking::new(PlainIntegers::from_dataset(
-                data.train.clone(),
-                bs,
-                true,
-                10,
-            )?),
-            targs.min_nonzero_row,
-            targs.min_nonzero_col,
+        let inner = crate::common::policy_filter(
+            Tracking::new(PlainIntegers::from_dataset(data.train.clone(), bs, true)?),
+            &data.train.info,
+            bs,
         );
         let layer = FixedScale {
             inner,
@@ -577,12 +584,20 @@ fn run_seed(
         let cfg = targs.config(8, epochs)?;
         let mut seen = (0, 0, 0, 0);
         let mut last = None;
-        let r = trainer::run_layer(layer, &cfg, Some(&data.test), None, None, |_, m, l| {
-            let t = l.inner.inner();
-            seen = (t.max_w, t.max_d, t.max_z, t.max_g);
-            last = Some(m.clone());
-            Ok(())
-        });
+        let r = trainer::run_layer(
+            layer,
+            &crate::common::run_data(&data.train, bs),
+            &cfg,
+            Some(&data.test),
+            None,
+            None,
+            |_, m, l| {
+                let t = l.inner.inner();
+                seen = (t.max_w, t.max_d, t.max_z, t.max_g);
+                last = Some(m.clone());
+                Ok(())
+            },
+        );
         if let Err(e) = r {
             pb.suspend(|| eprintln!("{d} decimal digits, seed {seed}: training failed: {e}"));
         }

@@ -2,7 +2,7 @@
 //!
 //! For every batch size `B` to measure, an authority is started and the client encrypts
 //! `steps` batches; for every first-layer width `H`, the trainer then runs those `steps`
-//! encrypted steps of `784-H-<rest>` through the real code path, and the secure layer's
+//! encrypted steps of `n-H-<rest>` (n the data's features) through the real code path, and the secure layer's
 //! [`Timings`] split each step into key requests, forward decryption, backward decryption,
 //! output error (FEBO), I/O and the clear part (everything else: the other layers, softmax,
 //! quantization, the optimizer).
@@ -21,19 +21,20 @@ use crate::plot::{self, Line, LineChart, Marker, Panel, Series, StackedBars, COL
 use crate::table::{pct, secs, write_csv, Table};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use cryptonn::secure::{KeyPolicyFilter, Timings};
+use cryptonn::protocol::AuthorityClient;
+use cryptonn::secure::{KeyPolicyFilter, SecureProducts, Timings};
 use cryptonn::trainer::TrainConfig;
-use nn::first_layer::Quantized;
-use nn::model::{Model, ModelSpec};
+use nn::first_layer::{FirstLayer, Quantized};
+
 use nn::optim::Optimizer;
-use nn::train::train_step;
+use nn::train::{EpochState, Flow, Hooks, Progress, RunSettings, StepView, TrainError};
 
 /// Options of `timing`.
 #[derive(Args, Debug, Clone)]
 pub struct TimingArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// First-layer widths H to measure (networks `784-H-<rest>`).
+    /// First-layer widths H to measure (networks `n-H-<rest>`).
     #[arg(long, default_value = "32,64,128", value_parser = crate::common::parse_list_arg)]
     pub hidden: crate::common::List,
     /// Batch sizes B to measure.
@@ -260,6 +261,35 @@ impl CostModel {
     }
 }
 
+/// The secure first layer as the trainer wraps it.
+type SecureLayer = Quantized<KeyPolicyFilter<SecureProducts<AuthorityClient>>>;
+
+/// Times every step of the training loop: wall time and the secure layer's parts.
+struct StepTimer {
+    clock: Stopwatch,
+    before: Timings,
+    steps: Vec<[f64; 6]>,
+}
+
+impl Hooks<SecureLayer> for StepTimer {
+    fn after_step(&mut self, s: &StepView<'_, SecureLayer>) -> Result<Flow, TrainError> {
+        let wall = self.clock.secs();
+        let now = s.layer.inner().inner().timings();
+        let d = timings_delta(&now, &self.before);
+        self.before = now;
+        self.steps.push([
+            d.keys.as_secs_f64(),
+            d.forward.as_secs_f64(),
+            d.backward.as_secs_f64(),
+            d.output_error.as_secs_f64(),
+            d.io.as_secs_f64(),
+            (wall - secure_secs(&d)).max(0.0),
+        ]);
+        self.clock = Stopwatch::start();
+        Ok(Flow::Continue)
+    }
+}
+
 fn fit(measured: &[Measured]) -> CostModel {
     let coef = (0..PARTS.len())
         .map(|p| {
@@ -322,6 +352,7 @@ pub fn run(args: &TimingArgs) -> Result<Summary> {
     let dlog = fe_env::dlog_table()?;
     let total = args.hidden.0.len() * args.batches.0.len();
     let pb = progress(args.common.quiet, total as u64, "timing settings");
+    let nf = data.train.features();
     let mut measured = Vec::new();
     for &b in &args.batches.0 {
         let b = b as usize;
@@ -341,7 +372,7 @@ pub fn run(args: &TimingArgs) -> Result<Summary> {
             let h = h as usize;
             pb.set_message(format!("H={h}, B={b}: {} steps", args.steps));
             let cfg = TrainConfig {
-                spec: format!("784-{h}-{}", args.rest),
+                spec: format!("{h}-{}", args.rest),
                 activation: args.activation,
                 epochs: 1,
                 seed: args.seed,
@@ -349,36 +380,38 @@ pub fn run(args: &TimingArgs) -> Result<Summary> {
                 progress: false,
                 ..TrainConfig::default()
             };
-            // The trainer's step, one at a time, to time each step separately.
+            // The trainer's loop over the encrypted batches, timing each step in a hook.
             let products = env.products(dlog.clone())?;
             let mut layer = Quantized::new(
-                KeyPolicyFilter::new(products, cfg.min_row_nonzero, cfg.min_col_nonzero),
+                crate::common::policy_filter(products, &subset.info, b),
                 cfg.quantizer(),
             )?;
-            let spec = ModelSpec::parse(&cfg.spec, cfg.activation)?;
-            let mut model = Model::new(spec, cfg.seed);
-            let mut opt = Optimizer::adam(cfg.lr);
-            opt.set_epoch(0);
-            let mut steps: Vec<[f64; 6]> = Vec::new();
-            let mut before = layer.inner().inner().timings();
-            for batch in nn::train::batch_order(args.steps, cfg.seed, 0, true) {
-                let clock = Stopwatch::start();
-                train_step(&mut model, &mut layer, &mut opt, batch).with_context(|| {
-                    format!("encrypted training of 784-{h}-{} with batch {b}", args.rest)
-                })?;
-                let wall = clock.secs();
-                let now = layer.inner().inner().timings();
-                let d = timings_delta(&now, &before);
-                before = now;
-                steps.push([
-                    d.keys.as_secs_f64(),
-                    d.forward.as_secs_f64(),
-                    d.backward.as_secs_f64(),
-                    d.output_error.as_secs_f64(),
-                    d.io.as_secs_f64(),
-                    (wall - secure_secs(&d)).max(0.0),
-                ]);
-            }
+            let mut progress = Progress {
+                model: cfg.model(&subset.info)?,
+                optimizer: Optimizer::adam(cfg.lr),
+                state: EpochState::new(0, layer.num_batches(), cfg.seed, true),
+                history: Vec::new(),
+            };
+            let mut timer = StepTimer {
+                clock: Stopwatch::start(),
+                before: layer.inner().inner().timings(),
+                steps: Vec::new(),
+            };
+            let settings = RunSettings {
+                epochs: 1,
+                seed: cfg.seed,
+                shuffle: true,
+                progress_bar: false,
+            };
+            nn::train::run(&mut layer, &mut progress, &settings, None, &mut timer).with_context(
+                || {
+                    format!(
+                        "encrypted training of {nf}-{h}-{} with batch {b}",
+                        args.rest
+                    )
+                },
+            )?;
+            let StepTimer { before, steps, .. } = timer;
             // Medians per part: robust to a step slowed down by other load on the machine.
             let mut parts = [0.0; 6];
             for (p, v) in parts.iter_mut().enumerate() {
@@ -538,7 +571,7 @@ pub fn run(args: &TimingArgs) -> Result<Summary> {
     // Tables.
     let mut t1 = Table::new(
         format!(
-            "Measured cost of one encrypted step (784-H-{}, {}-bit, median of {} steps, all cores)",
+            "Measured cost of one encrypted step ({nf}-H-{}, {}-bit, median of {} steps, all cores)",
             args.rest, args.bits, args.steps
         ),
         &[
@@ -626,7 +659,7 @@ pub fn run(args: &TimingArgs) -> Result<Summary> {
             continue;
         }
         t3.row(vec![
-            format!("784-{h}-{}, batch {b}, {n} images", args.rest),
+            format!("{nf}-{h}-{}, batch {b}, {n} images", args.rest),
             secs(model.step(h, b)),
             human(model.epoch(h, b, n)),
             human(model.encryption(b, n)),
@@ -640,7 +673,7 @@ pub fn run(args: &TimingArgs) -> Result<Summary> {
         (256, 64),
     ] {
         t3.row(vec![
-            format!("784-{h}-{}, batch {b}, {n} images", args.rest),
+            format!("{nf}-{h}-{}, batch {b}, {n} images", args.rest),
             secs(model.step(h, b)),
             human(model.epoch(h, b, n)),
             human(model.encryption(b, n)),
@@ -652,7 +685,7 @@ pub fn run(args: &TimingArgs) -> Result<Summary> {
         name: "timing".into(),
         description: format!(
             "Real encrypted training steps (in-process authority over TCP, client-encrypted \
-             file, secure first layer) of 784-H-{} for H in {{{}}} and batch B in {{{}}}, {} \
+             file, secure first layer) of {nf}-H-{} for H in {{{}}} and batch B in {{{}}}, {} \
              steps each, on the {}; a cost model fitted to them predicts an epoch.",
             args.rest,
             join(&args.hidden.0),

@@ -309,13 +309,13 @@ fn relu_network_and_clear_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("CRYPTONN_MNIST_DIR"), "{err}");
 
-    // A network that does not take MNIST pixels is refused.
+    // A full layout that does not end with the data's classes is refused.
     let out = Command::new(BIN)
-        .args(["accuracy", "--spec", "100-10", "--out", o])
+        .args(["accuracy", "--spec", "784-100-7", "--out", o])
         .output()
         .expect("runs");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("784"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("10 classes"));
 
     // Every subcommand documents itself.
     for sub in ["accuracy", "precision", "timing", "primitives", "all"] {

@@ -201,14 +201,14 @@ fn main() -> Result<()> {
         }
     );
     if args.quantize == 0 {
-        let mut fl = PlainFloat::from_dataset(train, args.batch, args.drop_last, mnist::CLASSES)?;
+        let mut fl = PlainFloat::from_dataset(train, args.batch, args.drop_last)?;
         run(&args, &mut fl, &test, spec)
     } else {
         let mut q = Quantizer::new(args.quantize);
         if args.stochastic {
             q = q.stochastic(args.seed);
         }
-        let inner = PlainIntegers::from_dataset(train, args.batch, args.drop_last, mnist::CLASSES)?;
+        let inner = PlainIntegers::from_dataset(train, args.batch, args.drop_last)?;
         let mut fl = Quantized::new(inner, q)?;
         run(&args, &mut fl, &test, spec)
     }

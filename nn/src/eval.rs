@@ -74,7 +74,10 @@ pub fn evaluate(model: &Model, data: &Dataset) -> Result<Evaluation, TrainError>
     let mut start = 0;
     while start < data.len() {
         let end = (start + EVAL_CHUNK).min(data.len());
-        let x = normalize(data.images.slice_axis(Axis(0), Slice::from(start..end)));
+        let x = normalize(
+            data.values.slice_axis(Axis(0), Slice::from(start..end)),
+            data.info.x_bound,
+        );
         let z = model.logits(x.view())?;
         let logp = log_softmax(z.view());
         for (b, pred) in argmax_rows(z.view()).into_iter().enumerate() {
@@ -112,14 +115,14 @@ mod tests {
         m.layers_mut()[0].w = array![[1.0, 0.0], [0.0, 1.0]];
         m.layers_mut()[0].b = array![0.0, 0.0];
         let images = array![[200u8, 10], [5, 100], [90, 30], [0, 255]];
-        let d = Dataset::new(images, vec![0, 1, 1, 1], 1, 2).unwrap();
+        let d = Dataset::grey_images(images, vec![0, 1, 1, 1], 1, 2, 2).unwrap();
         let e = evaluate(&m, &d).unwrap();
         assert_eq!(e.confusion, array![[1, 0], [1, 2]]);
         assert_eq!(e.accuracy, 0.75);
         assert_eq!(e.per_class_accuracy(), vec![1.0, 2.0 / 3.0]);
         assert!(e.loss > 0.0);
         assert!(e.confusion_table().contains("true\\pred"));
-        let bad = Dataset::new(array![[1u8, 2]], vec![5], 1, 2).unwrap();
+        let bad = Dataset::grey_images(array![[1u8, 2]], vec![5], 1, 2, 6).unwrap();
         assert!(evaluate(&m, &bad).is_err());
     }
 }

@@ -3,9 +3,10 @@
 //! # Conventions
 //!
 //! The first layer's weights are one matrix `W1` of shape `(H, n + 1)` whose last column is the
-//! bias. Inputs are pixel integers `0..=255` plus a constant bias feature [`BIAS_PIXEL`] = 255,
-//! giving `X_int` of shape `(B, n + 1)`; their float value is `X = X_int / 255`
-//! ([`PIXEL_SCALE`]), so the bias feature is 1.0. For a batch:
+//! bias. Inputs are encoded integers `0..=X` (the dataset's bound,
+//! [`crate::data::DatasetInfo::x_bound`]) plus a constant bias feature encoded as `X`, giving
+//! `X_int` of shape `(B, n + 1)`; their float value is `X_int / X`, so the bias feature is
+//! 1.0. For a batch:
 //!
 //! ```text
 //! forward      Z       = X W1^T                  (B, H)
@@ -26,8 +27,8 @@
 //! deltas, per column j:     t_j = Q(bits_d) / max_b |delta[b,j]|    d_q[b,j] = round(delta[b,j] t_j)
 //! outputs:                  a_q[b,k] = round(A[b,k] * LABEL_SCALE) in 0..=LABEL_SCALE
 //!
-//! Z[b,j]       = (X_int w_q^T)[b,j] / (s_j * 255)
-//! grad W1[j,i] = (d_q^T X_int)[j,i] / (t_j * 255)
+//! Z[b,j]       = (X_int w_q^T)[b,j] / (s_j * X)
+//! grad W1[j,i] = (d_q^T X_int)[j,i] / (t_j * X)
 //! E[b,k]       = (a_q - LABEL_SCALE Y)[b,k] / LABEL_SCALE
 //! ```
 //!
@@ -35,13 +36,13 @@
 //! and the exact integer results are bounded by
 //!
 //! ```text
-//! |X_int w_q^T| <= (n + 1) * 255 * Q(bits_w)       (see max_abs_forward)
-//! |d_q^T X_int| <= B * 255 * Q(bits_d)             (see max_abs_backward)
+//! |X_int w_q^T| <= (n + 1) * X * Q(bits_w)       (see max_abs_forward)
+//! |d_q^T X_int| <= B * X * Q(bits_d)             (see max_abs_backward)
 //! |a_q - LABEL_SCALE Y| <= LABEL_SCALE
 //! ```
 //!
-//! which is what a bounded discrete logarithm must cover. For 8 bits and n = 784 the forward
-//! bound is 785 * 255 * 127 = 25,422,225 < 2^25.
+//! which is what a bounded discrete logarithm must cover. For 8 bits, n = 784 and X = 255
+//! (MNIST) the forward bound is 785 * 255 * 127 = 25,422,225 < 2^25.
 //!
 //! Dequantization depends only on the integers returned and on the quantizer (bits, rounding,
 //! seed and the rounding stream counter), so two [`IntegerProducts`] implementations that
@@ -56,10 +57,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Batches, DataError, Dataset};
 
-/// Float value of the pixel integer 255: a pixel `p` stands for `p / PIXEL_SCALE`.
-pub const PIXEL_SCALE: f32 = 255.0;
-/// Integer value of the constant bias feature appended to every input (float 1.0).
-pub const BIAS_PIXEL: u8 = 255;
 /// Scale of encrypted one-hot labels: a label entry is encrypted as 0 or `LABEL_SCALE`.
 pub const LABEL_SCALE: i64 = 4096;
 /// Smallest supported quantization width in bits.
@@ -142,8 +139,8 @@ pub trait FirstLayer {
 
 /// Integer-level first layer: exact integer products, where the secure implementation plugs in.
 pub trait IntegerProducts {
-    /// `X_int w_q^T`, shape (B, H): exact integer products; `X_int` are pixel integers with
-    /// the bias column 255, `w_q` has shape (H, n + 1).
+    /// `X_int w_q^T`, shape (B, H): exact integer products; `X_int` are the encoded inputs
+    /// with the bias column `X`, `w_q` has shape (H, n + 1).
     fn forward_int(&mut self, batch: usize, w_q: ArrayView2<i64>)
         -> Result<Array2<i64>, SeamError>;
     /// `delta_q^T X_int`, shape (H, n + 1), `delta_q` of shape (B, H).
@@ -163,6 +160,8 @@ pub trait IntegerProducts {
     fn num_batches(&self) -> usize;
     /// Number of samples in batch `batch` (0 if it does not exist).
     fn batch_len(&self, batch: usize) -> usize;
+    /// The bound `X` of the encoded inputs (the float value of an input `v` is `v / X`).
+    fn input_bound(&self) -> u32;
     /// A hint that the training loop will use batch `batch` after the current one, so that an
     /// implementation reading batches from storage can start loading it. Default: nothing.
     fn prefetch(&mut self, _batch: usize) {}
@@ -223,24 +222,24 @@ pub fn qmax(bits: u32) -> Result<i64, SeamError> {
     Ok((1i64 << (bits - 1)) - 1)
 }
 
-/// Worst-case `|X_int w_q^T|` for inputs with `n_cols = n + 1` columns (bias included) and
-/// `bits`-bit weights: `n_cols * 255 * (2^(bits-1) - 1)` (saturating). Size the forward
+/// Worst-case `|X_int w_q^T|` for inputs with `n_cols = n + 1` columns (bias included) in
+/// `0..=x_bound` and `bits`-bit weights: `n_cols * X * (2^(bits-1) - 1)` (saturating). Size
+/// the forward discrete-log bound with it.
+pub fn max_abs_forward(n_cols: usize, bits: u32, x_bound: u32) -> u64 {
+    max_abs_product(n_cols, bits, x_bound)
+}
+
+/// Worst-case `|delta_q^T X_int|` for a batch of `batch_len` samples in `0..=x_bound` and
+/// `bits`-bit deltas: `batch_len * X * (2^(bits-1) - 1)` (saturating). Size the backward
 /// discrete-log bound with it.
-pub fn max_abs_forward(n_cols: usize, bits: u32) -> u64 {
-    max_abs_product(n_cols, bits)
+pub fn max_abs_backward(batch_len: usize, bits: u32, x_bound: u32) -> u64 {
+    max_abs_product(batch_len, bits, x_bound)
 }
 
-/// Worst-case `|delta_q^T X_int|` for a batch of `batch_len` samples and `bits`-bit deltas:
-/// `batch_len * 255 * (2^(bits-1) - 1)` (saturating). Size the backward discrete-log bound
-/// with it.
-pub fn max_abs_backward(batch_len: usize, bits: u32) -> u64 {
-    max_abs_product(batch_len, bits)
-}
-
-fn max_abs_product(len: usize, bits: u32) -> u64 {
+fn max_abs_product(len: usize, bits: u32, x_bound: u32) -> u64 {
     let q = qmax(bits.clamp(MIN_BITS, MAX_BITS)).unwrap_or(0) as u64;
     (len as u64)
-        .saturating_mul(BIAS_PIXEL as u64)
+        .saturating_mul(u64::from(x_bound))
         .saturating_mul(q)
 }
 
@@ -268,14 +267,16 @@ impl Quantizer {
         Ok(())
     }
 
-    /// Forward bound [`max_abs_forward`] for this quantizer and `n_cols` input columns.
-    pub fn forward_bound(&self, n_cols: usize) -> u64 {
-        max_abs_forward(n_cols, self.bits_weights)
+    /// Forward bound [`max_abs_forward`] for this quantizer, `n_cols` input columns and
+    /// inputs in `0..=x_bound`.
+    pub fn forward_bound(&self, n_cols: usize, x_bound: u32) -> u64 {
+        max_abs_forward(n_cols, self.bits_weights, x_bound)
     }
 
-    /// Backward bound [`max_abs_backward`] for this quantizer and a batch of `batch_len`.
-    pub fn backward_bound(&self, batch_len: usize) -> u64 {
-        max_abs_backward(batch_len, self.bits_deltas)
+    /// Backward bound [`max_abs_backward`] for this quantizer, a batch of `batch_len` and
+    /// inputs in `0..=x_bound`.
+    pub fn backward_bound(&self, batch_len: usize, x_bound: u32) -> u64 {
+        max_abs_backward(batch_len, self.bits_deltas, x_bound)
     }
 
     /// Bound of the output-error integers: `LABEL_SCALE`.
@@ -318,11 +319,13 @@ impl Quantizer {
         Ok(out)
     }
 
-    /// `Z[b,j] = z_int[b,j] / (s_j * 255)`, `scales` being the weight row scales.
+    /// `Z[b,j] = z_int[b,j] / (s_j * X)`, `scales` being the weight row scales and `X` the
+    /// inputs' bound.
     pub fn dequantize_forward(
         &self,
         z_int: ArrayView2<i64>,
         scales: &[f64],
+        x_bound: u32,
     ) -> Result<Array2<f32>, SeamError> {
         if z_int.ncols() != scales.len() {
             return Err(SeamError::Shape {
@@ -332,15 +335,17 @@ impl Quantizer {
             });
         }
         Ok(Array2::from_shape_fn(z_int.raw_dim(), |(b, j)| {
-            (z_int[[b, j]] as f64 / (scales[j] * PIXEL_SCALE as f64)) as f32
+            (z_int[[b, j]] as f64 / (scales[j] * f64::from(x_bound))) as f32
         }))
     }
 
-    /// `grad[j,i] = g_int[j,i] / (t_j * 255)`, `scales` being the delta column scales.
+    /// `grad[j,i] = g_int[j,i] / (t_j * X)`, `scales` being the delta column scales and `X`
+    /// the inputs' bound.
     pub fn dequantize_backward(
         &self,
         g_int: ArrayView2<i64>,
         scales: &[f64],
+        x_bound: u32,
     ) -> Result<Array2<f32>, SeamError> {
         if g_int.nrows() != scales.len() {
             return Err(SeamError::Shape {
@@ -350,7 +355,7 @@ impl Quantizer {
             });
         }
         Ok(Array2::from_shape_fn(g_int.raw_dim(), |(j, i)| {
-            (g_int[[j, i]] as f64 / (scales[j] * PIXEL_SCALE as f64)) as f32
+            (g_int[[j, i]] as f64 / (scales[j] * f64::from(x_bound))) as f32
         }))
     }
 
@@ -533,7 +538,8 @@ impl<P: IntegerProducts> FirstLayer for Quantized<P> {
         let wq = self.q.quantize_weights(w1, stream)?;
         let z_int = self.inner.forward_int(batch, wq.values.view())?;
         check_shape("forward integers", (b, w1.nrows()), z_int.dim())?;
-        self.q.dequantize_forward(z_int.view(), &wq.scales)
+        self.q
+            .dequantize_forward(z_int.view(), &wq.scales, self.inner.input_bound())
     }
 
     fn backward(&mut self, batch: usize, delta: ArrayView2<f32>) -> Result<Array2<f32>, SeamError> {
@@ -549,7 +555,8 @@ impl<P: IntegerProducts> FirstLayer for Quantized<P> {
                 got: g_int.dim(),
             });
         }
-        self.q.dequantize_backward(g_int.view(), &dq.scales)
+        self.q
+            .dequantize_backward(g_int.view(), &dq.scales, self.inner.input_bound())
     }
 
     fn output_error(&mut self, batch: usize, a: ArrayView2<f32>) -> Result<Array2<f32>, SeamError> {
@@ -647,7 +654,8 @@ struct PlainBatches {
 }
 
 impl PlainBatches {
-    fn new(data: Dataset, batches: Batches, classes: usize) -> Result<Self, DataError> {
+    fn new(data: Dataset, batches: Batches) -> Result<Self, DataError> {
+        let classes = data.info.classes;
         if batches.samples() != data.len() {
             return Err(DataError::Invalid(format!(
                 "batch partition of {} samples for a dataset of {}",
@@ -672,14 +680,13 @@ impl PlainBatches {
 
     /// `X_int` of the batch as i64 with the bias column.
     fn x_int(&self, range: Range<usize>) -> Array2<i64> {
-        self.data.augmented_pixels(range).mapv(i64::from)
+        self.data.augmented(range)
     }
 
-    /// `X = X_int / 255` of the batch with the bias column 1.0.
+    /// `X_int / X` of the batch, with the bias column 1.0.
     fn x_float(&self, range: Range<usize>) -> Array2<f32> {
-        self.data
-            .augmented_pixels(range)
-            .mapv(|p| p as f32 / PIXEL_SCALE)
+        let x = self.data.info.x_bound as f32;
+        self.data.augmented(range).mapv(|p| p as f32 / x)
     }
 }
 
@@ -694,10 +701,10 @@ pub struct PlainIntegers {
 macro_rules! plain_source_impl {
     ($name:ident, $what:literal) => {
         impl $name {
-            #[doc = concat!($what, " over `data` partitioned by `batches`, labels in `0..classes`.")]
-            pub fn new(data: Dataset, batches: Batches, classes: usize) -> Result<Self, DataError> {
+            #[doc = concat!($what, " over `data` partitioned by `batches`.")]
+            pub fn new(data: Dataset, batches: Batches) -> Result<Self, DataError> {
                 Ok($name {
-                    src: PlainBatches::new(data, batches, classes)?,
+                    src: PlainBatches::new(data, batches)?,
                 })
             }
 
@@ -706,10 +713,9 @@ macro_rules! plain_source_impl {
                 data: Dataset,
                 batch_size: usize,
                 drop_last: bool,
-                classes: usize,
             ) -> Result<Self, DataError> {
                 let batches = data.batches(batch_size, drop_last)?;
-                Self::new(data, batches, classes)
+                Self::new(data, batches)
             }
 
             /// The data.
@@ -791,6 +797,10 @@ impl IntegerProducts for PlainIntegers {
     fn batch_len(&self, batch: usize) -> usize {
         self.src.batches.batch_len(batch)
     }
+
+    fn input_bound(&self) -> u32 {
+        self.src.data.info.x_bound
+    }
 }
 
 /// Plain [`FirstLayer`] in f32 without quantization: the unquantized baseline.
@@ -843,7 +853,7 @@ mod tests {
 
     /// Two samples with two pixels each, labels 1 and 0, one batch.
     fn hand_data() -> Dataset {
-        Dataset::new(array![[10u8, 200], [0, 255]], vec![1, 0], 1, 2).unwrap()
+        Dataset::grey_images(array![[10u8, 200], [0, 255]], vec![1, 0], 1, 2, 2).unwrap()
     }
 
     #[test]
@@ -858,7 +868,7 @@ mod tests {
         assert_eq!(wq.scales[1], 1.0);
         assert!((wq.scales[2] - 635.0).abs() < 1e-4);
 
-        let mut p = PlainIntegers::from_dataset(hand_data(), 2, false, 2).unwrap();
+        let mut p = PlainIntegers::from_dataset(hand_data(), 2, false).unwrap();
         let z_int = p.forward_int(0, wq.values.view()).unwrap();
         // X_int = [[10, 200, 255], [0, 255, 255]]
         // sample 0: 10*64 - 200*32 + 255*127 = 640 - 6400 + 32385 = 26625
@@ -866,7 +876,7 @@ mod tests {
         // sample 1: -255*32 + 255*127 = 24225;  255*127 + 255*32 = 40545
         assert_eq!(z_int, array![[26625, 0, 33050], [24225, 0, 40545]]);
 
-        let z = q.dequantize_forward(z_int.view(), &wq.scales).unwrap();
+        let z = q.dequantize_forward(z_int.view(), &wq.scales, 255).unwrap();
         assert_eq!(z[[0, 0]], (26625.0f64 / (127.0 * 255.0)) as f32);
         assert_eq!(z[[1, 2]], (40545.0f64 / (wq.scales[2] * 255.0)) as f32);
         assert!((z[[0, 0]] - (10.0 / 255.0 * 0.5 - 200.0 / 255.0 * 0.25 + 1.0)).abs() < 0.01);
@@ -885,7 +895,9 @@ mod tests {
             g_int,
             array![[760, -17185, -13005], [0, 0, 0], [-1270, -9080, -16065]]
         );
-        let g = q.dequantize_backward(g_int.view(), &dq.scales).unwrap();
+        let g = q
+            .dequantize_backward(g_int.view(), &dq.scales, 255)
+            .unwrap();
         assert_eq!(g[[2, 2]], (-16065.0f64 / (254.0 * 255.0)) as f32);
 
         let a = array![[0.25f32, 0.75], [0.5001, 0.4999]];
@@ -898,14 +910,14 @@ mod tests {
             array![[0.25, -0.25], [-0.5, 0.5]]
         );
 
-        assert_eq!(max_abs_forward(785, 8), 25_422_225);
-        assert_eq!(q.backward_bound(64), 64 * 255 * 127);
+        assert_eq!(max_abs_forward(785, 8, 255), 25_422_225);
+        assert_eq!(q.backward_bound(64, 16), 64 * 16 * 127);
     }
 
     #[test]
     fn quantized_forward_matches_manual_dequantization() {
         let mut ql = Quantized::new(
-            PlainIntegers::from_dataset(hand_data(), 2, false, 2).unwrap(),
+            PlainIntegers::from_dataset(hand_data(), 2, false).unwrap(),
             Quantizer::new(8),
         )
         .unwrap();
@@ -956,7 +968,7 @@ mod tests {
 
     #[test]
     fn plain_float_matches_definitions() {
-        let mut p = PlainFloat::from_dataset(hand_data(), 2, false, 2).unwrap();
+        let mut p = PlainFloat::from_dataset(hand_data(), 2, false).unwrap();
         let w1 = array![[0.5f32, -0.25, 1.0]];
         let z = p.forward(0, w1.view()).unwrap();
         assert!((z[[0, 0]] - (10.0 / 255.0 * 0.5 - 200.0 / 255.0 * 0.25 + 1.0)).abs() < 1e-6);

@@ -16,7 +16,8 @@
 //! - [`activation`], [`loss`], [`init`], [`layer`]: building blocks;
 //! - [`model`]: the sequential model configured from a spec such as `784-128-32-10`;
 //! - [`optim`]: SGD (momentum, weight decay, schedules) and Adam, with serializable state;
-//! - [`data`], [`mnist`]: datasets, fixed batch partitions and the MNIST IDX reader;
+//! - [`data`]: the dataset description, datasets, fixed batch partitions, the loaders (IDX,
+//!   CIFAR-10, CSV) and the client's encoding of real values;
 //! - [`first_layer`]: the seam, quantization and the plain implementations;
 //! - [`train`], [`eval`]: training loop, checkpoints and evaluation.
 #![deny(missing_docs)]
@@ -28,13 +29,13 @@ pub mod first_layer;
 pub mod init;
 pub mod layer;
 pub mod loss;
-pub mod mnist;
 pub mod model;
 pub mod optim;
 pub mod train;
 
 pub use activation::Activation;
-pub use data::{Batches, DataError, Dataset};
+pub use data::mnist;
+pub use data::{Batches, DataError, Dataset, DatasetInfo};
 pub use eval::{evaluate, Evaluation};
 pub use first_layer::{
     FirstLayer, IntegerProducts, PlainFloat, PlainIntegers, Quantized, Quantizer, Rounding,

@@ -26,6 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::activation::Activation;
+use crate::data::DatasetInfo;
 use crate::init::Init;
 use crate::layer::{Dense, DenseGrad};
 use crate::loss::softmax;
@@ -33,7 +34,7 @@ use crate::loss::softmax;
 /// File magic of a saved model.
 pub const MODEL_MAGIC: [u8; 8] = *b"CNNMODEL";
 /// Current format version of a saved model.
-pub const MODEL_VERSION: u32 = 1;
+pub const MODEL_VERSION: u32 = 2;
 
 /// Errors of model construction, validation and (de)serialization.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +127,46 @@ impl ModelSpec {
         Ok(ModelSpec { sizes, activation })
     }
 
+    /// The architecture for data with `features` inputs and `classes` outputs: `spec` lists
+    /// either the hidden widths only (`"128-32"`, or `""` for none), or every width from
+    /// input to output (`"784-128-32-10"`, recognised by its first width being `features`),
+    /// which must then end with `classes`.
+    pub fn for_data(
+        spec: &str,
+        activation: Activation,
+        features: usize,
+        classes: usize,
+    ) -> Result<Self, ModelError> {
+        if spec.trim().is_empty() {
+            return Ok(ModelSpec {
+                sizes: vec![features, classes],
+                activation,
+            });
+        }
+        let widths = ModelSpec::parse(&format!("{spec}-1"), activation)?.sizes;
+        let widths = &widths[..widths.len() - 1];
+        if widths.len() >= 2 && widths[0] == features {
+            if widths[widths.len() - 1] != classes {
+                return Err(ModelError::Spec {
+                    spec: spec.to_string(),
+                    reason: format!(
+                        "a full spec must end with the data's {classes} classes, not {} \
+                         (or give the hidden widths only, such as 128-32)",
+                        widths[widths.len() - 1]
+                    ),
+                });
+            }
+            return Ok(ModelSpec {
+                sizes: widths.to_vec(),
+                activation,
+            });
+        }
+        let mut sizes = vec![features];
+        sizes.extend_from_slice(widths);
+        sizes.push(classes);
+        Ok(ModelSpec { sizes, activation })
+    }
+
     /// Number of input features `n_0`.
     pub fn n_in(&self) -> usize {
         self.sizes.first().copied().unwrap_or(0)
@@ -167,6 +208,8 @@ pub struct Gradients {
 pub struct Model {
     spec: ModelSpec,
     layers: Vec<Dense>,
+    /// The description of the data the model was made for (inputs, bound, classes).
+    data: Option<DatasetInfo>,
 }
 
 impl Model {
@@ -192,14 +235,35 @@ impl Model {
                 Dense::new(init.weights(spec.sizes[k + 1], spec.sizes[k], &mut rng))
             })
             .collect();
-        Model { spec, layers }
+        Model {
+            spec,
+            layers,
+            data: None,
+        }
     }
 
     /// Builds a model from explicit layers, checking them against the spec.
     pub fn from_layers(spec: ModelSpec, layers: Vec<Dense>) -> Result<Self, ModelError> {
-        let m = Model { spec, layers };
+        let m = Model {
+            spec,
+            layers,
+            data: None,
+        };
         m.validate()?;
         Ok(m)
+    }
+
+    /// The same model, recorded as made for data described by `info` (whose features and
+    /// classes must be the model's inputs and outputs).
+    pub fn with_data(mut self, info: DatasetInfo) -> Result<Self, ModelError> {
+        self.data = Some(info);
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// The description of the data the model was made for, if recorded.
+    pub fn data(&self) -> Option<&DatasetInfo> {
+        self.data.as_ref()
     }
 
     /// The architecture.
@@ -272,6 +336,16 @@ impl Model {
                 self.layers.len(),
                 self.spec
             )));
+        }
+        if let Some(d) = &self.data {
+            if d.features != self.spec.n_in() || d.classes != self.spec.n_out() {
+                return Err(ModelError::Inconsistent(format!(
+                    "the model {} does not fit its data ({} features, {} classes)",
+                    self.spec, d.features, d.classes
+                )));
+            }
+            d.validate()
+                .map_err(|e| ModelError::Inconsistent(e.to_string()))?;
         }
         for (k, l) in self.layers.iter().enumerate() {
             if l.w.dim() != (s[k + 1], s[k]) || l.b.len() != s[k + 1] {
@@ -393,6 +467,13 @@ mod tests {
             (784, 128, 10, 3)
         );
         assert_eq!(s.to_string(), "784-128-32-10/sigmoid");
+        let f = |t: &str| ModelSpec::for_data(t, Activation::Sigmoid, 30, 2).map(|s| s.sizes);
+        assert_eq!(f("128-32").unwrap(), vec![30, 128, 32, 2]);
+        assert_eq!(f("30-16-2").unwrap(), vec![30, 16, 2]);
+        assert_eq!(f("").unwrap(), vec![30, 2]);
+        assert_eq!(f("64").unwrap(), vec![30, 64, 2]);
+        assert!(f("30-16-3").unwrap_err().to_string().contains("2 classes"));
+        assert!(f("16-x").is_err());
         for bad in ["", "784", "784-0-10", "784-x-10", "784--10", "-784-10"] {
             assert!(ModelSpec::parse(bad, Activation::Relu).is_err(), "{bad:?}");
         }

@@ -40,8 +40,8 @@ use crate::optim::Optimizer;
 
 /// File magic of a training checkpoint.
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"CNNCKPT\0";
-/// Current format version of a training checkpoint.
-pub const CHECKPOINT_VERSION: u32 = 1;
+/// Current format version of a training checkpoint (2: the run's configuration).
+pub const CHECKPOINT_VERSION: u32 = 2;
 
 /// Errors of training and evaluation.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +79,186 @@ pub enum TrainError {
     /// The caller's per-step callback failed (for example writing a checkpoint).
     #[error("step callback failed: {0}")]
     Callback(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A resumed checkpoint was made with another setting than the one asked for now.
+    #[error(
+        "the checkpoint was made with {flag} {saved}, but this run asks for {flag} {asked}; \
+         use the checkpoint's setting or start a new checkpoint"
+    )]
+    ConfigMismatch {
+        /// The setting (a command-line flag).
+        flag: String,
+        /// Its value in the checkpoint.
+        saved: String,
+        /// Its value now.
+        asked: String,
+    },
+}
+
+/// What the training loop does after a hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Go on training.
+    Continue,
+    /// Stop here; everything done so far stays valid (a checkpoint can continue it).
+    Stop,
+}
+
+/// The state of a training run between two steps: what a [`Checkpoint`] saves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// The model.
+    pub model: Model,
+    /// The optimizer, with its moments.
+    pub optimizer: Optimizer,
+    /// Position in the current epoch.
+    pub state: EpochState,
+    /// Metrics of the completed epochs.
+    pub history: Vec<EpochMetrics>,
+}
+
+/// What a hook sees after a step.
+pub struct StepView<'a, L: ?Sized> {
+    /// The model after the step's update.
+    pub model: &'a Model,
+    /// The optimizer after the update.
+    pub optimizer: &'a Optimizer,
+    /// Position in the epoch, `next` already past this step's batch.
+    pub state: &'a EpochState,
+    /// Metrics of the completed epochs.
+    pub history: &'a [EpochMetrics],
+    /// The first layer.
+    pub layer: &'a L,
+    /// The batch of this step.
+    pub batch: usize,
+    /// Loss and accuracy counts of this step.
+    pub stats: &'a StepStats,
+}
+
+impl<L: ?Sized> StepView<'_, L> {
+    /// The run's state as a [`Progress`] (a copy, for a checkpoint).
+    pub fn progress(&self) -> Progress {
+        Progress {
+            model: self.model.clone(),
+            optimizer: self.optimizer.clone(),
+            state: self.state.clone(),
+            history: self.history.to_vec(),
+        }
+    }
+}
+
+/// Callbacks of [`run`]: what a caller adds to the one training loop (checkpoints, lockstep
+/// checks, timings, stopping after N steps, metrics). Both default to continuing.
+pub trait Hooks<L: ?Sized> {
+    /// After every step.
+    fn after_step(&mut self, _step: &StepView<'_, L>) -> Result<Flow, TrainError> {
+        Ok(Flow::Continue)
+    }
+
+    /// After every epoch: `metrics` (test figures filled when a test set was given) is the
+    /// last entry of `progress.history`, and `progress.state` is the start of the next epoch.
+    fn after_epoch(
+        &mut self,
+        _progress: &Progress,
+        _layer: &L,
+        _metrics: &EpochMetrics,
+    ) -> Result<Flow, TrainError> {
+        Ok(Flow::Continue)
+    }
+}
+
+/// Hooks that do nothing.
+pub struct NoHooks;
+
+impl<L: ?Sized> Hooks<L> for NoHooks {}
+
+/// How [`run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// Every epoch is done.
+    Completed,
+    /// A hook stopped the run.
+    Stopped,
+}
+
+/// Settings of [`run`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunSettings {
+    /// Train until this many epochs are done (counting those of `progress.history`).
+    pub epochs: usize,
+    /// Seed of the per-epoch batch orders.
+    pub seed: u64,
+    /// Shuffle the order of the batches every epoch.
+    pub shuffle: bool,
+    /// Show a progress bar.
+    pub progress_bar: bool,
+}
+
+/// The training loop: continues `progress` epoch by epoch until `settings.epochs` are done or
+/// a hook stops it, scoring each epoch on `test` when given. The trainer, the float baseline
+/// and the experiments all train through here; what differs between them are the first layer
+/// and the hooks.
+pub fn run<L, H>(
+    layer: &mut L,
+    progress: &mut Progress,
+    settings: &RunSettings,
+    test: Option<&Dataset>,
+    hooks: &mut H,
+) -> Result<Finished, TrainError>
+where
+    L: FirstLayer + ?Sized,
+    H: Hooks<L> + ?Sized,
+{
+    let nb = layer.num_batches();
+    while progress.state.epoch < settings.epochs {
+        let Progress {
+            model,
+            optimizer,
+            state,
+            history,
+        } = progress;
+        let mut stopped = false;
+        let mut m = train_epoch_from(
+            model,
+            layer,
+            optimizer,
+            state,
+            settings.progress_bar,
+            |model, optimizer, layer, state, batch, stats| {
+                let view = StepView {
+                    model,
+                    optimizer,
+                    state,
+                    history,
+                    layer,
+                    batch,
+                    stats,
+                };
+                stopped = hooks.after_step(&view)? == Flow::Stop && !state.is_done();
+                Ok(if stopped { Flow::Stop } else { Flow::Continue })
+            },
+        )?;
+        if stopped {
+            return Ok(Finished::Stopped);
+        }
+        if let Some(t) = test {
+            let ev = evaluate(&progress.model, t)?;
+            m.test_accuracy = Some(ev.accuracy);
+            m.test_loss = Some(ev.loss);
+        }
+        progress.history.push(m.clone());
+        progress.state = EpochState::new(
+            progress.state.epoch + 1,
+            nb,
+            settings.seed,
+            settings.shuffle,
+        );
+        if hooks.after_epoch(progress, layer, &m)? == Flow::Stop
+            && progress.state.epoch < settings.epochs
+        {
+            return Ok(Finished::Stopped);
+        }
+    }
+    Ok(Finished::Completed)
 }
 
 /// Per-epoch results, as data for CSV files and plots.
@@ -331,17 +511,18 @@ pub fn train_epoch<F: FirstLayer + ?Sized>(
         optimizer,
         &mut state,
         progress,
-        |_, _, _, _| Ok(()),
+        |_, _, _, _, _, _| Ok(Flow::Continue),
     )
 }
 
 /// Continues the epoch described by `state` from batch position `state.next` to the end.
 ///
-/// After every step `after_step(model, optimizer, first_layer, state)` is called with
-/// `state.next` already advanced: a caller can write a [`Checkpoint`] there and later resume
-/// from it, which gives the same weights, bit for bit, as an uninterrupted run. A
-/// [`crate::first_layer::Quantized`] first layer's rounding stream must be saved and restored
-/// too ([`Checkpoint::rounding_stream`]), which is why the callback sees the first layer.
+/// After every step `after_step(model, optimizer, first_layer, state, batch, stats)` is
+/// called with `state.next` already advanced: a caller can write a [`Checkpoint`] there and
+/// later resume from it, which gives the same weights, bit for bit, as an uninterrupted run,
+/// or return [`Flow::Stop`] to end the epoch there. A [`crate::first_layer::Quantized`] first
+/// layer's rounding stream must be saved and restored too ([`Checkpoint::rounding_stream`]),
+/// which is why the callback sees the first layer. Most callers want [`run`].
 pub fn train_epoch_from<F, C>(
     model: &mut Model,
     first_layer: &mut F,
@@ -352,7 +533,7 @@ pub fn train_epoch_from<F, C>(
 ) -> Result<EpochMetrics, TrainError>
 where
     F: FirstLayer + ?Sized,
-    C: FnMut(&Model, &Optimizer, &F, &EpochState) -> Result<(), TrainError>,
+    C: FnMut(&Model, &Optimizer, &F, &EpochState, usize, &StepStats) -> Result<Flow, TrainError>,
 {
     let nb = first_layer.num_batches();
     let mut sorted = state.order.clone();
@@ -398,7 +579,9 @@ where
             ));
             pb.inc(1);
         }
-        after_step(model, optimizer, first_layer, state)?;
+        if after_step(model, optimizer, first_layer, state, batch, &st)? == Flow::Stop {
+            break;
+        }
     }
     pb.finish_and_clear();
     Ok(state.metrics())
@@ -452,31 +635,42 @@ where
     F: FirstLayer + ?Sized,
     C: FnMut(&Model, &EpochMetrics) -> Result<(), TrainError>,
 {
-    let mut history = Vec::with_capacity(cfg.epochs);
-    for epoch in 0..cfg.epochs {
-        let mut state = EpochState::new(
-            epoch,
-            first_layer.num_batches(),
-            cfg.seed,
-            cfg.shuffle_batches,
-        );
-        let mut m = train_epoch_from(
-            model,
-            first_layer,
-            optimizer,
-            &mut state,
-            cfg.progress,
-            |_, _, _, _| Ok(()),
-        )?;
-        if let Some(test) = test {
-            let ev = evaluate(model, test)?;
-            m.test_accuracy = Some(ev.accuracy);
-            m.test_loss = Some(ev.loss);
+    struct OnEpoch<C>(C);
+    impl<F: FirstLayer + ?Sized, C: FnMut(&Model, &EpochMetrics) -> Result<(), TrainError>> Hooks<F>
+        for OnEpoch<C>
+    {
+        fn after_epoch(
+            &mut self,
+            p: &Progress,
+            _: &F,
+            m: &EpochMetrics,
+        ) -> Result<Flow, TrainError> {
+            (self.0)(&p.model, m)?;
+            Ok(Flow::Continue)
         }
-        on_epoch(model, &m)?;
-        history.push(m);
     }
-    Ok(history)
+    let mut progress = Progress {
+        model: model.clone(),
+        optimizer: optimizer.clone(),
+        state: EpochState::new(0, first_layer.num_batches(), cfg.seed, cfg.shuffle_batches),
+        history: Vec::new(),
+    };
+    let settings = RunSettings {
+        epochs: cfg.epochs,
+        seed: cfg.seed,
+        shuffle: cfg.shuffle_batches,
+        progress_bar: cfg.progress,
+    };
+    run(
+        first_layer,
+        &mut progress,
+        &settings,
+        test,
+        &mut OnEpoch(&mut on_epoch),
+    )?;
+    *model = progress.model;
+    *optimizer = progress.optimizer;
+    Ok(progress.history)
 }
 
 /// Everything needed to resume training between two batches.
@@ -493,9 +687,28 @@ pub struct Checkpoint {
     /// State of the first layer's rounding randomness
     /// ([`crate::first_layer::Quantized::rounding_stream`]; 0 if unused).
     pub rounding_stream: u64,
+    /// The run's configuration as (flag, value) pairs: a resumed run must ask for the same
+    /// ([`Checkpoint::check_config`]).
+    pub config: Vec<(String, String)>,
 }
 
 impl Checkpoint {
+    /// Checks that `asked` (flag, value) pairs equal the checkpoint's: the first flag whose
+    /// value differs, or that one side lacks, is an error naming it.
+    pub fn check_config(&self, asked: &[(String, String)]) -> Result<(), TrainError> {
+        for (flag, value) in asked {
+            let saved = self.config.iter().find(|(f, _)| f == flag).map(|(_, v)| v);
+            if saved != Some(value) {
+                return Err(TrainError::ConfigMismatch {
+                    flag: flag.clone(),
+                    saved: saved.cloned().unwrap_or_else(|| "(not recorded)".into()),
+                    asked: value.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Encodes as magic + version + bincode.
     pub fn to_bytes(&self) -> Result<Vec<u8>, ModelError> {
         encode_versioned(&CHECKPOINT_MAGIC, CHECKPOINT_VERSION, "checkpoint", self)

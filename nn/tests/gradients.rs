@@ -27,7 +27,7 @@ fn check_model(spec: &str, act: Activation, seed: u64) {
             *b = 0.1 - 0.03 * j as f32;
         }
     }
-    let mut fl = PlainFloat::from_dataset(data.clone(), 7, false, 3).unwrap();
+    let mut fl = PlainFloat::from_dataset(data.clone(), 7, false).unwrap();
     let (grads, stats) = compute_gradients(&model, &mut fl, 0).unwrap();
     assert!((stats.loss_sum / 7.0 - loss(&model, &data)).abs() < 1e-4);
 

@@ -23,7 +23,7 @@ fn plain_and_naive_integers_give_bit_identical_weights() {
     let data = common::synthetic(45, 3, 4, 4, 3);
     for q in [Quantizer::new(8), Quantizer::new(6).stochastic(9)] {
         let mut a = Quantized::new(
-            PlainIntegers::from_dataset(data.clone(), 8, false, 4).unwrap(),
+            PlainIntegers::from_dataset(data.clone(), 8, false).unwrap(),
             q,
         )
         .unwrap();
@@ -39,7 +39,7 @@ fn plain_and_naive_integers_give_bit_identical_weights() {
         assert_eq!(a.rounding_stream(), b.rounding_stream());
 
         // And quantization does change something, compared with the float baseline.
-        let mut f = PlainFloat::from_dataset(data.clone(), 8, false, 4).unwrap();
+        let mut f = PlainFloat::from_dataset(data.clone(), 8, false).unwrap();
         assert_ne!(train_some(&mut f, 5), ma);
     }
 }
@@ -49,10 +49,10 @@ fn fine_quantization_approaches_the_float_gradients() {
     let data = common::synthetic(16, 3, 4, 4, 8);
     let spec = ModelSpec::parse("12-6-4", Activation::Tanh).unwrap();
     let model = Model::new(spec, 2);
-    let mut f = PlainFloat::from_dataset(data.clone(), 16, false, 4).unwrap();
+    let mut f = PlainFloat::from_dataset(data.clone(), 16, false).unwrap();
     let (gf, sf) = compute_gradients(&model, &mut f, 0).unwrap();
     let mut q = Quantized::new(
-        PlainIntegers::from_dataset(data, 16, false, 4).unwrap(),
+        PlainIntegers::from_dataset(data, 16, false).unwrap(),
         Quantizer::new(24),
     )
     .unwrap();

@@ -9,7 +9,7 @@ use nn::{mnist, Activation, Dataset, Model, ModelSpec, Optimizer, PlainFloat, Sc
 
 fn xor() -> Dataset {
     let images = ndarray::array![[0u8, 0], [0, 255], [255, 0], [255, 255]];
-    Dataset::new(images, vec![0, 1, 1, 0], 1, 2).unwrap()
+    Dataset::grey_images(images, vec![0, 1, 1, 0], 1, 2, 2).unwrap()
 }
 
 #[test]
@@ -17,7 +17,7 @@ fn tiny_networks_learn_xor() {
     for act in Activation::ALL {
         let spec = ModelSpec::parse("2-8-2", act).unwrap();
         let mut model = Model::new(spec, 4);
-        let mut fl = PlainFloat::from_dataset(xor(), 4, false, 2).unwrap();
+        let mut fl = PlainFloat::from_dataset(xor(), 4, false).unwrap();
         let mut opt = Optimizer::adam(0.05);
         let cfg = FitConfig {
             epochs: 400,
@@ -37,7 +37,7 @@ fn sgd_with_momentum_learns_a_separable_set() {
     let test = common::synthetic(200, 4, 4, 5, 2);
     let spec = ModelSpec::parse("16-12-5", Activation::Relu).unwrap();
     let mut model = Model::new(spec, 1);
-    let mut fl = PlainFloat::from_dataset(train, 20, false, 5).unwrap();
+    let mut fl = PlainFloat::from_dataset(train, 20, false).unwrap();
     let mut opt = Optimizer::sgd(0.2, 0.9)
         .with_weight_decay(1e-4)
         .with_schedule(Schedule::StepDecay {
@@ -58,7 +58,7 @@ fn run(seed: u64) -> (Model, Vec<nn::EpochMetrics>) {
     let train = common::synthetic(100, 3, 3, 3, 7);
     let spec = ModelSpec::parse("9-7-3", Activation::Tanh).unwrap();
     let mut model = Model::new(spec, seed);
-    let mut fl = PlainFloat::from_dataset(train, 16, false, 3).unwrap();
+    let mut fl = PlainFloat::from_dataset(train, 16, false).unwrap();
     let mut opt = Optimizer::adam(0.01);
     let cfg = FitConfig {
         epochs: 3,
@@ -94,7 +94,7 @@ fn run_with_checkpoints(kill_at: Option<(usize, usize)>, dir: &std::path::Path) 
     let q = Quantizer::new(8).stochastic(77);
     let make_fl = || {
         Quantized::new(
-            PlainIntegers::from_dataset(train.clone(), 16, false, 3).unwrap(),
+            PlainIntegers::from_dataset(train.clone(), 16, false).unwrap(),
             q,
         )
         .unwrap()
@@ -116,20 +116,21 @@ fn run_with_checkpoints(kill_at: Option<(usize, usize)>, dir: &std::path::Path) 
             &mut opt,
             &mut state,
             false,
-            |m, o, f, s| {
+            |m, o, f, s, _, _| {
                 let ck = Checkpoint {
                     model: m.clone(),
                     optimizer: o.clone(),
                     state: s.clone(),
                     history: vec![],
                     rounding_stream: f.rounding_stream(),
+                    config: vec![],
                 };
                 ck.save(&path)
                     .map_err(|e| nn::TrainError::Callback(Box::new(e)))?;
                 if !crashed && kill_at == Some((s.epoch, s.next)) {
                     return Err(nn::TrainError::State("killed".into()));
                 }
-                Ok(())
+                Ok(nn::train::Flow::Continue)
             },
         );
         match result {
@@ -168,7 +169,15 @@ fn checkpoint_files_are_versioned() {
         state: EpochState::new(2, 5, 1, true),
         history: vec![],
         rounding_stream: 17,
+        config: vec![("--lr".into(), "0.1".into())],
     };
+    assert!(ck.check_config(&[("--lr".into(), "0.1".into())]).is_ok());
+    let e = ck
+        .check_config(&[("--lr".into(), "0.2".into())])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--lr 0.1") && e.contains("--lr 0.2"), "{e}");
+    assert!(ck.check_config(&[("--bits".into(), "8".into())]).is_err());
     let bytes = ck.to_bytes().unwrap();
     assert_eq!(Checkpoint::from_bytes(&bytes).unwrap(), ck);
     let model_bytes = ck.model.to_bytes().unwrap();
@@ -177,10 +186,10 @@ fn checkpoint_files_are_versioned() {
         Err(nn::ModelError::BadMagic { .. })
     ));
     let mut v2 = bytes.clone();
-    v2[8] = 2;
+    v2[8] = 9;
     assert!(matches!(
         Checkpoint::from_bytes(&v2),
-        Err(nn::ModelError::Version { found: 2, .. })
+        Err(nn::ModelError::Version { found: 9, .. })
     ));
 }
 
@@ -189,7 +198,7 @@ fn embedded_subset_has_the_documented_sizes() {
     let (train, test) = mnist::embedded().unwrap();
     assert_eq!(train.len(), 6000);
     assert_eq!(test.len(), 1000);
-    assert_eq!(train.images.dim(), (6000, 784));
+    assert_eq!(train.values.dim(), (6000, 784));
 }
 
 /// The README's subset figure: >= 90 % test accuracy on the embedded subset. Skipped in
@@ -200,7 +209,7 @@ fn embedded_subset_reaches_ninety_percent() {
     let (train, test) = mnist::embedded().unwrap();
     let spec = ModelSpec::parse("784-128-32-10", Activation::Relu).unwrap();
     let mut model = Model::new(spec, 1);
-    let mut fl = PlainFloat::from_dataset(train, 64, false, 10).unwrap();
+    let mut fl = PlainFloat::from_dataset(train, 64, false).unwrap();
     let mut opt = Optimizer::adam(1e-3).with_schedule(Schedule::Cosine {
         total_epochs: 10,
         min_lr: 0.0,

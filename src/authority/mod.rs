@@ -7,7 +7,7 @@
 //!
 //! | file | content | mode |
 //! |---|---|---|
-//! | `row.msk` | FEIP master secret key for rows (length [`crate::ROW_LEN`]) | 0600 |
+//! | `row.msk` | FEIP master secret key for rows (length `n + 1` of the dataset description) | 0600 |
 //! | `col.msk` | FEIP master secret key for columns (length = batch size) | 0600 |
 //! | `febo.msk` | FEBO master secret key | 0600 |
 //! | `params.bin` | the [`PublicParams`] (bincode, as in the [protocol]) | 0644 |
@@ -39,12 +39,13 @@ pub use policy::Policy;
 use crate::protocol::{
     self, PublicParams, Request, RequestFrame, Response, MAX_FRAME, PROTOCOL_VERSION,
 };
-use crate::{Curve, PIXEL_BOUND, ROW_LEN};
+use crate::Curve;
 use bincode::Options;
 use curv::elliptic::curves::Point;
 use fe::febo::{FeboMasterSecretKey, Op};
 use fe::feip::{FeipMasterSecretKey, FeipParams};
 use fe::{Encode, FeCurve};
+use nn::data::DatasetInfo;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -171,19 +172,24 @@ impl std::fmt::Debug for Authority {
 }
 
 impl Authority {
-    /// Generates fresh master keys for batches of `batch_size` samples, in memory only (see
-    /// [`init`] to write them to a directory).
-    pub fn generate(batch_size: usize) -> Result<Self, AuthorityError> {
+    /// Generates fresh master keys for data described by `dataset` in batches of
+    /// `batch_size` samples, in memory only (see [`init`] to write them to a directory).
+    pub fn generate(dataset: DatasetInfo, batch_size: usize) -> Result<Self, AuthorityError> {
         if batch_size == 0 {
             return Err(AuthorityError::InvalidArgument(
                 "the batch size must be at least 1".into(),
             ));
         }
-        let (row_pk, row) = fe::feip::setup::<Curve>(FeipParams::new(ROW_LEN, PIXEL_BOUND)?);
-        let (col_pk, col) = fe::feip::setup::<Curve>(FeipParams::new(batch_size, PIXEL_BOUND)?);
+        dataset
+            .validate()
+            .map_err(|e| AuthorityError::InvalidArgument(e.to_string()))?;
+        let x = u64::from(dataset.x_bound);
+        let (row_pk, row) = fe::feip::setup::<Curve>(FeipParams::new(dataset.row_len(), x)?);
+        let (col_pk, col) = fe::feip::setup::<Curve>(FeipParams::new(batch_size, x)?);
         let (febo_pk, febo) = fe::febo::setup::<Curve>();
         Ok(Authority {
             params: PublicParams {
+                dataset,
                 row: row_pk,
                 col: col_pk,
                 febo: febo_pk,
@@ -211,11 +217,11 @@ impl Authority {
         if let Err(reason) = policy.check(request) {
             return Response::Refused(reason);
         }
-        self.derive(request).unwrap_or_else(Response::Error)
+        self.derive(policy, request).unwrap_or_else(Response::Error)
     }
 
     /// Derives what `request` asks for, with no policy check.
-    fn derive(&self, request: &Request) -> Result<Response, String> {
+    fn derive(&self, policy: &Policy, request: &Request) -> Result<Response, String> {
         let feip = |msk: &FeipMasterSecretKey<Curve>, ys: &[Vec<i32>]| {
             let ys: Vec<Vec<i64>> = ys
                 .par_iter()
@@ -232,7 +238,10 @@ impl Authority {
                 .map_err(|e| e.to_string())
         };
         match request {
-            Request::Params => Ok(Response::Params(Box::new(self.params.clone()))),
+            Request::Params => Ok(Response::Params(Box::new(protocol::Published {
+                params: self.params.clone(),
+                policy: policy.clone(),
+            }))),
             Request::RowKeys(ys) => feip(&self.row, ys),
             Request::ColKeys(ys) => feip(&self.col, ys),
             Request::FeboKeys(reqs) => {
@@ -319,6 +328,7 @@ fn params_codec() -> impl Options {
 /// Refuses if `dir` already holds any of the files, unless `opts.force`.
 pub fn init(
     dir: &Path,
+    dataset: DatasetInfo,
     batch_size: usize,
     opts: &InitOptions,
 ) -> Result<Initialized, AuthorityError> {
@@ -349,7 +359,7 @@ pub fn init(
         }
         b.create(dir).map_err(|e| io_err(dir, e))?;
     }
-    let auth = Authority::generate(batch_size)?;
+    let auth = Authority::generate(dataset, batch_size)?;
     let write = |name: &str, bytes: &[u8], secret: bool| {
         let path = dir.join(name);
         fe::serial::write_atomic(&path, bytes, secret)
@@ -459,18 +469,14 @@ pub fn load(dir: &Path) -> Result<Authority, AuthorityError> {
         path: dir.to_path_buf(),
         reason,
     };
-    let expected_row = FeipParams::new(ROW_LEN, PIXEL_BOUND)?;
-    if row.params() != expected_row {
+    params.validate().map_err(&inconsistent)?;
+    if row.params() != params.row.params() || col.params() != params.col.params() {
         return Err(inconsistent(format!(
-            "the row key is for {:?}, expected {:?}",
+            "the master keys are for {:?} and {:?}, the public parameters for {:?} and {:?}",
             row.params(),
-            expected_row
-        )));
-    }
-    if col.params().x_bound != PIXEL_BOUND {
-        return Err(inconsistent(format!(
-            "the column key bounds entries by {}, expected {PIXEL_BOUND}",
-            col.params().x_bound
+            col.params(),
+            params.row.params(),
+            params.col.params()
         )));
     }
     let (row_pk, col_pk) = rayon::join(|| row.public_key(), || col.public_key());
@@ -613,7 +619,7 @@ fn prepare(
     shutdown: Arc<AtomicBool>,
 ) -> Result<Arc<Shared>, AuthorityError> {
     validate_token(&config.token)?;
-    let row_len = authority.params.row.params().n;
+    let row_len = authority.params.dataset.row_len();
     let col_len = authority.batch_size();
     let policy = config.policy.with_lengths(row_len, col_len);
     policy.validate().map_err(AuthorityError::Policy)?;

@@ -7,6 +7,15 @@
 //! weights and deltas; the trainer zeroes the gradient of a neuron whose delta column has fewer
 //! than two non-zero entries, and asks only for subtraction keys with quantized predictions).
 //!
+//! The row minimum scales with the row length `n + 1` of the dataset: by default a row key
+//! needs `min(16, ceil((n + 1) / 2))` non-zero entries (16 for MNIST's 785, 16 for a table
+//! of 30 columns, 3 for one of 4), so a table with few columns is still trainable and a key
+//! never isolates fewer than half of a short row's values. Trained weight rows are dense
+//! (8-bit quantization rounds only weights below 1/254 of the row's largest to zero).
+//!
+//! The policy is published with the public parameters ([`crate::protocol::Published`]): the
+//! trainer filters its requests by the rules the authority applies.
+//!
 //! The policy is a shape check, not a proof of privacy: a caller can still combine several
 //! accepted keys (for example `y` and `y + e_i`) to isolate one pixel. The audit log records a
 //! digest of every vector, so such patterns can be found afterwards.
@@ -17,7 +26,7 @@
 //! ```json
 //! {
 //!   "max_abs": 32767,
-//!   "min_nonzero_row": 16,
+//!   "min_nonzero_row": null,
 //!   "min_nonzero_col": 2,
 //!   "max_feip_vectors": 4096,
 //!   "max_febo_keys": 65536,
@@ -40,8 +49,9 @@ pub struct Policy {
     /// Largest `|entry|` of an inner-product key vector (default 32767: 16-bit keys; training
     /// uses 8-bit ones).
     pub max_abs: u32,
-    /// Fewest non-zero entries of a row key vector (default 16).
-    pub min_nonzero_row: usize,
+    /// Fewest non-zero entries of a row key vector (default, `null`: `min(16, ceil((n + 1) /
+    /// 2))` for rows of length `n + 1`; see [`Policy::min_row`]).
+    pub min_nonzero_row: Option<usize>,
     /// Fewest non-zero entries of a column key vector (default 2).
     pub min_nonzero_col: usize,
     /// Most vectors in one row or column request (default 4096).
@@ -53,30 +63,33 @@ pub struct Policy {
     /// Largest `|operand|` of a FEBO key (default 4096, the trainer's label scale).
     pub max_febo_operand: u64,
     /// Length of row vectors; not configurable, set from the public parameters
-    /// ([`Policy::with_lengths`]). Default [`crate::ROW_LEN`].
+    /// ([`Policy::with_lengths`]); 0 until then.
     #[serde(skip)]
     pub row_len: usize,
     /// Length of column vectors (the batch size); not configurable, set from the public
-    /// parameters ([`Policy::with_lengths`]). Default [`DEFAULT_BATCH_SIZE`].
+    /// parameters ([`Policy::with_lengths`]); 0 until then.
     #[serde(skip)]
     pub col_len: usize,
 }
 
-/// The batch size a default policy assumes until [`Policy::with_lengths`] sets the real one.
-pub const DEFAULT_BATCH_SIZE: usize = 64;
+/// The row minimum of the default policy for rows of length `row_len`:
+/// `min(16, ceil(row_len / 2))`.
+pub fn default_min_row(row_len: usize) -> usize {
+    row_len.div_ceil(2).min(16)
+}
 
 impl Default for Policy {
     fn default() -> Self {
         Policy {
             max_abs: 32767,
-            min_nonzero_row: 16,
+            min_nonzero_row: None,
             min_nonzero_col: 2,
             max_feip_vectors: 4096,
             max_febo_keys: 65536,
             febo_ops: vec![Op::Sub],
             max_febo_operand: 4096,
-            row_len: crate::ROW_LEN,
-            col_len: DEFAULT_BATCH_SIZE,
+            row_len: 0,
+            col_len: 0,
         }
     }
 }
@@ -87,6 +100,13 @@ impl Policy {
         self.row_len = row_len;
         self.col_len = col_len;
         self
+    }
+
+    /// Fewest non-zero entries of a row key: the configured value, else
+    /// [`default_min_row`] of the row length.
+    pub fn min_row(&self) -> usize {
+        self.min_nonzero_row
+            .unwrap_or_else(|| default_min_row(self.row_len))
     }
 
     /// Parses a JSON policy; absent fields take their defaults, unknown fields are errors.
@@ -109,10 +129,11 @@ impl Policy {
     /// Checks that the policy is usable: its non-zero minimums fit in the vector lengths (a
     /// policy that refuses every key of a kind is almost certainly a mistake).
     pub fn validate(&self) -> Result<(), String> {
-        if self.min_nonzero_row > self.row_len {
+        if self.min_row() > self.row_len {
             return Err(format!(
                 "min_nonzero_row = {} exceeds the row length {}: every row key would be refused",
-                self.min_nonzero_row, self.row_len
+                self.min_row(),
+                self.row_len
             ));
         }
         if self.min_nonzero_col > self.col_len {
@@ -129,7 +150,7 @@ impl Policy {
     pub fn check(&self, request: &Request) -> Result<(), String> {
         match request {
             Request::Params => Ok(()),
-            Request::RowKeys(ys) => self.check_feip("row", ys, self.row_len, self.min_nonzero_row),
+            Request::RowKeys(ys) => self.check_feip("row", ys, self.row_len, self.min_row()),
             Request::ColKeys(ys) => {
                 self.check_feip("column", ys, self.col_len, self.min_nonzero_col)
             }
@@ -331,7 +352,7 @@ mod tests {
     fn json_round_trip_defaults_and_unknown_fields() {
         let p =
             Policy::from_json(r#"{"min_nonzero_row": 32, "febo_ops": ["Sub", "Add"]}"#).unwrap();
-        assert_eq!(p.min_nonzero_row, 32);
+        assert_eq!(p.min_nonzero_row, Some(32));
         assert_eq!(p.febo_ops, vec![Op::Sub, Op::Add]);
         assert_eq!(p.max_abs, 32767);
         assert_eq!(Policy::from_json("{}").unwrap(), Policy::default());
@@ -348,9 +369,16 @@ mod tests {
         let p = Policy::default().with_lengths(785, 1);
         assert!(p.validate().is_err());
         let p = Policy {
-            min_nonzero_row: 786,
+            min_nonzero_row: Some(786),
             ..Policy::default()
-        };
+        }
+        .with_lengths(785, 64);
         assert!(p.validate().is_err());
+        // the default minimum scales with short rows and never exceeds them
+        for (len, min) in [(785, 16), (31, 16), (5, 3), (2, 1)] {
+            let p = Policy::default().with_lengths(len, 8);
+            assert_eq!(p.min_row(), min);
+            assert!(p.validate().is_ok());
+        }
     }
 }

@@ -17,7 +17,8 @@ use std::time::Duration;
 #[command(
     name = "authority",
     version,
-    after_help = "Example:\n  authority init --dir keys --batch-size 64\n  \
+    after_help = "Example:\n  authority init --dir keys --batch-size 64   (MNIST's shape: 784 features, 10 classes, values 0..=255)\n  \
+                  authority init --dir keys --features 30 --classes 2 --x-bound 255   (a table)\n  \
                   authority serve --dir keys --listen 127.0.0.1:7700\n\n\
                   Callers (client, trainer) authenticate with the token in keys/token \
                   (or CRYPTONN_TOKEN)."
@@ -53,6 +54,17 @@ struct InitArgs {
     /// Number of samples per batch: the length of the column vectors the client encrypts.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
+    /// Features per sample n (pixels of an image, columns of a table besides the label): the
+    /// row keys have length n + 1. Default: MNIST's 784.
+    #[arg(long, value_name = "N", default_value_t = nn::mnist::FEATURES)]
+    features: usize,
+    /// Number of classes C (2 to 256). Default: MNIST's 10.
+    #[arg(long, value_name = "C", default_value_t = nn::mnist::CLASSES)]
+    classes: usize,
+    /// Bound X on the encoded values: clients encode every feature into 0..=X (1 to 65535).
+    /// Default: 255, a byte.
+    #[arg(long, value_name = "X", default_value_t = nn::mnist::X_BOUND)]
+    x_bound: u32,
     /// Token callers must present (default: 32 random bytes in hex, written to DIR/token).
     #[arg(long, env = "CRYPTONN_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -66,7 +78,7 @@ struct PolicyArgs {
     /// JSON policy file; fields left out take their defaults.
     #[arg(long)]
     policy: Option<PathBuf>,
-    /// Fewest non-zero entries of a row key vector [default: 16].
+    /// Fewest non-zero entries of a row key vector [default: min(16, ceil((n + 1) / 2))].
     #[arg(long, value_name = "N")]
     min_nonzero_row: Option<usize>,
     /// Fewest non-zero entries of a column key vector [default: 2].
@@ -113,7 +125,7 @@ fn policy_of(args: &PolicyArgs) -> Result<Policy> {
         None => Policy::default(),
     };
     if let Some(n) = args.min_nonzero_row {
-        p.min_nonzero_row = n;
+        p.min_nonzero_row = Some(n);
     }
     if let Some(n) = args.min_nonzero_col {
         p.min_nonzero_col = n;
@@ -125,8 +137,11 @@ fn policy_of(args: &PolicyArgs) -> Result<Policy> {
 }
 
 fn init(args: &InitArgs) -> Result<()> {
+    let dataset = nn::data::DatasetInfo::new(args.features, args.x_bound, args.classes)
+        .context("invalid --features, --classes or --x-bound")?;
     let made = authority::init(
         &args.dir,
+        dataset,
         args.batch_size,
         &InitOptions {
             token: args.token.clone(),
@@ -140,8 +155,9 @@ fn init(args: &InitArgs) -> Result<()> {
         .map(|b| format!("{b:02x}"))
         .collect();
     println!(
-        "authority keys written to {} (batch size {}, parameters fingerprint {fp})",
+        "authority keys written to {} (data: {}; batch size {}; parameters fingerprint {fp})",
         args.dir.display(),
+        made.params.dataset,
         args.batch_size
     );
     println!(
@@ -177,7 +193,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     let batch = auth.batch_size();
     eprintln!(
-        "authority: batch size {batch}, audit log {}",
+        "authority: data {}, batch size {batch}, audit log {}",
+        auth.params().dataset,
         config.audit.display()
     );
     // spawn() validates the configuration and opens the audit log before accepting.

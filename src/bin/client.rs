@@ -1,15 +1,27 @@
-//! `client`: the data owner's tool. Fetches the authority's public parameters and writes an
-//! encrypted dataset that a trainer can use without ever seeing the images or labels.
+//! `client`: the data owner's tool. Fetches the authority's public parameters, encodes its
+//! data (images or a table) as integers and writes an encrypted dataset that a trainer can
+//! use without ever seeing the samples or labels.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use cryptonn::client::encrypt_dataset;
+use cryptonn::cli::{warn_clamped, DataArgs};
+use cryptonn::client::{check_fits, encrypt_dataset};
 use cryptonn::protocol::{resolve_token, AuthorityClient};
 use std::path::PathBuf;
 
-/// CryptoNN client (data owner): encrypts a labelled image dataset for training.
+/// CryptoNN client (data owner): encodes and encrypts a labelled dataset for training.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    about,
+    long_about = None,
+    after_help = "Examples:\n  \
+        client encrypt --authority 127.0.0.1:7700 --token-file keys/token --out train.enc\n  \
+        client encrypt --data ~/fashion-mnist --out fashion.enc\n  \
+        client encrypt --data patients.csv --label-column outcome --out patients.enc\n\n\
+        The encoding (per-column maps of real values into 0..=X) is written to --encoding \
+        (default: OUT.encoding.json); keep it to encode test and query data the same way."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -17,11 +29,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Encrypt MNIST training images and labels under the authority's public parameters.
+    /// Encode and encrypt training samples and labels under the authority's parameters.
     ///
-    /// Each batch is encrypted as rows (per sample, for the forward pass), as columns (per pixel
-    /// over the batch, for the backward pass) and as one-hot FEBO labels. Samples that do not
-    /// fill a last batch are left out. The file is written atomically.
+    /// Each batch is encrypted as rows (per sample, for the forward pass), as columns (per
+    /// feature over the batch, for the backward pass) and as one-hot FEBO labels. Samples
+    /// that do not fill a last batch are left out. Data whose shape does not fit the
+    /// authority's parameters (features, classes, bound) is refused before any encryption.
+    /// The file is written atomically.
     Encrypt {
         /// Authority address.
         #[arg(long, default_value = "127.0.0.1:7700")]
@@ -32,13 +46,8 @@ enum Command {
         /// File holding the bearer token.
         #[arg(long)]
         token_file: Option<PathBuf>,
-        /// Directory with the MNIST IDX files (gzip or raw); default: the embedded subset of
-        /// 6,000 training images.
-        #[arg(long, env = "CRYPTONN_MNIST_DIR")]
-        data: Option<PathBuf>,
-        /// Encrypt only the first N training samples.
-        #[arg(long)]
-        limit: Option<usize>,
+        #[command(flatten)]
+        data: DataArgs,
         /// Output file.
         #[arg(long, short, default_value = "train.enc")]
         out: PathBuf,
@@ -56,25 +65,32 @@ fn main() -> Result<()> {
             token: t,
             token_file,
             data,
-            limit,
             out,
             quiet,
         } => {
             let token = resolve_token(t, token_file.as_deref())?;
-            let (train, _, source) = nn::mnist::load(data.as_deref()).context("loading MNIST")?;
-            let train = match limit {
-                Some(n) => train.take(n.min(train.len())),
-                None => train,
-            };
             let mut conn = AuthorityClient::connect(&authority, &token)
                 .with_context(|| format!("connecting to the authority at {authority}"))?;
             let params = conn.params().context("fetching the public parameters")?;
+            let default_encoding = PathBuf::from(format!("{}.encoding.json", out.display()));
+            let loaded = data
+                .load(
+                    params.dataset.x_bound,
+                    Some(&default_encoding),
+                    Some(&params.dataset),
+                )
+                .context("loading the data")?;
+            warn_clamped(&loaded.clamped);
+            let train = loaded.train;
+            check_fits(&train, &params)?;
             eprintln!(
-                "encrypting {} samples from {source:?} in batches of {} ...",
+                "encrypting {} samples from {} ({}) in batches of {} ...",
                 train.len(),
+                loaded.source,
+                train.info,
                 params.batch_size()
             );
-            let s = encrypt_dataset(&train, &params, &out, &format!("{source:?}"), !quiet)
+            let s = encrypt_dataset(&train, &params, &out, &loaded.source, !quiet)
                 .context("encrypting the dataset")?;
             println!(
                 "wrote {}: {} batches, {} samples ({} left out), {:.1} MiB, {:.1} s",

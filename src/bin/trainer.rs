@@ -1,9 +1,13 @@
 //! `trainer`: the ML service. Trains on an encrypted dataset with keys from the authority;
 //! also the experimenter's tools: `simulate` (the same training on plaintext with the same
 //! integer products, for cheap curves) and `evaluate` (a saved model on a plaintext test set).
+//! The input width and the classes come from the data (the encrypted file's header, or the
+//! plaintext data's description); `--spec` gives the hidden widths.
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use cryptonn::authority::Policy;
+use cryptonn::cli::{warn_clamped, DataArgs};
 use cryptonn::protocol::resolve_token;
 use cryptonn::secure::Timings;
 use cryptonn::trainer::{self, SecureSetup, TrainConfig};
@@ -13,9 +17,17 @@ use nn::train::EpochMetrics;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// CryptoNN trainer: trains a network over functionally encrypted MNIST.
+/// CryptoNN trainer: trains a network over functionally encrypted data.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    about,
+    long_about = None,
+    after_help = "Examples:\n  \
+        trainer train --authority 127.0.0.1:7700 --token-file keys/token --data train.enc --spec 128-32\n  \
+        trainer simulate --data patients.csv --encoding patients.enc.encoding.json --spec 16\n  \
+        trainer evaluate --model model.bin --data test.csv --encoding patients.enc.encoding.json"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,8 +36,9 @@ struct Cli {
 /// Model and training settings shared by `train` and `simulate`.
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// Layer widths; the first must be 784.
-    #[arg(long, default_value = "784-128-32-10")]
+    /// Hidden layer widths, such as 128-32 (the input width and the classes come from the
+    /// data); a full layout such as 784-128-32-10 is accepted and checked against the data.
+    #[arg(long, default_value = "128-32")]
     spec: String,
     /// Hidden activation: sigmoid, relu or tanh.
     #[arg(long, default_value = "sigmoid")]
@@ -45,14 +58,8 @@ struct ModelArgs {
     /// Adam learning rate.
     #[arg(long, default_value_t = 0.01)]
     lr: f32,
-    /// Fewest non-zero entries of a weight-row key (match the authority's policy).
-    #[arg(long, default_value_t = 16)]
-    min_nonzero_row: usize,
-    /// Fewest non-zero entries of a delta-column key (match the authority's policy); columns
-    /// with fewer get a zero gradient instead of a key request.
-    #[arg(long, default_value_t = 2)]
-    min_nonzero_col: usize,
-    /// Checkpoint file: written after every step, resumed from if present.
+    /// Checkpoint file: written after every step, resumed from if present (with the same
+    /// settings and data; a conflicting flag is an error that names it).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
     /// Stop after this many steps (resume later from the checkpoint).
@@ -79,8 +86,6 @@ impl ModelArgs {
             bits: self.bits,
             stochastic_rounding: self.stochastic_rounding,
             lr: self.lr,
-            min_row_nonzero: self.min_nonzero_row,
-            min_col_nonzero: self.min_nonzero_col,
             progress: !self.quiet,
         }
     }
@@ -105,39 +110,49 @@ enum Command {
         /// Cache file for the discrete-log table (built once, about 1 s, 32 MiB).
         #[arg(long)]
         dlog_table: Option<PathBuf>,
-        /// Experimenter's view: also score each epoch on a plaintext MNIST test set from this
-        /// directory ("embedded" for the embedded subset). The training data stays encrypted.
-        #[arg(long)]
+        /// Experimenter's view: also score each epoch on a plaintext test set: "embedded" for
+        /// the embedded MNIST test images, or a path as for `client encrypt --data` (its test
+        /// part; a CSV whole), encoded with --eval-encoding. The training data stays encrypted.
+        #[arg(long, value_name = "PATH")]
         eval_data: Option<String>,
+        /// The client's encoding file, to encode --eval-data like the training data.
+        #[arg(long, value_name = "FILE")]
+        eval_encoding: Option<PathBuf>,
+        /// The CSV label column of --eval-data.
+        #[arg(long, value_name = "NAME")]
+        eval_label_column: Option<String>,
         #[command(flatten)]
         model: ModelArgs,
     },
     /// Experimenter's tool: the same training on PLAINTEXT data with the same quantized
     /// integer products (bit-identical weights to `train` on the same data and seed).
     Simulate {
-        /// MNIST directory (default: the embedded subset).
-        #[arg(long, env = "CRYPTONN_MNIST_DIR")]
-        data: Option<PathBuf>,
-        /// Use only the first N training samples (as `client encrypt --limit`).
-        #[arg(long)]
-        limit: Option<usize>,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Bound X of the encoded values (the authority's --x-bound).
+        #[arg(long, value_name = "X", default_value_t = nn::mnist::X_BOUND)]
+        x_bound: u32,
         /// Batch size (the authority's column length).
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
+        /// The authority's key policy file, if it serves one (`authority serve --policy`):
+        /// the simulation avoids the same refusals as the encrypted run.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
         /// Plain float first layer without quantization (the unquantized baseline).
         #[arg(long)]
         float: bool,
         #[command(flatten)]
         model: ModelArgs,
     },
-    /// Score a saved model on a plaintext test set.
+    /// Score a saved model on a plaintext test set: the test part of --data (an IDX or
+    /// CIFAR-10 directory), or all of a CSV table, encoded with --encoding.
     Evaluate {
         /// The model file.
         #[arg(long, default_value = "model.bin")]
         model: PathBuf,
-        /// MNIST directory (default: the embedded subset's 1,000 test images).
-        #[arg(long, env = "CRYPTONN_MNIST_DIR")]
-        data: Option<PathBuf>,
+        #[command(flatten)]
+        data: DataArgs,
     },
 }
 
@@ -188,11 +203,30 @@ fn append_metrics(path: Option<&Path>, m: &EpochMetrics, timings: Option<&Timing
     Ok(())
 }
 
-fn load_test(spec: &str) -> Result<nn::data::Dataset> {
-    let dir = (spec != "embedded").then(|| PathBuf::from(spec));
-    Ok(nn::mnist::load(dir.as_deref())
-        .context("loading the test set")?
-        .1)
+/// The plaintext evaluation set of `data`: its test part, or all of it when it has none
+/// (a CSV table), encoded with the bound of `info` and checked against it.
+fn test_set(data: &DataArgs, info: &nn::data::DatasetInfo) -> Result<nn::data::Dataset> {
+    let loaded = data.load(info.x_bound, None, None)?;
+    if data.encoding.is_none()
+        && loaded
+            .encoding
+            .columns
+            .iter()
+            .any(|c| *c != nn::data::encoding::ColumnMap::Keep)
+    {
+        anyhow::bail!(
+            "{} has values that need an encoding: give the client's encoding file with \
+             --encoding (or --eval-encoding), so that the test data is encoded like the \
+             training data",
+            loaded.source
+        );
+    }
+    warn_clamped(&loaded.clamped);
+    let test = loaded.test.unwrap_or(loaded.train);
+    test.info
+        .check_fits(info)
+        .with_context(|| format!("the test data {} does not fit the model's", loaded.source))?;
+    Ok(test)
 }
 
 fn main() -> Result<()> {
@@ -204,16 +238,39 @@ fn main() -> Result<()> {
             token_file,
             dlog_table,
             eval_data,
+            eval_encoding,
+            eval_label_column,
             model,
         } => {
             let setup = SecureSetup {
-                data,
+                data: data.clone(),
                 authority,
                 token: resolve_token(token, token_file.as_deref())?,
                 dlog_table,
             };
-            let test = eval_data.as_deref().map(load_test).transpose()?;
+            let header = cryptonn::dataset::Reader::open(&data)
+                .with_context(|| format!("opening {}", data.display()))?
+                .header()
+                .clone();
+            let test = match eval_data {
+                None => None,
+                Some(p) => {
+                    let args = DataArgs {
+                        data: (p != "embedded").then(|| PathBuf::from(&p)),
+                        label_column: eval_label_column,
+                        encoding: eval_encoding,
+                        ..DataArgs::default()
+                    };
+                    Some(test_set(&args, &header.dataset)?)
+                }
+            };
             let cfg = model.config();
+            println!(
+                "training {} on {} ({})",
+                cfg.model_spec(&header.dataset)?,
+                data.display(),
+                header.dataset
+            );
             let metrics = model.metrics.clone();
             let (r, _) = trainer::train_secure(
                 &setup,
@@ -234,17 +291,22 @@ fn main() -> Result<()> {
         }
         Command::Simulate {
             data,
-            limit,
+            x_bound,
             batch_size,
+            policy,
             float,
             model,
         } => {
-            let (train, test, _) = nn::mnist::load(data.as_deref()).context("loading MNIST")?;
-            let train = match limit {
-                Some(n) => train.take(n.min(train.len())),
-                None => train,
-            };
+            let loaded = data.load(x_bound, None, None).context("loading the data")?;
+            warn_clamped(&loaded.clamped);
+            let (train, test) = (loaded.train, loaded.test);
             let cfg = model.config();
+            println!(
+                "simulating {} on {} ({})",
+                cfg.model_spec(&train.info)?,
+                loaded.source,
+                train.info
+            );
             let metrics = model.metrics.clone();
             let on_epoch = |m: &EpochMetrics| {
                 report(m, None);
@@ -252,15 +314,28 @@ fn main() -> Result<()> {
                     .map_err(|e| trainer::TrainerError::Config(e.to_string()))
             };
             let r = if float {
-                trainer::run_float(train, batch_size, &cfg, Some(&test), |_, m, _| on_epoch(m))
+                trainer::run_float(train, batch_size, &cfg, test.as_ref(), |_, m, _| {
+                    on_epoch(m)
+                })
             } else {
+                let policy = match &policy {
+                    Some(p) => Policy::from_file(p).map_err(anyhow::Error::msg)?,
+                    None => Policy::default(),
+                }
+                .with_lengths(train.info.row_len(), batch_size);
+                let run_data = trainer::RunData {
+                    info: train.info.clone(),
+                    identity: trainer::data_identity(&train),
+                    policy,
+                };
                 let products =
-                    nn::first_layer::PlainIntegers::from_dataset(train, batch_size, true, 10)
+                    nn::first_layer::PlainIntegers::from_dataset(train, batch_size, true)
                         .context("partitioning the data")?;
                 trainer::run(
                     products,
+                    &run_data,
                     &cfg,
-                    Some(&test),
+                    test.as_ref(),
                     model.checkpoint.as_deref(),
                     model.stop_after,
                     |_, m, _| on_epoch(m),
@@ -272,10 +347,14 @@ fn main() -> Result<()> {
         }
         Command::Evaluate { model, data } => {
             let m = Model::load(&model).with_context(|| format!("loading {}", model.display()))?;
-            let (_, test, _) = nn::mnist::load(data.as_deref()).context("loading MNIST")?;
+            let info = m
+                .data()
+                .cloned()
+                .context("the model file records no data description")?;
+            let test = test_set(&data, &info)?;
             let ev = nn::eval::evaluate(&m, &test)?;
             println!(
-                "test accuracy {:.2}% ({} images), loss {:.4}",
+                "test accuracy {:.2}% ({} samples), loss {:.4}",
                 100.0 * ev.accuracy,
                 test.len(),
                 ev.loss

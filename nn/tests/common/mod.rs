@@ -2,7 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use ndarray::{Array2, ArrayView2};
-use nn::first_layer::{IntegerProducts, SeamError, BIAS_PIXEL, LABEL_SCALE};
+use nn::first_layer::{IntegerProducts, SeamError, LABEL_SCALE};
 use nn::{Batches, Dataset};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -23,7 +23,7 @@ pub fn synthetic(n: usize, rows: usize, cols: usize, classes: usize, seed: u64) 
         images[[b, label % f]] = rng.gen_range(180..=255);
         labels.push(label as u8);
     }
-    Dataset::new(images, labels, rows, cols).unwrap()
+    Dataset::grey_images(images, labels, rows, cols, classes).unwrap()
 }
 
 /// A second, independent integer implementation: textbook loops over the pixels, with no
@@ -48,9 +48,9 @@ impl NaiveIntegers {
 
     fn pixel(&self, sample: usize, i: usize) -> i64 {
         if i == self.data.features() {
-            BIAS_PIXEL as i64
+            i64::from(self.data.info.x_bound)
         } else {
-            self.data.images[[sample, i]] as i64
+            self.data.values[[sample, i]] as i64
         }
     }
 }
@@ -121,5 +121,9 @@ impl IntegerProducts for NaiveIntegers {
 
     fn batch_len(&self, batch: usize) -> usize {
         self.batches.batch_len(batch)
+    }
+
+    fn input_bound(&self) -> u32 {
+        self.data.info.x_bound
     }
 }

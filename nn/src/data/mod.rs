@@ -1,7 +1,9 @@
-//! Datasets of 8-bit images with class labels, and the fixed batch partition.
+//! Datasets of encoded samples with class labels, their description, the loaders of every
+//! supported format, and the fixed batch partition.
 //!
-//! Images are kept as raw pixel integers `0..=255`, one flattened image per row; the float
-//! value of a pixel is `pixel / 255` ([`crate::first_layer::PIXEL_SCALE`]).
+//! A [`Dataset`] holds samples already encoded as integers `0..=X`, one sample per row, with
+//! the [`DatasetInfo`] that describes them ([`info`]); the float value of an encoded value
+//! `v` is `v / X`. Loaders ([`mnist`], [`idx`], ...) read files into datasets.
 //!
 //! A dataset of `N` samples is cut into `ceil(N / B)` consecutive batches of `B` samples, the
 //! last one possibly shorter (or dropped). This partition is fixed: an encrypted dataset is
@@ -18,7 +20,17 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::first_layer::{BIAS_PIXEL, PIXEL_SCALE};
+pub mod cifar;
+pub mod csv;
+pub mod encoding;
+pub mod idx;
+pub mod info;
+pub mod mnist;
+pub mod raw;
+
+pub use encoding::{EncodeReport, Encoding};
+pub use info::{DatasetInfo, ImageShape, InfoError};
+pub use raw::{Format, LoadOptions, Loader, RawSet, RawValues};
 
 /// Errors of data loading, validation and partitioning.
 #[derive(Debug, thiserror::Error)]
@@ -98,8 +110,8 @@ pub enum DataError {
         /// Bytes present.
         found: u64,
     },
-    /// Images and labels do not have the same number of items.
-    #[error("{images} images but {labels} labels")]
+    /// Samples and labels do not have the same number of items.
+    #[error("{images} samples but {labels} labels")]
     CountMismatch {
         /// Number of images.
         images: usize,
@@ -116,61 +128,104 @@ pub enum DataError {
         /// Number of classes.
         classes: usize,
     },
-    /// Image dimensions do not match the data.
-    #[error("images have {features} features per row, but rows x cols is {rows} x {cols}")]
-    ImageShape {
-        /// Features per row of the image matrix.
-        features: usize,
-        /// Declared image rows.
-        rows: usize,
-        /// Declared image columns.
-        cols: usize,
+    /// The description's feature count does not match the data.
+    #[error("the samples have {found} features, the description says {expected}")]
+    FeatureCount {
+        /// Features per row of the value matrix.
+        found: usize,
+        /// Features of the description.
+        expected: usize,
     },
     /// An invalid argument to a split or batching helper.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// The dataset description is invalid or does not fit.
+    #[error(transparent)]
+    Info(#[from] InfoError),
+    /// An encoded value exceeds the description's bound.
+    #[error("value {value} of sample {index}, feature {feature} exceeds the bound {bound}")]
+    ValueOutOfRange {
+        /// Sample index.
+        index: usize,
+        /// Feature index.
+        feature: usize,
+        /// The value.
+        value: u16,
+        /// The description's bound `X`.
+        bound: u32,
+    },
+    /// A file's content is not what its format requires.
+    #[error("{what}: {reason}")]
+    Format {
+        /// Which file, row or field.
+        what: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
-/// A set of images (rows of pixel integers) with labels.
+/// Encoded samples (rows of integers `0..=X`) with labels and their description.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dataset {
-    /// Pixel integers, shape (N, rows * cols).
-    pub images: Array2<u8>,
-    /// One class label per image.
+    /// Encoded values, shape (N, features).
+    pub values: Array2<u16>,
+    /// One class label per sample, below `info.classes`.
     pub labels: Vec<u8>,
-    /// Image height in pixels.
-    pub rows: usize,
-    /// Image width in pixels.
-    pub cols: usize,
+    /// The description: features, bound, classes, image shape.
+    pub info: DatasetInfo,
 }
 
 impl Dataset {
-    /// Builds a dataset, checking that shapes and counts agree.
-    pub fn new(
-        images: Array2<u8>,
-        labels: Vec<u8>,
-        rows: usize,
-        cols: usize,
-    ) -> Result<Self, DataError> {
-        if rows.checked_mul(cols) != Some(images.ncols()) {
-            return Err(DataError::ImageShape {
-                features: images.ncols(),
-                rows,
-                cols,
+    /// Builds a dataset, checking that shapes, counts, values and labels fit `info`.
+    pub fn new(values: Array2<u16>, labels: Vec<u8>, info: DatasetInfo) -> Result<Self, DataError> {
+        info.validate()?;
+        if values.ncols() != info.features {
+            return Err(DataError::FeatureCount {
+                found: values.ncols(),
+                expected: info.features,
             });
         }
-        if images.nrows() != labels.len() {
+        if values.nrows() != labels.len() {
             return Err(DataError::CountMismatch {
-                images: images.nrows(),
+                images: values.nrows(),
                 labels: labels.len(),
             });
         }
-        Ok(Dataset {
-            images,
+        if let Some(((index, feature), &value)) = values
+            .indexed_iter()
+            .find(|(_, &v)| u32::from(v) > info.x_bound)
+        {
+            return Err(DataError::ValueOutOfRange {
+                index,
+                feature,
+                value,
+                bound: info.x_bound,
+            });
+        }
+        let d = Dataset {
+            values,
             labels,
-            rows,
-            cols,
-        })
+            info,
+        };
+        d.check_labels(d.info.classes)?;
+        Ok(d)
+    }
+
+    /// A set of one-channel `height x width` images of bytes (bound 255) with labels in
+    /// `0..classes`, the classes unnamed.
+    pub fn grey_images(
+        pixels: Array2<u8>,
+        labels: Vec<u8>,
+        height: usize,
+        width: usize,
+        classes: usize,
+    ) -> Result<Self, DataError> {
+        let info = DatasetInfo::new(pixels.ncols(), 255, classes)?.with_image(ImageShape {
+            channels: 1,
+            height,
+            width,
+        })?;
+        Dataset::new(pixels.mapv(u16::from), labels, info)
     }
 
     /// Number of samples N.
@@ -183,9 +238,9 @@ impl Dataset {
         self.labels.is_empty()
     }
 
-    /// Number of input features per sample (`rows * cols`).
+    /// Number of input features per sample.
     pub fn features(&self) -> usize {
-        self.images.ncols()
+        self.values.ncols()
     }
 
     /// Checks that every label is below `classes`.
@@ -216,9 +271,9 @@ impl Dataset {
         c
     }
 
-    /// All images normalized to floats `pixel / 255`, shape (N, features).
+    /// All samples as floats `v / X`, shape (N, features).
     pub fn normalized(&self) -> Array2<f32> {
-        normalize(self.images.view())
+        normalize(self.values.view(), self.info.x_bound)
     }
 
     /// Samples `range` as a new dataset (the range is clamped to the dataset).
@@ -226,13 +281,12 @@ impl Dataset {
         let end = range.end.min(self.len());
         let start = range.start.min(end);
         Dataset {
-            images: self
-                .images
+            values: self
+                .values
                 .slice_axis(Axis(0), Slice::from(start..end))
                 .to_owned(),
             labels: self.labels[start..end].to_vec(),
-            rows: self.rows,
-            cols: self.cols,
+            info: self.info.clone(),
         }
     }
 
@@ -268,10 +322,9 @@ impl Dataset {
         let mut idx: Vec<usize> = (0..self.len()).collect();
         idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
         Dataset {
-            images: self.images.select(Axis(0), &idx),
+            values: self.values.select(Axis(0), &idx),
             labels: idx.iter().map(|&i| self.labels[i]).collect(),
-            rows: self.rows,
-            cols: self.cols,
+            info: self.info.clone(),
         }
     }
 
@@ -280,22 +333,34 @@ impl Dataset {
         Batches::new(self.len(), batch_size, drop_last)
     }
 
-    /// Pixel integers of samples `range` with the bias column [`BIAS_PIXEL`] appended,
-    /// shape (B, features + 1): the integer inputs `X_int` of the first layer.
-    pub fn augmented_pixels(&self, range: Range<usize>) -> Array2<u8> {
+    /// Encoded values of samples `range` with the bias input `X` appended, shape
+    /// (B, features + 1): the integer inputs `X_int` of the first layer.
+    pub fn augmented(&self, range: Range<usize>) -> Array2<i64> {
         let end = range.end.min(self.len());
         let start = range.start.min(end);
         let n = self.features();
-        let mut out = Array2::from_elem((end - start, n + 1), BIAS_PIXEL);
-        out.slice_axis_mut(Axis(1), Slice::from(..n))
-            .assign(&self.images.slice_axis(Axis(0), Slice::from(start..end)));
+        let mut out = Array2::from_elem((end - start, n + 1), i64::from(self.info.x_bound));
+        out.slice_axis_mut(Axis(1), Slice::from(..n)).assign(
+            &self
+                .values
+                .slice_axis(Axis(0), Slice::from(start..end))
+                .mapv(i64::from),
+        );
         out
+    }
+
+    /// The integer input row of sample `i`: its values and the bias input `X`.
+    pub fn row(&self, i: usize) -> Vec<i64> {
+        let mut r: Vec<i64> = self.values.row(i).iter().map(|&v| i64::from(v)).collect();
+        r.push(i64::from(self.info.x_bound));
+        r
     }
 }
 
-/// `pixel / 255` element-wise.
-pub fn normalize(pixels: ArrayView2<u8>) -> Array2<f32> {
-    pixels.mapv(|p| p as f32 / PIXEL_SCALE)
+/// `v / x_bound` element-wise: the float values of encoded integers.
+pub fn normalize(values: ArrayView2<u16>, x_bound: u32) -> Array2<f32> {
+    let x = x_bound as f32;
+    values.mapv(|v| v as f32 / x)
 }
 
 /// A fixed partition of `0..n` into consecutive batches.
@@ -372,8 +437,9 @@ mod tests {
     use ndarray::array;
 
     fn toy() -> Dataset {
-        let images = Array2::from_shape_fn((10, 4), |(i, j)| (i * 4 + j) as u8);
-        Dataset::new(images, (0..10).map(|i| (i % 3) as u8).collect(), 2, 2).unwrap()
+        let values = Array2::from_shape_fn((10, 4), |(i, j)| (i * 4 + j) as u16);
+        let info = DatasetInfo::new(4, 255, 3).unwrap();
+        Dataset::new(values, (0..10).map(|i| (i % 3) as u8).collect(), info).unwrap()
     }
 
     #[test]
@@ -393,7 +459,7 @@ mod tests {
         let a = d.shuffled(1);
         assert_eq!(a, d.shuffled(1));
         assert_ne!(a.labels, d.labels);
-        for (i, row) in a.images.rows().into_iter().enumerate() {
+        for (i, row) in a.values.rows().into_iter().enumerate() {
             let orig = row[0] as usize / 4;
             assert_eq!(a.labels[i], d.labels[orig]);
         }
@@ -412,14 +478,27 @@ mod tests {
             Err(DataError::LabelOutOfRange { index: 2, .. })
         ));
         assert_eq!(d.class_counts(3), vec![4, 3, 3]);
-        assert!(Dataset::new(Array2::zeros((2, 4)), vec![0], 2, 2).is_err());
-        assert!(Dataset::new(Array2::zeros((1, 4)), vec![0], 3, 2).is_err());
+        let info = DatasetInfo::new(4, 9, 3).unwrap();
+        assert!(Dataset::new(Array2::zeros((2, 4)), vec![0], info.clone()).is_err());
+        assert!(Dataset::new(Array2::zeros((1, 3)), vec![0], info.clone()).is_err());
+        assert!(Dataset::new(Array2::zeros((1, 4)), vec![3], info.clone()).is_err());
+        let mut big = Array2::zeros((1, 4));
+        big[[0, 2]] = 10;
+        assert!(matches!(
+            Dataset::new(big, vec![0], info),
+            Err(DataError::ValueOutOfRange {
+                feature: 2,
+                value: 10,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn augmented_pixels_have_bias_column() {
         let d = toy();
-        let x = d.augmented_pixels(1..3);
+        let x = d.augmented(1..3);
         assert_eq!(x, array![[4, 5, 6, 7, 255], [8, 9, 10, 11, 255]]);
+        assert_eq!(d.row(2), vec![8, 9, 10, 11, 255]);
     }
 }

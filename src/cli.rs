@@ -1,0 +1,168 @@
+//! What the role binaries share on their command lines: the data flags and how they load.
+//!
+//! `--data PATH` names an IDX directory (MNIST, Fashion-MNIST, KMNIST, EMNIST: any image
+//! size), a CIFAR-10 binary directory or a `.csv` table; the format is detected (`--format`
+//! overrides). Without `--data`, the embedded MNIST subset. Raw values become integers
+//! `0..=X` through an [`Encoding`] fitted on the training data: read from `--encoding FILE`
+//! when the file exists (so test and query data are encoded like the training data), else
+//! fitted and written there.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use nn::data::{self, Dataset, EncodeReport, Encoding, Format, LoadOptions, RawSet};
+
+/// The data flags of every role.
+#[derive(Args, Debug, Clone, Default)]
+pub struct DataArgs {
+    /// The data: an IDX directory (MNIST-style file names, any image size), a CIFAR-10
+    /// binary directory, or a .csv table with a header row. Default: the embedded MNIST
+    /// subset (6,000 training and 1,000 test images).
+    #[arg(long, value_name = "PATH", env = "CRYPTONN_MNIST_DIR")]
+    pub data: Option<PathBuf>,
+    /// The format of --data (idx, cifar10 or csv), when detection is not wanted.
+    #[arg(long, value_name = "FORMAT")]
+    pub format: Option<Format>,
+    /// The CSV column holding the labels (default: the last column).
+    #[arg(long, value_name = "NAME")]
+    pub label_column: Option<String>,
+    /// The encoding file (JSON): read if it exists (to encode test or query data like the
+    /// training data), else fitted on the training data and written there.
+    #[arg(long, value_name = "FILE")]
+    pub encoding: Option<PathBuf>,
+    /// Use only the first N training samples.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+}
+
+/// Loaded and encoded data.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The training samples (after `--limit`).
+    pub train: Dataset,
+    /// The test samples, when the source has them.
+    pub test: Option<Dataset>,
+    /// The encoding used.
+    pub encoding: Encoding,
+    /// Values clamped while encoding (training and test together).
+    pub clamped: EncodeReport,
+    /// Where the data came from, for messages.
+    pub source: String,
+}
+
+impl DataArgs {
+    /// Reads the raw training and test parts.
+    pub fn read_raw(&self) -> anyhow::Result<(RawSet, Option<RawSet>, String)> {
+        use anyhow::Context;
+        Ok(match &self.data {
+            None => {
+                let (train, test) = data::mnist::embedded_raw()?;
+                (train, Some(test), "embedded MNIST subset".to_string())
+            }
+            Some(p) => {
+                let opts = LoadOptions {
+                    label_column: self.label_column.clone(),
+                };
+                let loader = data::raw::open(p, self.format, &opts)
+                    .with_context(|| format!("opening {}", p.display()))?;
+                let (train, test) = loader
+                    .read()
+                    .with_context(|| format!("reading {} as {}", p.display(), loader.format()))?;
+                (
+                    train,
+                    test,
+                    format!("{} ({})", p.display(), loader.format()),
+                )
+            }
+        })
+    }
+
+    /// Loads and encodes the data with bound `x_bound`: the encoding comes from
+    /// `--encoding` when that file exists, else it is fitted on the training part and
+    /// written to `--encoding` (or to `default_encoding` when given). Data that does not fit
+    /// `expected` (an authority's parameters) is refused before anything is fitted or
+    /// written.
+    pub fn load(
+        &self,
+        x_bound: u32,
+        default_encoding: Option<&Path>,
+        expected: Option<&nn::data::DatasetInfo>,
+    ) -> anyhow::Result<Loaded> {
+        use anyhow::Context;
+        let (train, test, source) = self.read_raw()?;
+        let train = match self.limit {
+            Some(n) => train.take(n),
+            None => train,
+        };
+        if let Some(e) = expected {
+            let info = train.info(x_bound)?;
+            info.check_fits(e).map_err(|err| {
+                anyhow::anyhow!("{err} (the data: {info}; the authority's parameters: {e})")
+            })?;
+        }
+        let path = self.encoding.as_deref().or(default_encoding);
+        let encoding = match path {
+            Some(p) if p.exists() => {
+                let e = Encoding::load(p)?;
+                if e.x_bound != x_bound {
+                    anyhow::bail!(
+                        "{} encodes values into 0..={}, but 0..={x_bound} is needed here \
+                         (the authority's bound); fit a new encoding",
+                        p.display(),
+                        e.x_bound
+                    );
+                }
+                e
+            }
+            _ => {
+                let mut fit_on = train.clone();
+                if let Some(t) = &test {
+                    // Every class of either part gets a fixed index.
+                    let names = data::raw::union_classes(&train.class_names, &t.class_names);
+                    fit_on.align_classes(&names)?;
+                }
+                let e = Encoding::fit(&fit_on, x_bound).context("fitting the encoding")?;
+                if let Some(p) = path {
+                    e.save(p)?;
+                }
+                e
+            }
+        };
+        let (train, mut report) = encoding
+            .apply(&train)
+            .context("encoding the training data")?;
+        let test = match test {
+            Some(t) => {
+                let (d, r) = encoding.apply(&t).context("encoding the test data")?;
+                report.clamped += r.clamped;
+                if report.worst_column.is_none() {
+                    report.worst_column = r.worst_column;
+                }
+                Some(d)
+            }
+            None => None,
+        };
+        Ok(Loaded {
+            train,
+            test,
+            encoding,
+            clamped: report,
+            source,
+        })
+    }
+}
+
+/// Prints a warning on standard error when values were clamped while encoding.
+pub fn warn_clamped(r: &EncodeReport) {
+    if r.clamped > 0 {
+        let worst = r
+            .worst_column
+            .as_ref()
+            .map(|(c, n)| format!(" (most in column {c:?}: {n})"))
+            .unwrap_or_default();
+        eprintln!(
+            "warning: {} values were outside the encoding's fitted range and were clamped{worst}",
+            r.clamped
+        );
+    }
+}

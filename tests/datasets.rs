@@ -1,0 +1,295 @@
+//! End to end over TCP on data that is not MNIST-shaped: a real table (Wisconsin breast
+//! cancer, 30 real-valued columns, string labels) and a real image set of another shape and
+//! bound (8x8 digits, values 0..=16). Encrypted training equals the simulation bit for bit;
+//! mismatched data and conflicting resumes are refused with errors that say why.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+const AUTHORITY: &str = env!("CARGO_BIN_EXE_authority");
+const CLIENT: &str = env!("CARGO_BIN_EXE_client");
+const TRAINER: &str = env!("CARGO_BIN_EXE_trainer");
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+struct Authority {
+    child: Child,
+    addr: String,
+    token: String,
+}
+
+impl Drop for Authority {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn output(cmd: &mut Command) -> Output {
+    cmd.env_remove("CRYPTONN_MNIST_DIR")
+        .output()
+        .expect("process starts")
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = output(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn fails(cmd: &mut Command) -> String {
+    let out = output(cmd);
+    assert!(!out.status.success(), "{cmd:?} should fail");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn start_authority(dir: &Path, init: &[&str]) -> Authority {
+    run(Command::new(AUTHORITY)
+        .arg("init")
+        .args(init)
+        .arg("--dir")
+        .arg(dir));
+    let mut child = Command::new(AUTHORITY)
+        .args(["serve", "--quiet", "--listen", "127.0.0.1:0", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("authority starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let addr = BufReader::new(stdout)
+        .lines()
+        .take(50)
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.strip_prefix("listening on ")
+                .map(|a| a.trim().to_string())
+        })
+        .expect("the authority prints its address");
+    let token = std::fs::read_to_string(dir.join("token"))
+        .expect("token")
+        .trim()
+        .to_string();
+    Authority { child, addr, token }
+}
+
+fn client(a: &Authority) -> Command {
+    let mut c = Command::new(CLIENT);
+    c.args([
+        "encrypt",
+        "--quiet",
+        "--authority",
+        &a.addr,
+        "--token",
+        &a.token,
+    ]);
+    c
+}
+
+const MODEL: [&str; 6] = ["--spec", "12", "--seed", "3", "--epochs", "2"];
+
+/// Encrypts `data` (first `limit` samples), trains over TCP, simulates with the client's
+/// encoding, and checks both model files are byte-identical; returns the work directory.
+fn encrypted_equals_simulated(
+    init: &[&str],
+    data: &Path,
+    limit: usize,
+    batch: usize,
+    x: &str,
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = dir.path();
+    let mut args = init.to_vec();
+    let b = batch.to_string();
+    args.extend(["--batch-size", &b]);
+    let a = start_authority(&w.join("auth"), &args);
+    let enc = w.join("train.enc");
+    let lim = limit.to_string();
+    run(client(&a)
+        .arg("--data")
+        .arg(data)
+        .args(["--limit", &lim, "--out"])
+        .arg(&enc));
+    let encoding = w.join("train.enc.encoding.json");
+    assert!(
+        encoding.exists(),
+        "the client writes its encoding beside the output"
+    );
+    run(Command::new(TRAINER)
+        .args([
+            "train",
+            "--quiet",
+            "--authority",
+            &a.addr,
+            "--token",
+            &a.token,
+        ])
+        .args(MODEL)
+        .arg("--data")
+        .arg(&enc)
+        .arg("--out")
+        .arg(w.join("secure.bin"))
+        .arg("--dlog-table")
+        .arg(w.join("dlog.bin")));
+    run(Command::new(TRAINER)
+        .args(["simulate", "--quiet"])
+        .args(MODEL)
+        .arg("--data")
+        .arg(data)
+        .arg("--encoding")
+        .arg(&encoding)
+        .args(["--limit", &lim, "--batch-size", &b, "--x-bound", x, "--out"])
+        .arg(w.join("sim.bin")));
+    assert_eq!(
+        std::fs::read(w.join("secure.bin")).expect("model"),
+        std::fs::read(w.join("sim.bin")).expect("model"),
+        "encrypted and simulated training must give bit-identical weights"
+    );
+    dir
+}
+
+#[test]
+fn a_real_table_trains_encrypted_as_simulated() {
+    let csv = fixture("nn/data/breast-cancer/wdbc.csv");
+    let dir =
+        encrypted_equals_simulated(&["--features", "30", "--classes", "2"], &csv, 96, 16, "255");
+    // the experimenter scores the model on the table with the client's encoding
+    let out = run(Command::new(TRAINER)
+        .args(["evaluate", "--model"])
+        .arg(dir.path().join("secure.bin"))
+        .arg("--data")
+        .arg(&csv)
+        .arg("--encoding")
+        .arg(dir.path().join("train.enc.encoding.json")));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("569 samples"));
+    // without the encoding, real values are not silently re-encoded
+    let e = fails(
+        Command::new(TRAINER)
+            .args(["evaluate", "--model"])
+            .arg(dir.path().join("secure.bin"))
+            .arg("--data")
+            .arg(&csv),
+    );
+    assert!(e.contains("--encoding"), "{e}");
+}
+
+#[test]
+fn an_image_set_of_another_shape_and_bound_trains_encrypted_as_simulated() {
+    encrypted_equals_simulated(
+        &["--features", "64", "--classes", "10", "--x-bound", "16"],
+        &fixture("nn/data/digits-8x8"),
+        64,
+        16,
+        "16",
+    );
+}
+
+#[test]
+fn mismatched_data_is_refused_before_encryption() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = dir.path();
+    let a = start_authority(&w.join("auth"), &["--batch-size", "8"]);
+    let out = w.join("never.enc");
+    let e = fails(
+        client(&a)
+            .arg("--data")
+            .arg(fixture("nn/data/breast-cancer/wdbc.csv"))
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(e.contains("30 features") && e.contains("784"), "{e}");
+    assert!(e.contains("2 classes") && e.contains("10"), "{e}");
+    assert!(!out.exists());
+    assert!(
+        !w.join("never.enc.encoding.json").exists(),
+        "nothing is written for refused data"
+    );
+    // the digits' values fit 255, but are 64 features
+    let e = fails(
+        client(&a)
+            .arg("--data")
+            .arg(fixture("nn/data/digits-8x8"))
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(e.contains("64 features"), "{e}");
+    // a bad label column is named
+    let e = fails(
+        client(&a)
+            .arg("--data")
+            .arg(fixture("nn/data/breast-cancer/wdbc.csv"))
+            .args(["--label-column", "nope", "--out"])
+            .arg(&out),
+    );
+    assert!(e.contains("\"nope\""), "{e}");
+}
+
+#[test]
+fn resuming_with_a_conflicting_flag_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = dir.path();
+    let ck = w.join("ckpt.bin");
+    // the base flags, each replaceable by an override
+    let sim = |over: &[(&str, &str)]| {
+        let mut c = Command::new(TRAINER);
+        c.args([
+            "simulate",
+            "--quiet",
+            "--batch-size",
+            "32",
+            "--x-bound",
+            "16",
+        ])
+        .arg("--data")
+        .arg(fixture("nn/data/digits-8x8"))
+        .arg("--checkpoint")
+        .arg(&ck)
+        .arg("--out")
+        .arg(w.join("m.bin"));
+        let base = [
+            ("--spec", "8"),
+            ("--limit", "128"),
+            ("--lr", "0.01"),
+            ("--bits", "8"),
+        ];
+        for (flag, value) in base {
+            let v = over
+                .iter()
+                .find(|(f, _)| *f == flag)
+                .map_or(value, |(_, v)| *v);
+            c.args([flag, v]);
+        }
+        for (flag, value) in over
+            .iter()
+            .filter(|(f, _)| !base.iter().any(|(b, _)| b == f))
+        {
+            c.args([*flag, *value]);
+        }
+        c
+    };
+    run(&mut sim(&[("--stop-after", "1")]));
+    assert!(ck.exists());
+    for (flag, value) in [
+        ("--lr", "0.02"),
+        ("--spec", "9"),
+        ("--bits", "7"),
+        ("--limit", "96"),
+    ] {
+        let e = fails(&mut sim(&[(flag, value)]));
+        let named = if flag == "--limit" { "--data" } else { flag };
+        assert!(
+            e.contains(&format!("checkpoint was made with {named}")),
+            "{flag}: {e}"
+        );
+    }
+    run(&mut sim(&[]));
+    assert!(w.join("m.bin").exists());
+}
