@@ -413,9 +413,109 @@ fn audit_log_records_issued_keys_and_refusals() {
     assert!(text.len() < 4096, "{} bytes", text.len());
 
     let refusals: Vec<_> = lines.iter().filter(|l| l["outcome"] == "refused").collect();
-    assert_eq!(refusals.len(), 2, "{lines:?}");
+    assert_eq!(refusals.len(), 1, "{lines:?}");
     assert!(refusals[0]["reason"].as_str().unwrap().contains("non-zero"));
-    assert_eq!(refusals[1]["reason"], "authentication failed");
+    // The wrong token is a failure before authentication: summarised at shutdown.
+    assert!(lines.iter().all(|l| l["event"] != "failures"), "{lines:?}");
+    s.handle.shutdown().unwrap();
+    let lines = audit_lines(&s.dir);
+    let summaries: Vec<_> = lines.iter().filter(|l| l["event"] == "failures").collect();
+    assert_eq!(summaries.len(), 1, "{lines:?}");
+    assert_eq!(summaries[0]["peer"], "127.0.0.1");
+    assert_eq!(summaries[0]["failures"]["auth"], 1);
+    assert_eq!(summaries[0]["last_reason"], "authentication failed");
+    assert_eq!(lines.last().unwrap()["event"], "stop");
+    let report = authority::audit::verify(&s.dir.join(authority::AUDIT_FILE)).unwrap();
+    assert!(report.intact(), "{report}");
+    assert_eq!(report.issued["row"].keys, 3);
+    assert_eq!(report.by_caller["127.0.0.1"]["febo"], 5);
+    assert_eq!(report.failures["auth"], 1);
+}
+
+#[test]
+fn unauthenticated_garbage_is_summarised_not_logged_line_by_line() {
+    let s = start_with("garbage-audit", |c| {
+        c.frame_limit = 1 << 16;
+        c.audit_limits.summary_every = 150;
+    });
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let frames = 400;
+    for i in 0..frames {
+        let mut t = raw(&s);
+        let len = (next() % 512) as usize + 1;
+        let mut body: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        if i % 4 == 0 {
+            // An oversized length prefix.
+            body = u32::MAX.to_be_bytes().to_vec();
+        } else {
+            let mut framed = (len as u32).to_be_bytes().to_vec();
+            framed.append(&mut body);
+            body = framed;
+        }
+        t.write_all(&body).unwrap();
+        // Wait for the answer, so the server has counted this one.
+        let _ = protocol::read_frame::<Response, _>(&mut t);
+    }
+    let mut bad = AuthorityClient::connect(&s.addr, "not-the-token").unwrap();
+    refused(bad.params());
+    assert_serves(&s);
+    s.handle.shutdown().unwrap();
+    let lines = audit_lines(&s.dir);
+    let summaries: Vec<_> = lines.iter().filter(|l| l["event"] == "failures").collect();
+    // 401 failures of one peer: two summaries of 150 on the way, one at shutdown.
+    assert_eq!(summaries.len(), 3, "{lines:?}");
+    let total: u64 = summaries.iter().map(|l| l["count"].as_u64().unwrap()).sum();
+    assert_eq!(total, frames + 1);
+    assert!(lines.len() <= 7, "{} lines: {lines:?}", lines.len());
+    let report = authority::audit::verify(&s.dir.join(authority::AUDIT_FILE)).unwrap();
+    assert!(report.intact(), "{report}");
+    assert_eq!(report.failures["oversized"], frames / 4);
+    assert_eq!(report.failures["auth"], 1);
+    assert_eq!(report.issued["row"].keys, 1);
+}
+
+#[test]
+fn binary_audit_detects_a_tampered_log() {
+    let s = start("audit-bin");
+    let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+    for i in 0..3 {
+        c.row_keys(&[row_vector(i)]).unwrap();
+    }
+    drop(c);
+    s.handle.shutdown().unwrap();
+    let exe = env!("CARGO_BIN_EXE_authority");
+    let run = || {
+        std::process::Command::new(exe)
+            .args(["audit", "--dir"])
+            .arg(&s.dir)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("row: 3 keys in 3 requests"), "{text}");
+    assert!(text.contains("127.0.0.1: row 3"), "{text}");
+    assert!(text.contains("chain: intact"), "{text}");
+
+    let path = s.dir.join(authority::AUDIT_FILE);
+    let original = std::fs::read_to_string(&path).unwrap();
+    let edited = original.replacen("\"count\":1", "\"count\":0", 1);
+    assert_ne!(edited, original);
+    std::fs::write(&path, edited).unwrap();
+    let out = run();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{text}");
+    // Line 1 is the start; line 2, the first request, was edited; line 3 names it.
+    assert!(text.contains("chain: BROKEN at"), "{text}");
+    assert!(text.contains("audit.log:3:"), "{text}");
+    assert!(text.contains("line 2 was edited"), "{text}");
 }
 
 #[cfg(unix)]
@@ -610,7 +710,12 @@ fn binary_init_and_serve() {
     let _ = child.wait();
     result.unwrap();
     let audit = std::fs::read_to_string(dir.join(authority::AUDIT_FILE)).unwrap();
-    assert_eq!(audit.lines().count(), 1, "{audit}");
+    let requests = audit
+        .lines()
+        .filter(|l| l.contains("\"event\":\"request\""))
+        .count();
+    assert_eq!(requests, 1, "{audit}");
+    assert!(audit.starts_with("{\"seq\":0,"), "{audit}");
 }
 
 /// Cost of issuing one training step's keys (run with `--ignored --nocapture`).

@@ -27,13 +27,15 @@
 //! wrong protocol version is answered with [`Response::Error`] and closes the connection.
 //! Idle connections are closed after a timeout. Keys are derived in parallel, and every
 //! request that issues keys is logged (digests, not vectors) before the keys are sent.
+//! Failures before authentication (garbage, wrong tokens, timeouts) are counted per peer
+//! address and summarised in the [audit log](audit), which is hash-chained and rotated.
 //!
 //! The master secret keys never leave this module except into their 0600 files.
 
 pub mod audit;
 pub mod policy;
 
-pub use audit::{AuditEntry, AuditLog, KeyKind, Outcome};
+pub use audit::{AuditEntry, AuditLimits, AuditLog, Failure, KeyKind, Outcome};
 pub use policy::Policy;
 
 use crate::protocol::{
@@ -496,6 +498,8 @@ pub struct ServerConfig {
     pub policy: Policy,
     /// The audit log file (appended to; created with mode 0600).
     pub audit: PathBuf,
+    /// Rotation and failure-summary limits of the audit log.
+    pub audit_limits: AuditLimits,
     /// Largest accepted request frame, in bytes (default and at most [`MAX_FRAME`]).
     pub frame_limit: usize,
     /// A connection that sends nothing for this long is closed (default 60 s).
@@ -513,6 +517,7 @@ impl ServerConfig {
             token: token.into(),
             policy: Policy::default(),
             audit: audit.into(),
+            audit_limits: AuditLimits::default(),
             frame_limit: MAX_FRAME,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -627,7 +632,12 @@ fn prepare(
             "the idle timeout must be positive".into(),
         ));
     }
-    let audit = AuditLog::open(&config.audit).map_err(|e| io_err(&config.audit, e))?;
+    config
+        .audit_limits
+        .validate()
+        .map_err(AuthorityError::InvalidArgument)?;
+    let audit = AuditLog::open_with(&config.audit, config.audit_limits.clone())
+        .map_err(|e| io_err(&config.audit, e))?;
     let addr = listener
         .local_addr()
         .map_err(|e| io_err(Path::new("listener"), e))?;
@@ -692,6 +702,7 @@ pub fn spawn(
 
 fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     while !shared.shutdown.load(Ordering::SeqCst) {
+        shared.audit.tick();
         match listener.accept() {
             Ok((stream, peer)) => admit(shared, stream, peer),
             Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
@@ -708,6 +719,11 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     let live = std::mem::take(&mut *shared.live.lock().unwrap_or_else(|e| e.into_inner()));
     for s in live.values() {
         let _ = s.shutdown(Shutdown::Both);
+    }
+    if let Err(e) = shared.audit.close() {
+        if shared.verbose {
+            eprintln!("authority: cannot write the audit log at shutdown: {e}");
+        }
     }
 }
 
@@ -743,6 +759,11 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         if shared.verbose {
             eprintln!("authority: {peer}: refused, too many connections");
         }
+        shared.audit.failure(
+            &peer.ip().to_string(),
+            Failure::Busy,
+            "too many connections",
+        );
         turn_away(shared, stream);
         return;
     }
@@ -828,11 +849,25 @@ fn connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
     let mut reader = BufReader::new(read_half);
     let mut writer = BufWriter::new(stream);
     let peer_s = peer.to_string();
-    let log_error = |kind: KeyKind, count: usize, outcome: Outcome, reason: &str| {
-        let mut e = AuditEntry::new(&peer_s, kind, outcome, count);
-        e.reason = Some(reason.to_string());
-        // Best effort: nothing is issued on this path, so a failed write loses no key record.
-        let _ = shared.audit.record(&e);
+    let peer_ip = peer.ip().to_string();
+    // Whether a request of this connection has carried the right token.
+    let mut authenticated = false;
+    // Before authentication, failures are counted and summarised (the network may send any
+    // amount of garbage); after it, each is a line of its own.
+    let log_error = |authenticated: bool,
+                     what: Failure,
+                     kind: KeyKind,
+                     count: usize,
+                     outcome: Outcome,
+                     reason: &str| {
+        if authenticated {
+            let mut e = AuditEntry::new(&peer_s, kind, outcome, count);
+            e.reason = Some(reason.to_string());
+            // Best effort: nothing is issued on this path, so a failed write loses no key record.
+            let _ = shared.audit.record(&e);
+        } else {
+            shared.audit.failure(&peer_ip, what, reason);
+        }
         if shared.verbose {
             eprintln!("authority: {peer_s}: {outcome:?}: {reason}");
         }
@@ -848,7 +883,14 @@ fn connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
                     "frame of {n} bytes exceeds the limit of {} bytes",
                     shared.frame_limit
                 );
-                log_error(KeyKind::Unknown, 0, Outcome::Error, &msg);
+                log_error(
+                    authenticated,
+                    Failure::Oversized,
+                    KeyKind::Unknown,
+                    0,
+                    Outcome::Error,
+                    &msg,
+                );
                 let _ = protocol::write_frame(&mut writer, &Response::Error(msg));
                 return;
             }
@@ -858,16 +900,35 @@ fn connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
                 if shared.verbose {
                     eprintln!("authority: {peer_s}: idle, closing the connection");
                 }
+                if !authenticated && !shared.shutdown.load(Ordering::SeqCst) {
+                    shared
+                        .audit
+                        .failure(&peer_ip, Failure::Timeout, "idle before authenticating");
+                }
                 return;
             }
             // The caller closed the connection (or it broke): nothing to answer.
-            Err(_) => return,
+            Err(_) => {
+                if !authenticated && !shared.shutdown.load(Ordering::SeqCst) {
+                    shared
+                        .audit
+                        .failure(&peer_ip, Failure::Closed, "closed before authenticating");
+                }
+                return;
+            }
         };
         let frame: RequestFrame = match protocol::decode(&body) {
             Ok(f) => f,
             Err(e) => {
                 let msg = e.to_string();
-                log_error(KeyKind::Unknown, 0, Outcome::Error, &msg);
+                log_error(
+                    authenticated,
+                    Failure::Malformed,
+                    KeyKind::Unknown,
+                    0,
+                    Outcome::Error,
+                    &msg,
+                );
                 let _ = protocol::write_frame(&mut writer, &Response::Error(msg));
                 return;
             }
@@ -878,17 +939,27 @@ fn connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
                 "protocol version {} is not supported (this authority speaks version {})",
                 frame.version, PROTOCOL_VERSION
             );
-            log_error(KeyKind::Unknown, 0, Outcome::Error, &msg);
+            log_error(
+                authenticated,
+                Failure::Version,
+                KeyKind::Unknown,
+                0,
+                Outcome::Error,
+                &msg,
+            );
             let _ = protocol::write_frame(&mut writer, &Response::Error(msg));
             return;
         }
         let (kind, count) = kind_of(&frame.request);
         if !shared.token.matches(&frame.token) {
             let msg = "authentication failed";
-            log_error(kind, count, Outcome::Refused, msg);
+            // A wrong token is a failure before authentication even on a connection that
+            // authenticated before: it proves nothing about the sender.
+            log_error(false, Failure::Auth, kind, count, Outcome::Refused, msg);
             let _ = protocol::write_frame(&mut writer, &Response::Refused(msg.into()));
             return;
         }
+        authenticated = true;
         let start = Instant::now();
         let response = respond(shared, &peer_s, &frame.request);
         if shared.verbose && kind != KeyKind::Params {
