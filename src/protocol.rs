@@ -1,11 +1,16 @@
 //! The wire protocol between the trainer (or client) and the authority.
 //!
-//! One TCP connection carries a sequence of request/response *frames*. A frame is a 4-byte
+//! One TCP connection carries a sequence of requests and responses. A *frame* is a 4-byte
 //! big-endian length followed by that many bytes of a `bincode` (fixed-width integers,
-//! little-endian) encoding of a [`RequestFrame`] or a [`Response`]. Frames longer than
-//! [`MAX_FRAME`] are refused before any allocation. Every request carries the protocol version
-//! and the caller's bearer token; the authority answers every request with exactly one
-//! response, and closes connections that stay idle.
+//! little-endian) encoding. A request is two frames: a small header, a [`RequestHeader`]
+//! (the protocol version, then the caller's bearer token) of at most [`MAX_HEADER`] bytes,
+//! then the [`Request`] itself. The authority reads and checks the header before it reads
+//! the request's length, so nothing larger than [`MAX_HEADER`] is read from a caller that
+//! has not shown the token. A response is one frame holding a [`Response`]. Frames longer
+//! than their limit ([`MAX_HEADER`], [`MAX_FRAME`] or the authority's smaller limit) are
+//! refused before any allocation. The authority answers every request with exactly one
+//! response, closes connections that do not authenticate within a few seconds or stay idle,
+//! and answers [`Response::Busy`] when all its connection slots are taken.
 //!
 //! Keys travel compactly: for inner-product keys the authority returns only the 32-byte
 //! secret `sk_y`, since the caller already has `y`.
@@ -22,10 +27,13 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 use thiserror::Error;
 
-/// Version of the protocol; both ends must agree.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of the protocol; both ends must agree. Version 2 put the token in a header of its
+/// own, read before the request.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame accepted by either end (64 MiB).
 pub const MAX_FRAME: usize = 64 << 20;
+/// Largest request header (version and token), in bytes.
+pub const MAX_HEADER: usize = 4096;
 
 /// The authority's public parameters: everything a client needs to encrypt and a trainer to
 /// ask for keys.
@@ -80,15 +88,14 @@ pub enum Request {
     FeboKeys(Vec<FeboKeyRequest>),
 }
 
-/// A request with its envelope.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RequestFrame {
+/// The header frame of a request: read and checked before the request itself. Its first two
+/// bytes are the version (little-endian), whatever the version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestHeader {
     /// [`PROTOCOL_VERSION`] of the caller.
     pub version: u16,
     /// The caller's bearer token.
     pub token: String,
-    /// The request.
-    pub request: Request,
 }
 
 /// What the authority answers.
@@ -104,6 +111,8 @@ pub enum Response {
     Refused(String),
     /// The request could not be understood.
     Error(String),
+    /// Every connection slot is taken; the caller may try again later.
+    Busy(String),
 }
 
 /// Errors of the protocol layer.
@@ -112,9 +121,12 @@ pub enum ProtocolError {
     /// The connection failed.
     #[error("connection error: {0}")]
     Io(#[from] std::io::Error),
-    /// A frame is larger than [`MAX_FRAME`].
-    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME} bytes")]
+    /// A frame is larger than its limit.
+    #[error("frame of {0} bytes exceeds the limit")]
     FrameTooLarge(usize),
+    /// A request header names another protocol version.
+    #[error("protocol version {0} is not supported (this end speaks version {PROTOCOL_VERSION})")]
+    Version(u16),
     /// A frame did not decode.
     #[error("malformed frame: {0}")]
     Malformed(String),
@@ -124,6 +136,9 @@ pub enum ProtocolError {
     /// The authority reported an error.
     #[error("the authority reported an error: {0}")]
     Server(String),
+    /// The authority had no free connection slot.
+    #[error("the authority is busy: {0}")]
+    Busy(String),
     /// The answer does not match the question.
     #[error("unexpected response: {0}")]
     Unexpected(String),
@@ -140,18 +155,80 @@ fn codec() -> impl Options {
         .with_limit(MAX_FRAME as u64)
 }
 
-/// Writes one frame.
-pub fn write_frame<T: Serialize, W: Write>(w: &mut W, msg: &T) -> Result<(), ProtocolError> {
+/// Appends one frame (length and encoding of `msg`, at most `max` bytes) to `out`.
+fn push_frame<T: Serialize>(out: &mut Vec<u8>, msg: &T, max: usize) -> Result<(), ProtocolError> {
     let body = codec()
         .serialize(msg)
         .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-    if body.len() > MAX_FRAME {
+    if body.len() > max {
         return Err(ProtocolError::FrameTooLarge(body.len()));
     }
-    w.write_all(&(body.len() as u32).to_be_bytes())?;
-    w.write_all(&body)?;
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(())
+}
+
+/// Writes one frame.
+pub fn write_frame<T: Serialize, W: Write>(w: &mut W, msg: &T) -> Result<(), ProtocolError> {
+    let mut out = Vec::new();
+    push_frame(&mut out, msg, MAX_FRAME)?;
+    w.write_all(&out)?;
     w.flush()?;
     Ok(())
+}
+
+/// The bytes of one request: its header frame (version and token) and its request frame.
+pub fn encode_request(token: &str, request: &Request) -> Result<Vec<u8>, ProtocolError> {
+    let mut out = Vec::new();
+    let header = RequestHeader {
+        version: PROTOCOL_VERSION,
+        token: token.to_string(),
+    };
+    push_frame(&mut out, &header, MAX_HEADER)?;
+    push_frame(&mut out, request, MAX_FRAME)?;
+    Ok(out)
+}
+
+/// Writes one request (see [`encode_request`]).
+pub fn write_request<W: Write>(
+    w: &mut W,
+    token: &str,
+    request: &Request,
+) -> Result<(), ProtocolError> {
+    w.write_all(&encode_request(token, request)?)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads a request's header frame, holding at most [`MAX_HEADER`] bytes: a longer length is
+/// refused before anything else is read, another version is [`ProtocolError::Version`].
+pub fn read_request_header<R: Read>(r: &mut R) -> Result<RequestHeader, ProtocolError> {
+    let body = read_frame_bytes(r, MAX_HEADER)?;
+    decode_request_header(&body)
+}
+
+/// Decodes a header frame's body (see [`read_request_header`]).
+pub fn decode_request_header(body: &[u8]) -> Result<RequestHeader, ProtocolError> {
+    match body {
+        [a, b, ..] => {
+            let version = u16::from_le_bytes([*a, *b]);
+            if version != PROTOCOL_VERSION {
+                return Err(ProtocolError::Version(version));
+            }
+        }
+        _ => {
+            return Err(ProtocolError::Malformed(format!(
+                "request header of {} bytes",
+                body.len()
+            )))
+        }
+    }
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .with_limit(MAX_HEADER as u64)
+        .deserialize(body)
+        .map_err(|e| ProtocolError::Malformed(e.to_string()))
 }
 
 /// Reads one frame's bytes, refusing lengths over `max` before allocating.
@@ -204,15 +281,11 @@ impl AuthorityClient {
 
     /// Sends one request and reads its response, turning refusals and errors into `Err`.
     pub fn call(&mut self, request: Request) -> Result<Response, ProtocolError> {
-        let frame = RequestFrame {
-            version: PROTOCOL_VERSION,
-            token: self.token.clone(),
-            request,
-        };
-        write_frame(&mut self.writer, &frame)?;
+        write_request(&mut self.writer, &self.token, &request)?;
         match read_frame::<Response, _>(&mut self.reader)? {
             Response::Refused(m) => Err(ProtocolError::Refused(m)),
             Response::Error(m) => Err(ProtocolError::Server(m)),
+            Response::Busy(m) => Err(ProtocolError::Busy(m)),
             r => Ok(r),
         }
     }
@@ -297,7 +370,7 @@ fn unexpected(r: &Response) -> ProtocolError {
         Response::Params(_) => "parameters".to_string(),
         Response::FeipSecrets(v) => format!("{} inner-product keys", v.len()),
         Response::FeboKeys(v) => format!("{} basic-operation keys", v.len()),
-        Response::Refused(m) | Response::Error(m) => m.clone(),
+        Response::Refused(m) | Response::Error(m) | Response::Busy(m) => m.clone(),
     };
     ProtocolError::Unexpected(what)
 }

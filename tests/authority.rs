@@ -3,8 +3,8 @@
 
 use cryptonn::authority::{self, InitOptions, Policy, ServerConfig, ServerHandle};
 use cryptonn::protocol::{
-    self, AuthorityClient, FeboKeyRequest, ProtocolError, PublicParams, Request, RequestFrame,
-    Response, PROTOCOL_VERSION,
+    self, AuthorityClient, FeboKeyRequest, ProtocolError, PublicParams, Request, Response,
+    PROTOCOL_VERSION,
 };
 use fe::dlog::DlogTable;
 use fe::febo::{FeboEncryptor, Op};
@@ -244,6 +244,16 @@ fn policy_refusals_keep_the_connection() {
     assert_serves(&s);
 }
 
+/// The header frame of a request, as raw bytes.
+fn header_frame(version: u16, token: &str) -> Vec<u8> {
+    let mut body = version.to_le_bytes().to_vec();
+    body.extend_from_slice(&(token.len() as u64).to_le_bytes());
+    body.extend_from_slice(token.as_bytes());
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.append(&mut body);
+    out
+}
+
 #[test]
 fn garbage_frames_get_an_error_and_a_closed_connection() {
     let s = start_with("garbage", |c| c.frame_limit = 1 << 20);
@@ -251,19 +261,39 @@ fn garbage_frames_get_an_error_and_a_closed_connection() {
     let mut steady = AuthorityClient::connect(&s.addr, &s.token).unwrap();
     steady.params().unwrap();
 
-    // A length prefix above the limit: refused before any allocation.
-    for len in [u32::MAX, (1 << 20) + 1] {
+    // The layout is what the protocol documents.
+    let good = protocol::encode_request(&s.token, &Request::Params).unwrap();
+    let header = header_frame(PROTOCOL_VERSION, &s.token);
+    assert_eq!(&good[..header.len()], header.as_slice());
+
+    // A header length above the small header bound, before any token: refused at once,
+    // before anything else is read or allocated.
+    for len in [u32::MAX, (1 << 20) + 1, protocol::MAX_HEADER as u32 + 1] {
         let mut t = raw(&s);
         t.write_all(&len.to_be_bytes()).unwrap();
         let m = read_error_then_eof(&mut t);
         assert!(m.contains("exceeds"), "{m}");
         assert_serves(&s);
     }
+    // A body length above the frame limit after a good header.
+    let mut t = raw(&s);
+    t.write_all(&header).unwrap();
+    t.write_all(&((1u32 << 20) + 1).to_be_bytes()).unwrap();
+    let m = read_error_then_eof(&mut t);
+    assert!(m.contains("exceeds"), "{m}");
 
-    // Random bytes with a valid length.
+    // A wrong token with a huge body length behind it: refused at the header.
+    let mut t = raw(&s);
+    t.write_all(&header_frame(PROTOCOL_VERSION, "wrong"))
+        .unwrap();
+    t.write_all(&u32::MAX.to_be_bytes()).unwrap();
+    let r: Response = protocol::read_frame(&mut t).unwrap();
+    assert_eq!(r, Response::Refused("authentication failed".into()));
+
+    // Random bytes behind the right version, as a header and as a request.
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-    for len in [1usize, 7, 64, 4096] {
-        let body: Vec<u8> = (0..len)
+    for len in [1usize, 7, 64, 4000] {
+        let mut body: Vec<u8> = (0..len)
             .map(|_| {
                 seed ^= seed << 13;
                 seed ^= seed >> 7;
@@ -271,7 +301,16 @@ fn garbage_frames_get_an_error_and_a_closed_connection() {
                 seed as u8
             })
             .collect();
+        if len >= 2 {
+            body[..2].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        }
         let mut t = raw(&s);
+        t.write_all(&(len as u32).to_be_bytes()).unwrap();
+        t.write_all(&body).unwrap();
+        let m = read_error_then_eof(&mut t);
+        assert!(m.contains("malformed"), "{m}");
+        let mut t = raw(&s);
+        t.write_all(&header).unwrap();
         t.write_all(&(len as u32).to_be_bytes()).unwrap();
         t.write_all(&body).unwrap();
         let m = read_error_then_eof(&mut t);
@@ -279,35 +318,25 @@ fn garbage_frames_get_an_error_and_a_closed_connection() {
         assert_serves(&s);
     }
 
-    // A valid frame with a trailing byte, a wrong version, a truncated frame.
-    let frame = RequestFrame {
-        version: PROTOCOL_VERSION,
-        token: s.token.clone(),
-        request: Request::Params,
-    };
-    let mut buf = Vec::new();
-    protocol::write_frame(&mut buf, &frame).unwrap();
-    let mut extra = buf[4..].to_vec();
+    // A header with a trailing byte, a wrong version (also a version 1 caller), a truncated
+    // request.
+    let mut extra = header[4..].to_vec();
     extra.push(0);
     let mut t = raw(&s);
     t.write_all(&(extra.len() as u32).to_be_bytes()).unwrap();
     t.write_all(&extra).unwrap();
-    read_error_then_eof(&mut t);
-
-    let mut t = raw(&s);
-    protocol::write_frame(
-        &mut t,
-        &RequestFrame {
-            version: PROTOCOL_VERSION + 1,
-            ..frame
-        },
-    )
-    .unwrap();
     let m = read_error_then_eof(&mut t);
-    assert!(m.contains("version"), "{m}");
+    assert!(m.contains("malformed"), "{m}");
+
+    for v in [PROTOCOL_VERSION + 1, 1] {
+        let mut t = raw(&s);
+        t.write_all(&header_frame(v, &s.token)).unwrap();
+        let m = read_error_then_eof(&mut t);
+        assert!(m.contains(&format!("version {v} is not supported")), "{m}");
+    }
 
     let mut t = raw(&s);
-    t.write_all(&buf[..buf.len() / 2]).unwrap();
+    t.write_all(&good[..good.len() - 1]).unwrap();
     drop(t);
     assert_serves(&s);
 
@@ -317,16 +346,85 @@ fn garbage_frames_get_an_error_and_a_closed_connection() {
 
 #[test]
 fn idle_connections_are_closed() {
-    let s = start_with("idle", |c| c.idle_timeout = Duration::from_millis(300));
+    let s = start_with("idle", |c| {
+        c.auth_timeout = Duration::from_millis(300);
+        c.idle_timeout = Duration::from_millis(600);
+    });
+    // Never authenticates: told so, then closed, after the authentication deadline.
     let mut t = raw(&s);
     let start = Instant::now();
-    let mut buf = [0u8; 1];
-    let n = t.read(&mut buf).unwrap_or(0);
-    assert_eq!(n, 0);
+    let m = read_error_then_eof(&mut t);
+    assert!(m.contains("no authenticated request"), "{m}");
     let waited = start.elapsed();
     assert!(waited >= Duration::from_millis(250), "{waited:?}");
     assert!(waited < Duration::from_secs(9), "{waited:?}");
+    // A slow sender (a few bytes of the header, then nothing) is held to the same deadline.
+    let mut t = raw(&s);
+    t.write_all(&header_frame(PROTOCOL_VERSION, &s.token)[..6])
+        .unwrap();
+    let m = read_error_then_eof(&mut t);
+    assert!(m.contains("no authenticated request"), "{m}");
+    // Authenticated, then idle: closed after the idle timeout.
+    let mut t = raw(&s);
+    protocol::write_request(&mut t, &s.token, &Request::Params).unwrap();
+    let r: Response = protocol::read_frame(&mut t).unwrap();
+    assert!(matches!(r, Response::Params(_)), "{r:?}");
+    let start = Instant::now();
+    let mut buf = [0u8; 1];
+    assert_eq!(t.read(&mut buf).unwrap_or(0), 0);
+    assert!(start.elapsed() >= Duration::from_millis(500));
     assert_serves(&s);
+    s.handle.shutdown().unwrap();
+    let lines = audit_lines(&s.dir);
+    let timeouts: u64 = lines
+        .iter()
+        .filter(|l| l["event"] == "failures")
+        .map(|l| l["failures"]["timeout"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(timeouts, 2, "{lines:?}");
+}
+
+#[test]
+fn idle_connections_do_not_lock_callers_out() {
+    // Far more idle connections than slots, with a deadline longer than the test: the
+    // oldest unauthenticated connection makes room for each newer one.
+    let s = start_with("lockout", |c| {
+        c.max_connections = 4;
+        c.max_pending = 8;
+        c.auth_timeout = Duration::from_secs(30);
+    });
+    let idle: Vec<TcpStream> = (0..80).map(|_| raw(&s)).collect();
+    let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+    assert_eq!(c.params().unwrap(), s.params);
+    assert_eq!(c.row_keys(&[row_vector(4)]).unwrap().len(), 1);
+    assert_serves(&s);
+    // The first idle connections were closed by the authority, well before any deadline.
+    let mut first = &idle[0];
+    let mut buf = [0u8; 1];
+    assert_eq!(first.read(&mut buf).unwrap_or(0), 0);
+    // Authenticated connections are still capped.
+    let held: Vec<AuthorityClient> = (0..3)
+        .map(|_| {
+            let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+            c.params().unwrap();
+            c
+        })
+        .collect();
+    let mut over = raw(&s);
+    protocol::write_request(&mut over, &s.token, &Request::Params).unwrap();
+    let r: Response = protocol::read_frame(&mut over).unwrap();
+    assert!(
+        matches!(r, Response::Busy(_)),
+        "a fifth authenticated connection: {r:?}"
+    );
+    drop(held);
+    drop(idle);
+    s.handle.shutdown().unwrap();
+    let report = authority::audit::verify(&s.dir.join(authority::AUDIT_FILE)).unwrap();
+    assert!(report.intact(), "{report}");
+    assert!(report.failures["evicted"] >= 72, "{report}");
+    // Counted, not one line each.
+    assert!(report.lines < 12, "{report}");
 }
 
 #[test]
@@ -338,7 +436,7 @@ fn connection_cap() {
     b.params().unwrap();
     let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
     match c.params() {
-        Err(ProtocolError::Server(m)) => assert!(m.contains("too many"), "{m}"),
+        Err(ProtocolError::Busy(m)) => assert!(m.contains("too many"), "{m}"),
         other => panic!("expected an error, got {other:?}"),
     }
     drop(a);

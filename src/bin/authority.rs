@@ -130,9 +130,15 @@ struct ServeArgs {
     /// Largest accepted request frame in bytes (at most 64 MiB).
     #[arg(long, value_name = "BYTES", default_value_t = cryptonn::protocol::MAX_FRAME)]
     max_frame: usize,
-    /// Most connections served at once.
+    /// Most authenticated connections served at once; more are told to try again later.
     #[arg(long, value_name = "N", default_value_t = authority::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// A new connection must send its token within this many seconds or is closed.
+    #[arg(long, value_name = "SECS", default_value_t = authority::DEFAULT_AUTH_TIMEOUT.as_secs_f64())]
+    auth_timeout: f64,
+    /// Most connections waiting to authenticate; a newer one closes the oldest.
+    #[arg(long, value_name = "N", default_value_t = authority::DEFAULT_MAX_PENDING)]
+    max_pending: usize,
     /// Do not print a line per request on stderr.
     #[arg(long)]
     quiet: bool,
@@ -211,6 +217,11 @@ fn serve(args: &ServeArgs) -> Result<()> {
     config.idle_timeout = Duration::from_secs(args.idle_timeout);
     config.frame_limit = args.max_frame;
     config.max_connections = args.max_connections;
+    config.max_pending = args.max_pending;
+    config.auth_timeout = Duration::try_from_secs_f64(args.auth_timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--auth-timeout must be a positive number of seconds")?;
     config.verbose = !args.quiet;
     let listener = TcpListener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
