@@ -22,7 +22,7 @@ use fe::feip::{FeipFunctionKey, FeipPublicKey};
 use fe::Encode;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 use thiserror::Error;
@@ -139,6 +139,16 @@ pub enum ProtocolError {
     /// The authority had no free connection slot.
     #[error("the authority is busy: {0}")]
     Busy(String),
+    /// The authority could not be reached, or its connection kept failing, after retries.
+    #[error("the authority at {addr} did not answer after {attempts} attempts: {source}")]
+    Unavailable {
+        /// The authority's address.
+        addr: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        source: std::io::Error,
+    },
     /// The answer does not match the question.
     #[error("unexpected response: {0}")]
     Unexpected(String),
@@ -256,33 +266,232 @@ pub fn read_frame<T: for<'de> Deserialize<'de>, R: Read>(r: &mut R) -> Result<T,
     decode(&read_frame_bytes(r, MAX_FRAME)?)
 }
 
-/// A connection to the authority, used by the client and the trainer.
-pub struct AuthorityClient {
+/// Default time to wait for a TCP connection to the authority.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time to wait for the authority's answer to one request.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default time to wait for a request to be sent.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default number of retries of a request after the first attempt.
+pub const DEFAULT_RETRIES: u32 = 6;
+
+/// Timeouts and retries of an [`AuthorityClient`].
+///
+/// Every request of the protocol is idempotent (the parameters, and keys: deriving the same
+/// key twice is harmless), so a request whose connection failed, timed out or found the
+/// authority busy is sent again on a new connection, after a pause that starts at
+/// `initial_backoff` and doubles up to `max_backoff` (each pause drawn between half and all of
+/// it, so that callers that failed together do not come back together). Refusals and errors
+/// reported by the authority are not retried. With the defaults, a request waits about
+/// 11 s in all for an authority that is restarting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Time to wait for a TCP connection (default [`DEFAULT_CONNECT_TIMEOUT`]).
+    pub connect_timeout: Duration,
+    /// Time to wait for each read of an answer (default [`DEFAULT_READ_TIMEOUT`]).
+    pub read_timeout: Duration,
+    /// Time to wait for each write of a request (default [`DEFAULT_WRITE_TIMEOUT`]).
+    pub write_timeout: Duration,
+    /// Retries after the first attempt (default [`DEFAULT_RETRIES`]; 0: never retry).
+    pub retries: u32,
+    /// First pause between attempts (default 200 ms).
+    pub initial_backoff: Duration,
+    /// Longest pause between attempts (default 5 s).
+    pub max_backoff: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+            retries: DEFAULT_RETRIES,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Connection {
     reader: BufReader<TcpStream>,
     writer: BufWriter<TcpStream>,
+}
+
+/// A connection to the authority, used by the client and the trainer. It reconnects and
+/// retries as its [`ClientConfig`] says.
+pub struct AuthorityClient {
+    addr: String,
     token: String,
+    config: ClientConfig,
+    conn: Option<Connection>,
+    connections: u64,
+}
+
+impl std::fmt::Debug for AuthorityClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthorityClient")
+            .field("addr", &self.addr)
+            .field("config", &self.config)
+            .field("connected", &self.conn.is_some())
+            .finish()
+    }
+}
+
+/// Whether another attempt may succeed.
+fn retryable(e: &ProtocolError) -> bool {
+    matches!(e, ProtocolError::Io(_) | ProtocolError::Busy(_))
+}
+
+/// An I/O error with the cause spelled out (a read timeout shows as `WouldBlock` on Unix).
+fn io_context(e: std::io::Error, what: &str, timeout: Duration) -> std::io::Error {
+    match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => std::io::Error::new(
+            ErrorKind::TimedOut,
+            format!("no {what} within {:.1} s", timeout.as_secs_f64()),
+        ),
+        ErrorKind::UnexpectedEof => std::io::Error::new(
+            ErrorKind::UnexpectedEof,
+            "the authority closed the connection",
+        ),
+        _ => e,
+    }
 }
 
 impl AuthorityClient {
-    /// Connects to `addr` (for example `127.0.0.1:7700`) with the caller's token.
+    /// Connects to `addr` (for example `127.0.0.1:7700`) with the caller's token and the
+    /// default [`ClientConfig`].
     pub fn connect(addr: &str, token: &str) -> Result<Self, ProtocolError> {
-        let sock = addr
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| ProtocolError::Unexpected(format!("cannot resolve {addr}")))?;
-        let stream = TcpStream::connect_timeout(&sock, Duration::from_secs(10))?;
-        stream.set_nodelay(true)?;
-        Ok(AuthorityClient {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: BufWriter::new(stream),
+        Self::connect_with(addr, token, ClientConfig::default())
+    }
+
+    /// Connects to `addr` with the caller's token, retrying as `config` says.
+    pub fn connect_with(
+        addr: &str,
+        token: &str,
+        config: ClientConfig,
+    ) -> Result<Self, ProtocolError> {
+        let mut c = AuthorityClient {
+            addr: addr.to_string(),
             token: token.to_string(),
+            config,
+            conn: None,
+            connections: 0,
+        };
+        c.retrying(|c| c.ensure_connected().map(|_| ()))?;
+        Ok(c)
+    }
+
+    /// The client's configuration.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// TCP connections opened so far (more than 1 after a reconnection).
+    pub fn connections(&self) -> u64 {
+        self.connections
+    }
+
+    fn open(&self) -> Result<Connection, ProtocolError> {
+        let mut last = None;
+        for sock in self.addr.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&sock, self.config.connect_timeout) {
+                Ok(stream) => {
+                    stream.set_nodelay(true)?;
+                    stream.set_read_timeout(Some(self.config.read_timeout))?;
+                    stream.set_write_timeout(Some(self.config.write_timeout))?;
+                    return Ok(Connection {
+                        reader: BufReader::new(stream.try_clone()?),
+                        writer: BufWriter::new(stream),
+                    });
+                }
+                Err(e) => last = Some(io_context(e, "connection", self.config.connect_timeout)),
+            }
+        }
+        Err(match last {
+            Some(e) => ProtocolError::Io(e),
+            None => ProtocolError::Unexpected(format!("cannot resolve {}", self.addr)),
         })
     }
 
+    fn ensure_connected(&mut self) -> Result<&mut Connection, ProtocolError> {
+        if self.conn.is_none() {
+            self.conn = Some(self.open()?);
+            self.connections += 1;
+        }
+        self.conn
+            .as_mut()
+            .ok_or_else(|| ProtocolError::Unexpected("no connection".into()))
+    }
+
+    /// Runs `op` until it succeeds, fails in a way another attempt cannot fix, or the
+    /// retries are spent; drops the connection after every retryable failure.
+    fn retrying<T>(
+        &mut self,
+        mut op: impl FnMut(&mut Self) -> Result<T, ProtocolError>,
+    ) -> Result<T, ProtocolError> {
+        let mut backoff = self.config.initial_backoff;
+        let mut attempt = 0u32;
+        loop {
+            match op(self) {
+                Ok(v) => return Ok(v),
+                Err(e) if retryable(&e) => {
+                    self.conn = None;
+                    if attempt >= self.config.retries {
+                        return Err(match e {
+                            ProtocolError::Io(source) if attempt > 0 => {
+                                ProtocolError::Unavailable {
+                                    addr: self.addr.clone(),
+                                    attempts: attempt + 1,
+                                    source,
+                                }
+                            }
+                            other => other,
+                        });
+                    }
+                    attempt += 1;
+                    use rand::Rng;
+                    let pause = backoff.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
+                    std::thread::sleep(pause);
+                    backoff = (backoff * 2).min(self.config.max_backoff);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn round_trip(&mut self, bytes: &[u8]) -> Result<Response, ProtocolError> {
+        let (read_timeout, write_timeout) = (self.config.read_timeout, self.config.write_timeout);
+        let conn = self.ensure_connected()?;
+        let sent = conn
+            .writer
+            .write_all(bytes)
+            .and_then(|()| conn.writer.flush())
+            .map_err(|e| io_context(e, "progress sending the request", write_timeout));
+        sent?;
+        match read_frame::<Response, _>(&mut conn.reader) {
+            Ok(Response::Busy(m)) => Err(ProtocolError::Busy(m)),
+            Ok(r) => Ok(r),
+            Err(ProtocolError::Io(e)) => Err(ProtocolError::Io(io_context(
+                e,
+                "answer from the authority",
+                read_timeout,
+            ))),
+            Err(e) => {
+                // The stream is out of step: never reuse it.
+                self.conn = None;
+                Err(e)
+            }
+        }
+    }
+
     /// Sends one request and reads its response, turning refusals and errors into `Err`.
+    /// A broken connection, a timeout or a busy authority is retried on a new connection (see
+    /// [`ClientConfig`]).
     pub fn call(&mut self, request: Request) -> Result<Response, ProtocolError> {
-        write_request(&mut self.writer, &self.token, &request)?;
-        match read_frame::<Response, _>(&mut self.reader)? {
+        let bytes = encode_request(&self.token, &request)?;
+        drop(request);
+        match self.retrying(|c| c.round_trip(&bytes))? {
             Response::Refused(m) => Err(ProtocolError::Refused(m)),
             Response::Error(m) => Err(ProtocolError::Server(m)),
             Response::Busy(m) => Err(ProtocolError::Busy(m)),

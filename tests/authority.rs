@@ -434,7 +434,11 @@ fn connection_cap() {
     let mut b = AuthorityClient::connect(&s.addr, &s.token).unwrap();
     a.params().unwrap();
     b.params().unwrap();
-    let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+    let no_retry = protocol::ClientConfig {
+        retries: 0,
+        ..protocol::ClientConfig::default()
+    };
+    let mut c = AuthorityClient::connect_with(&s.addr, &s.token, no_retry).unwrap();
     match c.params() {
         Err(ProtocolError::Busy(m)) => assert!(m.contains("too many"), "{m}"),
         other => panic!("expected an error, got {other:?}"),
@@ -453,6 +457,107 @@ fn connection_cap() {
     }
     assert!(ok, "no slot freed after a client left");
     b.params().unwrap();
+}
+
+#[test]
+fn client_survives_an_authority_restart() {
+    let s = start("restart");
+    let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+    let before = c.row_keys(&[row_vector(0)]).unwrap();
+    assert_eq!(c.connections(), 1);
+    let (dir, addr, token) = (s.dir.clone(), s.addr.clone(), s.token.clone());
+    let restart = move || {
+        let listener = TcpListener::bind(&addr).unwrap();
+        let config = ServerConfig::new(token.clone(), dir.join(authority::AUDIT_FILE));
+        authority::spawn(listener, authority::load(&dir).unwrap(), config).unwrap()
+    };
+
+    // Restarted between two requests: the next request finds its connection closed,
+    // reconnects and gets the same key (the same master keys).
+    s.handle.shutdown().unwrap();
+    let second = restart();
+    let after = c.row_keys(&[row_vector(0)]).unwrap();
+    assert_eq!(before[0].secret(), after[0].secret());
+    assert_eq!(c.connections(), 2);
+
+    // Down while the request is made: it waits, with backoff, for the authority to return
+    // on the same port.
+    second.shutdown().unwrap();
+    let back = std::thread::spawn({
+        let restart = restart.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(300));
+            restart()
+        }
+    });
+    assert_eq!(c.params().unwrap(), s.params);
+    assert!(c.connections() >= 3);
+    let third = back.join().unwrap();
+    assert_eq!(
+        c.col_keys(&[vec![1, 1, 0, 0, 0, 0, 0, 0]]).unwrap().len(),
+        1
+    );
+    third.shutdown().unwrap();
+
+    // With no authority at all, the retries end in a clear error.
+    let mut quick = protocol::ClientConfig {
+        retries: 2,
+        initial_backoff: Duration::from_millis(10),
+        ..protocol::ClientConfig::default()
+    };
+    match AuthorityClient::connect_with(&s.addr, &s.token, quick.clone()) {
+        Err(e @ ProtocolError::Unavailable { attempts: 3, .. }) => {
+            assert!(
+                e.to_string().contains("did not answer after 3 attempts"),
+                "{e}"
+            )
+        }
+        other => panic!("expected the authority to be unavailable, got {other:?}"),
+    }
+    quick.retries = 0;
+    assert!(matches!(
+        AuthorityClient::connect_with(&s.addr, &s.token, quick),
+        Err(ProtocolError::Io(_))
+    ));
+}
+
+#[test]
+fn client_times_out_on_a_stalled_authority() {
+    // Accepts connections and never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for _ in 0..2 {
+            conns.push(listener.accept().unwrap().0);
+        }
+        // Keep them open until the client gave up.
+        let mut buf = [0u8; 64];
+        for mut c in conns {
+            while c.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
+        }
+    });
+    let config = protocol::ClientConfig {
+        read_timeout: Duration::from_millis(200),
+        retries: 1,
+        initial_backoff: Duration::from_millis(10),
+        ..protocol::ClientConfig::default()
+    };
+    let mut c = AuthorityClient::connect_with(&addr, "t", config).unwrap();
+    let start = Instant::now();
+    let e = c.params().unwrap_err();
+    assert!(start.elapsed() >= Duration::from_millis(400), "{e}");
+    assert!(
+        matches!(e, ProtocolError::Unavailable { attempts: 2, .. }),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("no answer from the authority"),
+        "{e}"
+    );
+    assert_eq!(c.connections(), 2);
+    drop(c);
+    held.join().unwrap();
 }
 
 #[test]
