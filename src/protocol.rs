@@ -241,7 +241,12 @@ pub fn decode_request_header(body: &[u8]) -> Result<RequestHeader, ProtocolError
         .map_err(|e| ProtocolError::Malformed(e.to_string()))
 }
 
-/// Reads one frame's bytes, refusing lengths over `max` before allocating.
+/// First allocation for a frame's bytes; the buffer grows as they arrive.
+const FRAME_CHUNK: usize = 64 << 10;
+
+/// Reads one frame's bytes, refusing lengths over `max` before allocating. The buffer starts
+/// at 64 KiB at most and grows with the bytes received (to at most twice the frame's length),
+/// not with the announced length.
 pub fn read_frame_bytes<R: Read>(r: &mut R, max: usize) -> Result<Vec<u8>, ProtocolError> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len)?;
@@ -249,8 +254,16 @@ pub fn read_frame_bytes<R: Read>(r: &mut R, max: usize) -> Result<Vec<u8>, Proto
     if len > max {
         return Err(ProtocolError::FrameTooLarge(len));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    // Grow with the bytes that actually arrive rather than trust the length: a caller that
+    // announces a large frame and sends little makes the authority hold little.
+    let mut body = Vec::with_capacity(len.min(FRAME_CHUNK));
+    r.take(len as u64).read_to_end(&mut body)?;
+    if body.len() != len {
+        return Err(ProtocolError::Io(std::io::Error::new(
+            ErrorKind::UnexpectedEof,
+            format!("frame cut short after {} of {len} bytes", body.len()),
+        )));
+    }
     Ok(body)
 }
 
