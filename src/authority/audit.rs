@@ -40,7 +40,13 @@
 //! `audit.log.1` (older ones shift to `.2`, `.3`, …; the one past
 //! [`AuditLimits::max_files`] is deleted) and a new `audit.log` starts with a `rotate` line
 //! chained to the last line of the old file. After every line, `audit.log.head` (mode 0600)
-//! records the last line's `seq` and hash, so lines cut from the end are detected too.
+//! records the last line's `seq` and hash, so lines cut from the end are detected too; an
+//! authority that starts on a log that does not end at its head says so in its `start` line
+//! (`head_mismatch`) and goes on numbering from the head, so the damage stays visible.
+//!
+//! The chain shows changes, not who made them: someone who can write the files can also rewrite
+//! the whole chain and the head. Copy the head (or `authority audit` output) elsewhere to anchor
+//! it. Only one authority may write a log at a time.
 //!
 //! [`verify`] reads the files back, checks the chain and summarises them ([`AuditReport`]);
 //! an edited line, a deleted line, a truncated file, a missing file or a log that does not
@@ -379,8 +385,9 @@ struct Chained<'a, T: Serialize> {
 #[derive(Serialize)]
 struct Marker {
     ts: u64,
+    /// On a `start` line: the head the log should have ended at, when it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
-    note: Option<String>,
+    head_mismatch: Option<Head>,
 }
 
 #[derive(Serialize)]
@@ -499,22 +506,31 @@ impl AuditLog {
         if found.is_none() {
             found = last_line(&rotated_path(path, 1))?.map(|(l, _)| (l, true));
         }
-        let (seq, prev) = match &found {
-            None => (0, GENESIS.to_string()),
+        let (mut seq, prev, last_seq) = match &found {
+            None => (0, GENESIS.to_string(), None),
             Some((line, terminated)) => {
                 if !terminated {
                     // A line cut short (a crash mid-write): end it, so that it stands alone
                     // and the verifier names it.
                     file.write_all(b"\n")?;
                 }
-                let seq = serde_json::from_slice::<SeqOnly>(line)
-                    .map(|s| s.seq)
-                    .ok()
-                    .or(head.as_ref().map(|h| h.seq))
-                    .map_or(0, |s| s + 1);
-                (seq, line_hash(line))
+                let last = serde_json::from_slice::<SeqOnly>(line).map(|s| s.seq).ok();
+                let seq = last.or(head.as_ref().map(|h| h.seq)).map_or(0, |s| s + 1);
+                (seq, line_hash(line), last)
             }
         };
+        // A log that does not end at its head was cut or edited while no authority ran: the
+        // start line says so (the head is about to be overwritten), and seq goes on from the
+        // head so that removed lines leave a gap.
+        let mismatch = head.filter(|h| {
+            let same = found
+                .as_ref()
+                .is_some_and(|(l, _)| line_hash(l) == h.hash && last_seq == Some(h.seq));
+            !same
+        });
+        if let Some(h) = &mismatch {
+            seq = seq.max(h.seq + 1);
+        }
         let size = file.metadata()?.len();
         let log = AuditLog {
             path: path.to_path_buf(),
@@ -528,7 +544,7 @@ impl AuditLog {
                 last_summary: Instant::now(),
             }),
         };
-        log.marker(Event::Start, None)?;
+        log.marker(Event::Start, mismatch)?;
         Ok(log)
     }
 
@@ -554,14 +570,14 @@ impl AuditLog {
         self.append(&mut st, Event::Request, entry)
     }
 
-    fn marker(&self, event: Event, note: Option<String>) -> std::io::Result<()> {
+    fn marker(&self, event: Event, head_mismatch: Option<Head>) -> std::io::Result<()> {
         let mut st = self.lock();
         self.append(
             &mut st,
             event,
             &Marker {
                 ts: now_secs(),
-                note,
+                head_mismatch,
             },
         )
     }
@@ -641,7 +657,7 @@ impl AuditLog {
             Event::Rotate,
             &Marker {
                 ts: now_secs(),
-                note: None,
+                head_mismatch: None,
             },
         )?;
         self.write_line(st, line)
@@ -716,7 +732,7 @@ impl AuditLog {
             Event::Stop,
             &Marker {
                 ts: now_secs(),
-                note: None,
+                head_mismatch: None,
             },
         )
     }
@@ -874,6 +890,8 @@ struct LogLine {
     reason: Option<String>,
     #[serde(default)]
     failures: BTreeMap<String, u64>,
+    #[serde(default)]
+    head_mismatch: Option<Head>,
 }
 
 /// The outcome of reading one line with [`read_line_bounded`].
@@ -1047,6 +1065,18 @@ pub fn verify(path: &Path) -> std::io::Result<AuditReport> {
                     continue;
                 }
             };
+            if let (Event::Start, Some(h)) = (line.event, &line.head_mismatch) {
+                brk(
+                    &mut report,
+                    file,
+                    n,
+                    format!(
+                        "the authority restarted on a log that did not end at its head (seq \
+                         {}): lines were removed or edited while it was down",
+                        h.seq
+                    ),
+                );
+            }
             match &prev {
                 None => {
                     let genesis =
@@ -1393,9 +1423,29 @@ mod tests {
         let b = verify(&p).unwrap().broken.unwrap();
         assert_eq!(b.line, 7, "{b}");
         assert!(b.reason.contains("removed from the end"), "{b}");
-        // Emptied.
+        // ... and stays detected once the authority has written on.
+        let log = AuditLog::open(&p).unwrap();
+        issued(&log, "10.0.0.1:1", KeyKind::Row, 1);
+        drop(log);
+        let b = verify(&p).unwrap().broken.unwrap();
+        assert_eq!(b.line, 8, "{b}");
+        assert!(b.reason.contains("did not end at its head"), "{b}");
+        // Emptied, also before a restart.
         std::fs::write(&p, b"").unwrap();
         assert!(!verify(&p).unwrap().intact());
+        drop(AuditLog::open(&p).unwrap());
+        let b = verify(&p).unwrap().broken.unwrap();
+        assert!(b.reason.contains("did not end at its head"), "{b}");
+        // The last line edited, then a restart.
+        let p = small_log("edited-restarted");
+        let mut l = lines(&p);
+        let last = l.len() - 1;
+        l[last] = l[last].replace("\"ts\":", "\"ts\":1");
+        write_lines(&p, &l);
+        drop(AuditLog::open(&p).unwrap());
+        let b = verify(&p).unwrap().broken.unwrap();
+        assert_eq!(b.line, 11, "{b}");
+        assert!(b.reason.contains("did not end at its head"), "{b}");
         // A log reopened after a cut inside a line keeps naming that line.
         let p = small_log("truncated-reopened");
         let bytes = std::fs::read(&p).unwrap();
