@@ -8,8 +8,9 @@
 //! cargo test --release -p cryptonn --test load -- --ignored --nocapture
 //! ```
 //!
-//! and sized by `LOAD_IDLE` (1000), `LOAD_SLOW` (200), `LOAD_SECS` (20) and
-//! `LOAD_REQUESTS` (requests per legitimate caller before the load ends, 50).
+//! and sized by `LOAD_IDLE` (1000), `LOAD_SLOW` (200), `LOAD_SECS` (20; the unloaded
+//! figures are measured for half as long first) and `LOAD_REQUESTS` (fewest requests per
+//! legitimate caller in each phase, 50).
 #![allow(clippy::unwrap_used)]
 
 use cryptonn::authority::{self, InitOptions};
@@ -92,6 +93,8 @@ fn rows(seed: i64) -> Vec<Vec<i64>> {
 struct Calls {
     latencies: Vec<Duration>,
     failures: Vec<String>,
+    /// Connections opened beyond one per request (fresh) or one in all: the retries.
+    reconnections: u64,
 }
 
 /// One legitimate caller: `n` requests of 16 row keys, each on a new connection when `fresh`
@@ -106,6 +109,9 @@ fn caller(addr: &str, token: &str, n: usize, fresh: bool, until: Option<&AtomicB
         let t = Instant::now();
         let r = (|| {
             if fresh || conn.is_none() {
+                if let Some(old) = &conn {
+                    out.reconnections += old.connections().saturating_sub(1);
+                }
                 conn = Some(AuthorityClient::connect(addr, token)?);
             }
             let c = conn
@@ -121,6 +127,9 @@ fn caller(addr: &str, token: &str, n: usize, fresh: bool, until: Option<&AtomicB
             Err(e) => out.failures.push(e.to_string()),
         }
         i += 1;
+    }
+    if let Some(c) = &conn {
+        out.reconnections += c.connections().saturating_sub(1);
     }
     out
 }
@@ -242,6 +251,8 @@ struct Figures {
     unloaded: (f64, f64),
     loaded: (f64, f64),
     requests: usize,
+    loaded_requests: usize,
+    reconnections: u64,
     failures: Vec<String>,
     peak_rss_mib: f64,
     load_secs: f64,
@@ -255,37 +266,31 @@ struct Figures {
 fn run(name: &str, idle: usize, slow: usize, secs: f64, requests: usize) -> Figures {
     let a = start(name);
     let addr: SocketAddr = a.addr.parse().unwrap();
-    // Unloaded: 4 callers, two on fresh connections, two on one connection each.
-    let unloaded: Vec<Calls> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..4)
-            .map(|i| {
-                let (addr, token) = (a.addr.as_str(), a.token.as_str());
-                s.spawn(move || caller(addr, token, requests, i % 2 == 0, None))
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    // Unloaded: 4 callers, two on fresh connections, two on one connection each, for half
+    // as long as the load.
+    let callers = |secs: f64| -> Vec<Calls> {
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|i| {
+                    let (addr, token, done) = (a.addr.as_str(), a.token.as_str(), &done);
+                    s.spawn(move || caller(addr, token, requests, i % 2 == 0, Some(done)))
+                })
+                .collect();
+            std::thread::sleep(Duration::from_secs_f64(secs));
+            done.store(true, Ordering::SeqCst);
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let unloaded = callers(secs / 2.0);
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Attack::default());
     let threads = attack(addr, idle, slow, &stop, &stats);
     let started = Instant::now();
     // Let the attack build up before measuring.
-    std::thread::sleep(Duration::from_secs_f64((secs / 4.0).min(2.0)));
-    let done = AtomicBool::new(false);
-    let loaded: Vec<Calls> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..4)
-            .map(|i| {
-                let (addr, token, done) = (a.addr.as_str(), a.token.as_str(), &done);
-                s.spawn(move || caller(addr, token, requests, i % 2 == 0, Some(done)))
-            })
-            .collect();
-        let end = started + Duration::from_secs_f64(secs);
-        while Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        done.store(true, Ordering::SeqCst);
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let warmup = (secs / 4.0).min(2.0);
+    std::thread::sleep(Duration::from_secs_f64(warmup));
+    let loaded = callers(secs - warmup);
     stop.store(true, Ordering::SeqCst);
     for t in threads {
         t.join().unwrap();
@@ -299,9 +304,11 @@ fn run(name: &str, idle: usize, slow: usize, secs: f64, requests: usize) -> Figu
         failures.extend(c.failures);
     }
     let mut lat_l: Vec<Duration> = Vec::new();
+    let mut reconnections = 0;
     for c in loaded {
         lat_l.extend(c.latencies);
         failures.extend(c.failures);
+        reconnections += c.reconnections;
     }
     let requests = lat_u.len() + lat_l.len() + failures.len();
     let audit_path = a.dir.join(authority::AUDIT_FILE);
@@ -310,6 +317,8 @@ fn run(name: &str, idle: usize, slow: usize, secs: f64, requests: usize) -> Figu
     Figures {
         unloaded: (percentile(&mut lat_u, 0.5), percentile(&mut lat_u, 0.99)),
         loaded: (percentile(&mut lat_l, 0.5), percentile(&mut lat_l, 0.99)),
+        loaded_requests: lat_l.len(),
+        reconnections,
         requests,
         failures,
         peak_rss_mib: peak as f64 / 1024.0,
@@ -325,14 +334,17 @@ fn run(name: &str, idle: usize, slow: usize, secs: f64, requests: usize) -> Figu
 fn print(f: &Figures, idle: usize, slow: usize) {
     println!(
         "load {:.1} s: {idle} idle (replaced every ms), {slow} slow senders ({} bytes), {} \
-         random frames, {} attacking connections; {} legitimate requests of 16 row keys, {} \
-         failed; latency p50 / p99 unloaded {:.1} / {:.1} ms, under load {:.1} / {:.1} ms; \
-         authority peak RSS {:.1} MiB; audit log {} lines, chain {}",
+         random frames, {} attacking connections; {} legitimate requests of 16 row keys ({} \
+         under load, {} retried on a new connection), {} failed; latency p50 / p99 unloaded \
+         {:.1} / {:.1} ms, under load {:.1} / {:.1} ms; authority peak RSS {:.1} MiB; audit \
+         log {} lines, chain {}",
         f.load_secs,
         f.slow_bytes,
         f.flood_frames,
         f.connections,
         f.requests,
+        f.loaded_requests,
+        f.reconnections,
         f.failures.len(),
         f.unloaded.0,
         f.unloaded.1,
