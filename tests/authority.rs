@@ -912,18 +912,33 @@ fn binary_init_and_serve() {
         assert_eq!(p.batch_size(), 4);
         let keys = c.col_keys(&[vec![1, 1, 0, 0]]).map_err(|e| e.to_string())?;
         assert_eq!(keys.len(), 1);
+        let mut bad = AuthorityClient::connect(&addr, "wrong").map_err(|e| e.to_string())?;
+        assert!(matches!(bad.params(), Err(ProtocolError::Refused(_))));
         Ok::<(), String>(())
     })();
-    let _ = child.kill();
-    let _ = child.wait();
+    // SIGTERM: a clean stop (summaries and a stop line in the audit log), status 0.
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = match term {
+        Ok(t) if t.success() => child.wait().unwrap(),
+        _ => {
+            let _ = child.kill();
+            child.wait().unwrap()
+        }
+    };
     result.unwrap();
+    assert!(status.success(), "{status:?}");
     let audit = std::fs::read_to_string(dir.join(authority::AUDIT_FILE)).unwrap();
+    let last = audit.lines().last().unwrap_or_default();
+    assert!(last.contains("\"event\":\"stop\""), "{audit}");
     let requests = audit
         .lines()
         .filter(|l| l.contains("\"event\":\"request\""))
         .count();
     assert_eq!(requests, 1, "{audit}");
     assert!(audit.starts_with("{\"seq\":0,"), "{audit}");
+    assert!(audit.contains("\"failures\":{\"auth\":1}"), "{audit}");
 }
 
 /// Cost of issuing one training step's keys (run with `--ignored --nocapture`).

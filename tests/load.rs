@@ -31,7 +31,17 @@ struct Authority {
 }
 
 impl Drop for Authority {
+    /// SIGTERM (a clean stop writes the failure summaries), SIGKILL if it does not stop.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -10,6 +10,8 @@ use cryptonn::authority::{self, InitOptions, Policy, ServerConfig};
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The CryptoNN key authority: holds the master secret keys and derives function keys for
@@ -35,11 +37,13 @@ enum Command {
     /// Writes row.msk, col.msk, febo.msk and token with mode 0600, and params.bin. Refuses to
     /// overwrite existing keys unless --force is given.
     Init(InitArgs),
-    /// Serve key requests over TCP until killed.
+    /// Serve key requests over TCP until SIGTERM or SIGINT (Ctrl-C).
     ///
     /// Prints `listening on ADDR` on stdout once ready (with the real port when --listen
     /// asks for port 0). Every key request is checked against the key policy and logged
-    /// to the audit file.
+    /// to the audit file; failures before authentication are summarised there per peer
+    /// address. On SIGTERM or SIGINT, closes the connections, writes the pending summaries
+    /// and a stop line to the audit log, and exits with status 0.
     Serve(ServeArgs),
     /// Print the effective key policy as JSON (the defaults, or those of --policy and the
     /// override flags), a starting point for a policy file.
@@ -233,11 +237,22 @@ fn serve(args: &ServeArgs) -> Result<()> {
     );
     // spawn() validates the configuration and opens the audit log before accepting.
     let server = authority::spawn(listener, auth, config)?;
+    // SIGTERM and SIGINT shut down cleanly: open connections are closed and the audit log
+    // gets its failure summaries and a stop line.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())
+            .context("cannot install the signal handlers")?;
+    }
     let mut out = std::io::stdout().lock();
     writeln!(out, "listening on {addr}")?;
     out.flush()?;
     drop(out);
-    server.wait()?;
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("authority: shutting down");
+    server.shutdown()?;
     Ok(())
 }
 
