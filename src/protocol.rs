@@ -1,11 +1,16 @@
 //! The wire protocol between the trainer (or client) and the authority.
 //!
-//! One TCP connection carries a sequence of request/response *frames*. A frame is a 4-byte
+//! One TCP connection carries a sequence of requests and responses. A *frame* is a 4-byte
 //! big-endian length followed by that many bytes of a `bincode` (fixed-width integers,
-//! little-endian) encoding of a [`RequestFrame`] or a [`Response`]. Frames longer than
-//! [`MAX_FRAME`] are refused before any allocation. Every request carries the protocol version
-//! and the caller's bearer token; the authority answers every request with exactly one
-//! response, and closes connections that stay idle.
+//! little-endian) encoding. A request is two frames: a small header, a [`RequestHeader`]
+//! (the protocol version, then the caller's bearer token) of at most [`MAX_HEADER`] bytes,
+//! then the [`Request`] itself. The authority reads and checks the header before it reads
+//! the request's length, so nothing larger than [`MAX_HEADER`] is read from a caller that
+//! has not shown the token. A response is one frame holding a [`Response`]. Frames longer
+//! than their limit ([`MAX_HEADER`], [`MAX_FRAME`] or the authority's smaller limit) are
+//! refused before any allocation. The authority answers every request with exactly one
+//! response, closes connections that do not authenticate within a few seconds or stay idle,
+//! and answers [`Response::Busy`] when all its connection slots are taken.
 //!
 //! Keys travel compactly: for inner-product keys the authority returns only the 32-byte
 //! secret `sk_y`, since the caller already has `y`.
@@ -19,15 +24,19 @@ use fe::Encode;
 use nn::data::DatasetInfo;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 use thiserror::Error;
 
-/// Version of the protocol; both ends must agree.
+/// Version of the protocol; both ends must agree. Version 2 put the token in a header of its
+/// own, read before the request, and publishes the dataset description and the key policy
+/// with the parameters.
 pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame accepted by either end (64 MiB).
 pub const MAX_FRAME: usize = 64 << 20;
+/// Largest request header (version and token), in bytes.
+pub const MAX_HEADER: usize = 4096;
 
 /// The authority's public parameters: everything a client needs to encrypt and a trainer to
 /// ask for keys.
@@ -119,15 +128,14 @@ pub enum Request {
     FeboKeys(Vec<FeboKeyRequest>),
 }
 
-/// A request with its envelope.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RequestFrame {
+/// The header frame of a request: read and checked before the request itself. Its first two
+/// bytes are the version (little-endian), whatever the version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestHeader {
     /// [`PROTOCOL_VERSION`] of the caller.
     pub version: u16,
     /// The caller's bearer token.
     pub token: String,
-    /// The request.
-    pub request: Request,
 }
 
 /// What the authority answers.
@@ -143,6 +151,8 @@ pub enum Response {
     Refused(String),
     /// The request could not be understood.
     Error(String),
+    /// Every connection slot is taken; the caller may try again later.
+    Busy(String),
 }
 
 /// Errors of the protocol layer.
@@ -151,9 +161,12 @@ pub enum ProtocolError {
     /// The connection failed.
     #[error("connection error: {0}")]
     Io(#[from] std::io::Error),
-    /// A frame is larger than [`MAX_FRAME`].
-    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME} bytes")]
+    /// A frame is larger than its limit.
+    #[error("frame of {0} bytes exceeds the limit")]
     FrameTooLarge(usize),
+    /// A request header names another protocol version.
+    #[error("protocol version {0} is not supported (this end speaks version {PROTOCOL_VERSION})")]
+    Version(u16),
     /// A frame did not decode.
     #[error("malformed frame: {0}")]
     Malformed(String),
@@ -163,6 +176,19 @@ pub enum ProtocolError {
     /// The authority reported an error.
     #[error("the authority reported an error: {0}")]
     Server(String),
+    /// The authority had no free connection slot.
+    #[error("the authority is busy: {0}")]
+    Busy(String),
+    /// The authority could not be reached, or its connection kept failing, after retries.
+    #[error("the authority at {addr} did not answer after {attempts} attempts: {source}")]
+    Unavailable {
+        /// The authority's address.
+        addr: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        source: std::io::Error,
+    },
     /// The answer does not match the question.
     #[error("unexpected response: {0}")]
     Unexpected(String),
@@ -179,21 +205,88 @@ fn codec() -> impl Options {
         .with_limit(MAX_FRAME as u64)
 }
 
-/// Writes one frame.
-pub fn write_frame<T: Serialize, W: Write>(w: &mut W, msg: &T) -> Result<(), ProtocolError> {
+/// Appends one frame (length and encoding of `msg`, at most `max` bytes) to `out`.
+fn push_frame<T: Serialize>(out: &mut Vec<u8>, msg: &T, max: usize) -> Result<(), ProtocolError> {
     let body = codec()
         .serialize(msg)
         .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-    if body.len() > MAX_FRAME {
+    if body.len() > max {
         return Err(ProtocolError::FrameTooLarge(body.len()));
     }
-    w.write_all(&(body.len() as u32).to_be_bytes())?;
-    w.write_all(&body)?;
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(())
+}
+
+/// Writes one frame.
+pub fn write_frame<T: Serialize, W: Write>(w: &mut W, msg: &T) -> Result<(), ProtocolError> {
+    let mut out = Vec::new();
+    push_frame(&mut out, msg, MAX_FRAME)?;
+    w.write_all(&out)?;
     w.flush()?;
     Ok(())
 }
 
-/// Reads one frame's bytes, refusing lengths over `max` before allocating.
+/// The bytes of one request: its header frame (version and token) and its request frame.
+pub fn encode_request(token: &str, request: &Request) -> Result<Vec<u8>, ProtocolError> {
+    let mut out = Vec::new();
+    let header = RequestHeader {
+        version: PROTOCOL_VERSION,
+        token: token.to_string(),
+    };
+    push_frame(&mut out, &header, MAX_HEADER)?;
+    push_frame(&mut out, request, MAX_FRAME)?;
+    Ok(out)
+}
+
+/// Writes one request (see [`encode_request`]).
+pub fn write_request<W: Write>(
+    w: &mut W,
+    token: &str,
+    request: &Request,
+) -> Result<(), ProtocolError> {
+    w.write_all(&encode_request(token, request)?)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads a request's header frame, holding at most [`MAX_HEADER`] bytes: a longer length is
+/// refused before anything else is read, another version is [`ProtocolError::Version`].
+pub fn read_request_header<R: Read>(r: &mut R) -> Result<RequestHeader, ProtocolError> {
+    let body = read_frame_bytes(r, MAX_HEADER)?;
+    decode_request_header(&body)
+}
+
+/// Decodes a header frame's body (see [`read_request_header`]).
+pub fn decode_request_header(body: &[u8]) -> Result<RequestHeader, ProtocolError> {
+    match body {
+        [a, b, ..] => {
+            let version = u16::from_le_bytes([*a, *b]);
+            if version != PROTOCOL_VERSION {
+                return Err(ProtocolError::Version(version));
+            }
+        }
+        _ => {
+            return Err(ProtocolError::Malformed(format!(
+                "request header of {} bytes",
+                body.len()
+            )))
+        }
+    }
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .with_limit(MAX_HEADER as u64)
+        .deserialize(body)
+        .map_err(|e| ProtocolError::Malformed(e.to_string()))
+}
+
+/// First allocation for a frame's bytes; the buffer grows as they arrive.
+const FRAME_CHUNK: usize = 64 << 10;
+
+/// Reads one frame's bytes, refusing lengths over `max` before allocating. The buffer starts
+/// at 64 KiB at most and grows with the bytes received (to at most twice the frame's length),
+/// not with the announced length.
 pub fn read_frame_bytes<R: Read>(r: &mut R, max: usize) -> Result<Vec<u8>, ProtocolError> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len)?;
@@ -201,8 +294,16 @@ pub fn read_frame_bytes<R: Read>(r: &mut R, max: usize) -> Result<Vec<u8>, Proto
     if len > max {
         return Err(ProtocolError::FrameTooLarge(len));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    // Grow with the bytes that actually arrive rather than trust the length: a caller that
+    // announces a large frame and sends little makes the authority hold little.
+    let mut body = Vec::with_capacity(len.min(FRAME_CHUNK));
+    r.take(len as u64).read_to_end(&mut body)?;
+    if body.len() != len {
+        return Err(ProtocolError::Io(std::io::Error::new(
+            ErrorKind::UnexpectedEof,
+            format!("frame cut short after {} of {len} bytes", body.len()),
+        )));
+    }
     Ok(body)
 }
 
@@ -218,40 +319,235 @@ pub fn read_frame<T: for<'de> Deserialize<'de>, R: Read>(r: &mut R) -> Result<T,
     decode(&read_frame_bytes(r, MAX_FRAME)?)
 }
 
-/// A connection to the authority, used by the client and the trainer.
-pub struct AuthorityClient {
+/// Default time to wait for a TCP connection to the authority.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time to wait for the authority's answer to one request.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default time to wait for a request to be sent.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default number of retries of a request after the first attempt.
+pub const DEFAULT_RETRIES: u32 = 6;
+
+/// Timeouts and retries of an [`AuthorityClient`].
+///
+/// Every request of the protocol is idempotent (the parameters, and keys: deriving the same
+/// key twice is harmless), so a request whose connection failed, timed out or found the
+/// authority busy is sent again on a new connection, after a pause that starts at
+/// `initial_backoff` and doubles up to `max_backoff` (each pause drawn between half and all of
+/// it, so that callers that failed together do not come back together). Refusals and errors
+/// reported by the authority are not retried. With the defaults, a request waits about
+/// 11 s in all for an authority that is restarting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Time to wait for a TCP connection (default [`DEFAULT_CONNECT_TIMEOUT`]).
+    pub connect_timeout: Duration,
+    /// Time to wait for each read of an answer (default [`DEFAULT_READ_TIMEOUT`]).
+    pub read_timeout: Duration,
+    /// Time to wait for each write of a request (default [`DEFAULT_WRITE_TIMEOUT`]).
+    pub write_timeout: Duration,
+    /// Retries after the first attempt (default [`DEFAULT_RETRIES`]; 0: never retry).
+    pub retries: u32,
+    /// First pause between attempts (default 200 ms).
+    pub initial_backoff: Duration,
+    /// Longest pause between attempts (default 5 s).
+    pub max_backoff: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+            retries: DEFAULT_RETRIES,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Connection {
     reader: BufReader<TcpStream>,
     writer: BufWriter<TcpStream>,
+}
+
+/// A connection to the authority, used by the client and the trainer. It reconnects and
+/// retries as its [`ClientConfig`] says.
+pub struct AuthorityClient {
+    addr: String,
     token: String,
+    config: ClientConfig,
+    conn: Option<Connection>,
+    connections: u64,
+}
+
+impl std::fmt::Debug for AuthorityClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthorityClient")
+            .field("addr", &self.addr)
+            .field("config", &self.config)
+            .field("connected", &self.conn.is_some())
+            .finish()
+    }
+}
+
+/// Whether another attempt may succeed.
+fn retryable(e: &ProtocolError) -> bool {
+    matches!(e, ProtocolError::Io(_) | ProtocolError::Busy(_))
+}
+
+/// An I/O error with the cause spelled out (a read timeout shows as `WouldBlock` on Unix).
+fn io_context(e: std::io::Error, what: &str, timeout: Duration) -> std::io::Error {
+    match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => std::io::Error::new(
+            ErrorKind::TimedOut,
+            format!("no {what} within {:.1} s", timeout.as_secs_f64()),
+        ),
+        ErrorKind::UnexpectedEof => std::io::Error::new(
+            ErrorKind::UnexpectedEof,
+            "the authority closed the connection",
+        ),
+        _ => e,
+    }
 }
 
 impl AuthorityClient {
-    /// Connects to `addr` (for example `127.0.0.1:7700`) with the caller's token.
+    /// Connects to `addr` (for example `127.0.0.1:7700`) with the caller's token and the
+    /// default [`ClientConfig`].
     pub fn connect(addr: &str, token: &str) -> Result<Self, ProtocolError> {
-        let sock = addr
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| ProtocolError::Unexpected(format!("cannot resolve {addr}")))?;
-        let stream = TcpStream::connect_timeout(&sock, Duration::from_secs(10))?;
-        stream.set_nodelay(true)?;
-        Ok(AuthorityClient {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: BufWriter::new(stream),
+        Self::connect_with(addr, token, ClientConfig::default())
+    }
+
+    /// Connects to `addr` with the caller's token, retrying as `config` says.
+    pub fn connect_with(
+        addr: &str,
+        token: &str,
+        config: ClientConfig,
+    ) -> Result<Self, ProtocolError> {
+        let mut c = AuthorityClient {
+            addr: addr.to_string(),
             token: token.to_string(),
+            config,
+            conn: None,
+            connections: 0,
+        };
+        c.retrying(|c| c.ensure_connected().map(|_| ()))?;
+        Ok(c)
+    }
+
+    /// The client's configuration.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// TCP connections opened so far (more than 1 after a reconnection).
+    pub fn connections(&self) -> u64 {
+        self.connections
+    }
+
+    fn open(&self) -> Result<Connection, ProtocolError> {
+        let mut last = None;
+        for sock in self.addr.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&sock, self.config.connect_timeout) {
+                Ok(stream) => {
+                    stream.set_nodelay(true)?;
+                    stream.set_read_timeout(Some(self.config.read_timeout))?;
+                    stream.set_write_timeout(Some(self.config.write_timeout))?;
+                    return Ok(Connection {
+                        reader: BufReader::new(stream.try_clone()?),
+                        writer: BufWriter::new(stream),
+                    });
+                }
+                Err(e) => last = Some(io_context(e, "connection", self.config.connect_timeout)),
+            }
+        }
+        Err(match last {
+            Some(e) => ProtocolError::Io(e),
+            None => ProtocolError::Unexpected(format!("cannot resolve {}", self.addr)),
         })
     }
 
+    fn ensure_connected(&mut self) -> Result<&mut Connection, ProtocolError> {
+        if self.conn.is_none() {
+            self.conn = Some(self.open()?);
+            self.connections += 1;
+        }
+        self.conn
+            .as_mut()
+            .ok_or_else(|| ProtocolError::Unexpected("no connection".into()))
+    }
+
+    /// Runs `op` until it succeeds, fails in a way another attempt cannot fix, or the
+    /// retries are spent; drops the connection after every retryable failure.
+    fn retrying<T>(
+        &mut self,
+        mut op: impl FnMut(&mut Self) -> Result<T, ProtocolError>,
+    ) -> Result<T, ProtocolError> {
+        let mut backoff = self.config.initial_backoff;
+        let mut attempt = 0u32;
+        loop {
+            match op(self) {
+                Ok(v) => return Ok(v),
+                Err(e) if retryable(&e) => {
+                    self.conn = None;
+                    if attempt >= self.config.retries {
+                        return Err(match e {
+                            ProtocolError::Io(source) if attempt > 0 => {
+                                ProtocolError::Unavailable {
+                                    addr: self.addr.clone(),
+                                    attempts: attempt + 1,
+                                    source,
+                                }
+                            }
+                            other => other,
+                        });
+                    }
+                    attempt += 1;
+                    use rand::Rng;
+                    let pause = backoff.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
+                    std::thread::sleep(pause);
+                    backoff = (backoff * 2).min(self.config.max_backoff);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn round_trip(&mut self, bytes: &[u8]) -> Result<Response, ProtocolError> {
+        let (read_timeout, write_timeout) = (self.config.read_timeout, self.config.write_timeout);
+        let conn = self.ensure_connected()?;
+        let sent = conn
+            .writer
+            .write_all(bytes)
+            .and_then(|()| conn.writer.flush())
+            .map_err(|e| io_context(e, "progress sending the request", write_timeout));
+        sent?;
+        match read_frame::<Response, _>(&mut conn.reader) {
+            Ok(Response::Busy(m)) => Err(ProtocolError::Busy(m)),
+            Ok(r) => Ok(r),
+            Err(ProtocolError::Io(e)) => Err(ProtocolError::Io(io_context(
+                e,
+                "answer from the authority",
+                read_timeout,
+            ))),
+            Err(e) => {
+                // The stream is out of step: never reuse it.
+                self.conn = None;
+                Err(e)
+            }
+        }
+    }
+
     /// Sends one request and reads its response, turning refusals and errors into `Err`.
+    /// A broken connection, a timeout or a busy authority is retried on a new connection (see
+    /// [`ClientConfig`]).
     pub fn call(&mut self, request: Request) -> Result<Response, ProtocolError> {
-        let frame = RequestFrame {
-            version: PROTOCOL_VERSION,
-            token: self.token.clone(),
-            request,
-        };
-        write_frame(&mut self.writer, &frame)?;
-        match read_frame::<Response, _>(&mut self.reader)? {
+        let bytes = encode_request(&self.token, &request)?;
+        drop(request);
+        match self.retrying(|c| c.round_trip(&bytes))? {
             Response::Refused(m) => Err(ProtocolError::Refused(m)),
             Response::Error(m) => Err(ProtocolError::Server(m)),
+            Response::Busy(m) => Err(ProtocolError::Busy(m)),
             r => Ok(r),
         }
     }
@@ -351,7 +647,7 @@ fn unexpected(r: &Response) -> ProtocolError {
         Response::Params(_) => "parameters".to_string(),
         Response::FeipSecrets(v) => format!("{} inner-product keys", v.len()),
         Response::FeboKeys(v) => format!("{} basic-operation keys", v.len()),
-        Response::Refused(m) | Response::Error(m) => m.clone(),
+        Response::Refused(m) | Response::Error(m) | Response::Busy(m) => m.clone(),
     };
     ProtocolError::Unexpected(what)
 }

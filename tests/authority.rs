@@ -3,8 +3,8 @@
 
 use cryptonn::authority::{self, InitOptions, Policy, ServerConfig, ServerHandle};
 use cryptonn::protocol::{
-    self, AuthorityClient, FeboKeyRequest, ProtocolError, PublicParams, Request, RequestFrame,
-    Response, PROTOCOL_VERSION,
+    self, AuthorityClient, FeboKeyRequest, ProtocolError, PublicParams, Request, Response,
+    PROTOCOL_VERSION,
 };
 use fe::dlog::DlogTable;
 use fe::febo::{FeboEncryptor, Op};
@@ -108,6 +108,16 @@ fn read_error_then_eof(t: &mut TcpStream) -> String {
     match r {
         Response::Error(m) => m,
         other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+/// The server closed the connection (end of file or reset), rather than the read timing out.
+fn assert_closed_by_server(mut t: impl Read) {
+    let mut buf = [0u8; 1];
+    match t.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the connection is still open: {other:?}"),
     }
 }
 
@@ -244,6 +254,16 @@ fn policy_refusals_keep_the_connection() {
     assert_serves(&s);
 }
 
+/// The header frame of a request, as raw bytes.
+fn header_frame(version: u16, token: &str) -> Vec<u8> {
+    let mut body = version.to_le_bytes().to_vec();
+    body.extend_from_slice(&(token.len() as u64).to_le_bytes());
+    body.extend_from_slice(token.as_bytes());
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.append(&mut body);
+    out
+}
+
 #[test]
 fn garbage_frames_get_an_error_and_a_closed_connection() {
     let s = start_with("garbage", |c| c.frame_limit = 1 << 20);
@@ -251,19 +271,39 @@ fn garbage_frames_get_an_error_and_a_closed_connection() {
     let mut steady = AuthorityClient::connect(&s.addr, &s.token).unwrap();
     steady.params().unwrap();
 
-    // A length prefix above the limit: refused before any allocation.
-    for len in [u32::MAX, (1 << 20) + 1] {
+    // The layout is what the protocol documents.
+    let good = protocol::encode_request(&s.token, &Request::Params).unwrap();
+    let header = header_frame(PROTOCOL_VERSION, &s.token);
+    assert_eq!(&good[..header.len()], header.as_slice());
+
+    // A header length above the small header bound, before any token: refused at once,
+    // before anything else is read or allocated.
+    for len in [u32::MAX, (1 << 20) + 1, protocol::MAX_HEADER as u32 + 1] {
         let mut t = raw(&s);
         t.write_all(&len.to_be_bytes()).unwrap();
         let m = read_error_then_eof(&mut t);
         assert!(m.contains("exceeds"), "{m}");
         assert_serves(&s);
     }
+    // A body length above the frame limit after a good header.
+    let mut t = raw(&s);
+    t.write_all(&header).unwrap();
+    t.write_all(&((1u32 << 20) + 1).to_be_bytes()).unwrap();
+    let m = read_error_then_eof(&mut t);
+    assert!(m.contains("exceeds"), "{m}");
 
-    // Random bytes with a valid length.
+    // A wrong token with a huge body length behind it: refused at the header.
+    let mut t = raw(&s);
+    t.write_all(&header_frame(PROTOCOL_VERSION, "wrong"))
+        .unwrap();
+    t.write_all(&u32::MAX.to_be_bytes()).unwrap();
+    let r: Response = protocol::read_frame(&mut t).unwrap();
+    assert_eq!(r, Response::Refused("authentication failed".into()));
+
+    // Random bytes behind the right version, as a header and as a request.
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-    for len in [1usize, 7, 64, 4096] {
-        let body: Vec<u8> = (0..len)
+    for len in [1usize, 7, 64, 4000] {
+        let mut body: Vec<u8> = (0..len)
             .map(|_| {
                 seed ^= seed << 13;
                 seed ^= seed >> 7;
@@ -271,7 +311,16 @@ fn garbage_frames_get_an_error_and_a_closed_connection() {
                 seed as u8
             })
             .collect();
+        if len >= 2 {
+            body[..2].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        }
         let mut t = raw(&s);
+        t.write_all(&(len as u32).to_be_bytes()).unwrap();
+        t.write_all(&body).unwrap();
+        let m = read_error_then_eof(&mut t);
+        assert!(m.contains("malformed"), "{m}");
+        let mut t = raw(&s);
+        t.write_all(&header).unwrap();
         t.write_all(&(len as u32).to_be_bytes()).unwrap();
         t.write_all(&body).unwrap();
         let m = read_error_then_eof(&mut t);
@@ -279,35 +328,25 @@ fn garbage_frames_get_an_error_and_a_closed_connection() {
         assert_serves(&s);
     }
 
-    // A valid frame with a trailing byte, a wrong version, a truncated frame.
-    let frame = RequestFrame {
-        version: PROTOCOL_VERSION,
-        token: s.token.clone(),
-        request: Request::Params,
-    };
-    let mut buf = Vec::new();
-    protocol::write_frame(&mut buf, &frame).unwrap();
-    let mut extra = buf[4..].to_vec();
+    // A header with a trailing byte, a wrong version (also a version 1 caller), a truncated
+    // request.
+    let mut extra = header[4..].to_vec();
     extra.push(0);
     let mut t = raw(&s);
     t.write_all(&(extra.len() as u32).to_be_bytes()).unwrap();
     t.write_all(&extra).unwrap();
-    read_error_then_eof(&mut t);
-
-    let mut t = raw(&s);
-    protocol::write_frame(
-        &mut t,
-        &RequestFrame {
-            version: PROTOCOL_VERSION + 1,
-            ..frame
-        },
-    )
-    .unwrap();
     let m = read_error_then_eof(&mut t);
-    assert!(m.contains("version"), "{m}");
+    assert!(m.contains("malformed"), "{m}");
+
+    for v in [PROTOCOL_VERSION + 1, 1] {
+        let mut t = raw(&s);
+        t.write_all(&header_frame(v, &s.token)).unwrap();
+        let m = read_error_then_eof(&mut t);
+        assert!(m.contains(&format!("version {v} is not supported")), "{m}");
+    }
 
     let mut t = raw(&s);
-    t.write_all(&buf[..buf.len() / 2]).unwrap();
+    t.write_all(&good[..good.len() - 1]).unwrap();
     drop(t);
     assert_serves(&s);
 
@@ -317,16 +356,80 @@ fn garbage_frames_get_an_error_and_a_closed_connection() {
 
 #[test]
 fn idle_connections_are_closed() {
-    let s = start_with("idle", |c| c.idle_timeout = Duration::from_millis(300));
+    let s = start_with("idle", |c| {
+        c.auth_timeout = Duration::from_millis(300);
+        c.idle_timeout = Duration::from_millis(600);
+    });
+    // Never authenticates: told so, then closed, after the authentication deadline.
     let mut t = raw(&s);
     let start = Instant::now();
-    let mut buf = [0u8; 1];
-    let n = t.read(&mut buf).unwrap_or(0);
-    assert_eq!(n, 0);
+    let m = read_error_then_eof(&mut t);
+    assert!(m.contains("no authenticated request"), "{m}");
     let waited = start.elapsed();
     assert!(waited >= Duration::from_millis(250), "{waited:?}");
     assert!(waited < Duration::from_secs(9), "{waited:?}");
+    // A slow sender (a few bytes of the header, then nothing) is held to the same deadline.
+    let mut t = raw(&s);
+    t.write_all(&header_frame(PROTOCOL_VERSION, &s.token)[..6])
+        .unwrap();
+    let m = read_error_then_eof(&mut t);
+    assert!(m.contains("no authenticated request"), "{m}");
+    // Authenticated, then idle: closed after the idle timeout.
+    let mut t = raw(&s);
+    protocol::write_request(&mut t, &s.token, &Request::Params).unwrap();
+    let r: Response = protocol::read_frame(&mut t).unwrap();
+    assert!(matches!(r, Response::Params(_)), "{r:?}");
+    assert_closed_by_server(&mut t);
     assert_serves(&s);
+    s.handle.shutdown().unwrap();
+    let lines = audit_lines(&s.dir);
+    let timeouts: u64 = lines
+        .iter()
+        .filter(|l| l["event"] == "failures")
+        .map(|l| l["failures"]["timeout"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(timeouts, 2, "{lines:?}");
+}
+
+#[test]
+fn idle_connections_do_not_lock_callers_out() {
+    // Far more idle connections than slots, with a deadline longer than the test: the
+    // oldest unauthenticated connection makes room for each newer one.
+    let s = start_with("lockout", |c| {
+        c.max_connections = 4;
+        c.max_pending = 8;
+        c.auth_timeout = Duration::from_secs(30);
+    });
+    let idle: Vec<TcpStream> = (0..80).map(|_| raw(&s)).collect();
+    let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+    assert_eq!(c.params().unwrap(), s.params);
+    assert_eq!(c.row_keys(&[row_vector(4)]).unwrap().len(), 1);
+    assert_serves(&s);
+    // The first idle connections were closed by the authority, well before any deadline.
+    assert_closed_by_server(&mut &idle[0]);
+    // Authenticated connections are still capped.
+    let held: Vec<AuthorityClient> = (0..3)
+        .map(|_| {
+            let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+            c.params().unwrap();
+            c
+        })
+        .collect();
+    let mut over = raw(&s);
+    protocol::write_request(&mut over, &s.token, &Request::Params).unwrap();
+    let r: Response = protocol::read_frame(&mut over).unwrap();
+    assert!(
+        matches!(r, Response::Busy(_)),
+        "a fifth authenticated connection: {r:?}"
+    );
+    drop(held);
+    drop(idle);
+    s.handle.shutdown().unwrap();
+    let report = authority::audit::verify(&s.dir.join(authority::AUDIT_FILE)).unwrap();
+    assert!(report.intact(), "{report}");
+    assert!(report.failures["evicted"] >= 72, "{report}");
+    // Counted, not one line each.
+    assert!(report.lines < 12, "{report}");
 }
 
 #[test]
@@ -336,9 +439,13 @@ fn connection_cap() {
     let mut b = AuthorityClient::connect(&s.addr, &s.token).unwrap();
     a.params().unwrap();
     b.params().unwrap();
-    let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+    let no_retry = protocol::ClientConfig {
+        retries: 0,
+        ..protocol::ClientConfig::default()
+    };
+    let mut c = AuthorityClient::connect_with(&s.addr, &s.token, no_retry).unwrap();
     match c.params() {
-        Err(ProtocolError::Server(m)) => assert!(m.contains("too many"), "{m}"),
+        Err(ProtocolError::Busy(m)) => assert!(m.contains("too many"), "{m}"),
         other => panic!("expected an error, got {other:?}"),
     }
     drop(a);
@@ -355,6 +462,107 @@ fn connection_cap() {
     }
     assert!(ok, "no slot freed after a client left");
     b.params().unwrap();
+}
+
+#[test]
+fn client_survives_an_authority_restart() {
+    let s = start("restart");
+    let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+    let before = c.row_keys(&[row_vector(0)]).unwrap();
+    assert_eq!(c.connections(), 1);
+    let (dir, addr, token) = (s.dir.clone(), s.addr.clone(), s.token.clone());
+    let restart = move || {
+        let listener = TcpListener::bind(&addr).unwrap();
+        let config = ServerConfig::new(token.clone(), dir.join(authority::AUDIT_FILE));
+        authority::spawn(listener, authority::load(&dir).unwrap(), config).unwrap()
+    };
+
+    // Restarted between two requests: the next request finds its connection closed,
+    // reconnects and gets the same key (the same master keys).
+    s.handle.shutdown().unwrap();
+    let second = restart();
+    let after = c.row_keys(&[row_vector(0)]).unwrap();
+    assert_eq!(before[0].secret(), after[0].secret());
+    assert_eq!(c.connections(), 2);
+
+    // Down while the request is made: it waits, with backoff, for the authority to return
+    // on the same port.
+    second.shutdown().unwrap();
+    let back = std::thread::spawn({
+        let restart = restart.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(300));
+            restart()
+        }
+    });
+    assert_eq!(c.params().unwrap(), s.params);
+    assert!(c.connections() >= 3);
+    let third = back.join().unwrap();
+    assert_eq!(
+        c.col_keys(&[vec![1, 1, 0, 0, 0, 0, 0, 0]]).unwrap().len(),
+        1
+    );
+    third.shutdown().unwrap();
+
+    // With no authority at all, the retries end in a clear error.
+    let mut quick = protocol::ClientConfig {
+        retries: 2,
+        initial_backoff: Duration::from_millis(10),
+        ..protocol::ClientConfig::default()
+    };
+    match AuthorityClient::connect_with(&s.addr, &s.token, quick.clone()) {
+        Err(e @ ProtocolError::Unavailable { attempts: 3, .. }) => {
+            assert!(
+                e.to_string().contains("did not answer after 3 attempts"),
+                "{e}"
+            )
+        }
+        other => panic!("expected the authority to be unavailable, got {other:?}"),
+    }
+    quick.retries = 0;
+    assert!(matches!(
+        AuthorityClient::connect_with(&s.addr, &s.token, quick),
+        Err(ProtocolError::Io(_))
+    ));
+}
+
+#[test]
+fn client_times_out_on_a_stalled_authority() {
+    // Accepts connections and never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for _ in 0..2 {
+            conns.push(listener.accept().unwrap().0);
+        }
+        // Keep them open until the client gave up.
+        let mut buf = [0u8; 64];
+        for mut c in conns {
+            while c.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
+        }
+    });
+    let config = protocol::ClientConfig {
+        read_timeout: Duration::from_millis(200),
+        retries: 1,
+        initial_backoff: Duration::from_millis(10),
+        ..protocol::ClientConfig::default()
+    };
+    let mut c = AuthorityClient::connect_with(&addr, "t", config).unwrap();
+    let start = Instant::now();
+    let e = c.params().unwrap_err();
+    assert!(start.elapsed() >= Duration::from_millis(400), "{e}");
+    assert!(
+        matches!(e, ProtocolError::Unavailable { attempts: 2, .. }),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("no answer from the authority"),
+        "{e}"
+    );
+    assert_eq!(c.connections(), 2);
+    drop(c);
+    held.join().unwrap();
 }
 
 #[test]
@@ -413,9 +621,109 @@ fn audit_log_records_issued_keys_and_refusals() {
     assert!(text.len() < 4096, "{} bytes", text.len());
 
     let refusals: Vec<_> = lines.iter().filter(|l| l["outcome"] == "refused").collect();
-    assert_eq!(refusals.len(), 2, "{lines:?}");
+    assert_eq!(refusals.len(), 1, "{lines:?}");
     assert!(refusals[0]["reason"].as_str().unwrap().contains("non-zero"));
-    assert_eq!(refusals[1]["reason"], "authentication failed");
+    // The wrong token is a failure before authentication: summarised at shutdown.
+    assert!(lines.iter().all(|l| l["event"] != "failures"), "{lines:?}");
+    s.handle.shutdown().unwrap();
+    let lines = audit_lines(&s.dir);
+    let summaries: Vec<_> = lines.iter().filter(|l| l["event"] == "failures").collect();
+    assert_eq!(summaries.len(), 1, "{lines:?}");
+    assert_eq!(summaries[0]["peer"], "127.0.0.1");
+    assert_eq!(summaries[0]["failures"]["auth"], 1);
+    assert_eq!(summaries[0]["last_reason"], "authentication failed");
+    assert_eq!(lines.last().unwrap()["event"], "stop");
+    let report = authority::audit::verify(&s.dir.join(authority::AUDIT_FILE)).unwrap();
+    assert!(report.intact(), "{report}");
+    assert_eq!(report.issued["row"].keys, 3);
+    assert_eq!(report.by_caller["127.0.0.1"]["febo"], 5);
+    assert_eq!(report.failures["auth"], 1);
+}
+
+#[test]
+fn unauthenticated_garbage_is_summarised_not_logged_line_by_line() {
+    let s = start_with("garbage-audit", |c| {
+        c.frame_limit = 1 << 16;
+        c.audit_limits.summary_every = 150;
+    });
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let frames = 400;
+    for i in 0..frames {
+        let mut t = raw(&s);
+        let len = (next() % 512) as usize + 1;
+        let mut body: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        if i % 4 == 0 {
+            // An oversized length prefix.
+            body = u32::MAX.to_be_bytes().to_vec();
+        } else {
+            let mut framed = (len as u32).to_be_bytes().to_vec();
+            framed.append(&mut body);
+            body = framed;
+        }
+        t.write_all(&body).unwrap();
+        // Wait for the answer, so the server has counted this one.
+        let _ = protocol::read_frame::<Response, _>(&mut t);
+    }
+    let mut bad = AuthorityClient::connect(&s.addr, "not-the-token").unwrap();
+    refused(bad.params());
+    assert_serves(&s);
+    s.handle.shutdown().unwrap();
+    let lines = audit_lines(&s.dir);
+    let summaries: Vec<_> = lines.iter().filter(|l| l["event"] == "failures").collect();
+    // 401 failures of one peer: two summaries of 150 on the way, one at shutdown.
+    assert_eq!(summaries.len(), 3, "{lines:?}");
+    let total: u64 = summaries.iter().map(|l| l["count"].as_u64().unwrap()).sum();
+    assert_eq!(total, frames + 1);
+    assert!(lines.len() <= 7, "{} lines: {lines:?}", lines.len());
+    let report = authority::audit::verify(&s.dir.join(authority::AUDIT_FILE)).unwrap();
+    assert!(report.intact(), "{report}");
+    assert_eq!(report.failures["oversized"], frames / 4);
+    assert_eq!(report.failures["auth"], 1);
+    assert_eq!(report.issued["row"].keys, 1);
+}
+
+#[test]
+fn binary_audit_detects_a_tampered_log() {
+    let s = start("audit-bin");
+    let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
+    for i in 0..3 {
+        c.row_keys(&[row_vector(i)]).unwrap();
+    }
+    drop(c);
+    s.handle.shutdown().unwrap();
+    let exe = env!("CARGO_BIN_EXE_authority");
+    let run = || {
+        std::process::Command::new(exe)
+            .args(["audit", "--dir"])
+            .arg(&s.dir)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("row: 3 keys in 3 requests"), "{text}");
+    assert!(text.contains("127.0.0.1: row 3"), "{text}");
+    assert!(text.contains("chain: intact"), "{text}");
+
+    let path = s.dir.join(authority::AUDIT_FILE);
+    let original = std::fs::read_to_string(&path).unwrap();
+    let edited = original.replacen("\"count\":1", "\"count\":0", 1);
+    assert_ne!(edited, original);
+    std::fs::write(&path, edited).unwrap();
+    let out = run();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{text}");
+    // Line 1 is the start; line 2, the first request, was edited; line 3 names it.
+    assert!(text.contains("chain: BROKEN at"), "{text}");
+    assert!(text.contains("audit.log:3:"), "{text}");
+    assert!(text.contains("line 2 was edited"), "{text}");
 }
 
 #[cfg(unix)]
@@ -607,13 +915,33 @@ fn binary_init_and_serve() {
         assert_eq!(p.batch_size(), 4);
         let keys = c.col_keys(&[vec![1, 1, 0, 0]]).map_err(|e| e.to_string())?;
         assert_eq!(keys.len(), 1);
+        let mut bad = AuthorityClient::connect(&addr, "wrong").map_err(|e| e.to_string())?;
+        assert!(matches!(bad.params(), Err(ProtocolError::Refused(_))));
         Ok::<(), String>(())
     })();
-    let _ = child.kill();
-    let _ = child.wait();
+    // SIGTERM: a clean stop (summaries and a stop line in the audit log), status 0.
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = match term {
+        Ok(t) if t.success() => child.wait().unwrap(),
+        _ => {
+            let _ = child.kill();
+            child.wait().unwrap()
+        }
+    };
     result.unwrap();
+    assert!(status.success(), "{status:?}");
     let audit = std::fs::read_to_string(dir.join(authority::AUDIT_FILE)).unwrap();
-    assert_eq!(audit.lines().count(), 1, "{audit}");
+    let last = audit.lines().last().unwrap_or_default();
+    assert!(last.contains("\"event\":\"stop\""), "{audit}");
+    let requests = audit
+        .lines()
+        .filter(|l| l.contains("\"event\":\"request\""))
+        .count();
+    assert_eq!(requests, 1, "{audit}");
+    assert!(audit.starts_with("{\"seq\":0,"), "{audit}");
+    assert!(audit.contains("\"failures\":{\"auth\":1}"), "{audit}");
 }
 
 /// Cost of issuing one training step's keys (run with `--ignored --nocapture`).

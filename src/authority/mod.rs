@@ -19,26 +19,33 @@
 //! # Serving
 //!
 //! [`spawn`] (or the blocking [`serve`]) answers the [protocol] on an
-//! already-bound [`TcpListener`], one thread per connection up to a cap. Every request must
-//! carry the token (compared in constant time); a failed authentication is answered with
-//! [`Response::Refused`] and closes the connection. Key requests are checked by
-//! [`Policy::check`]; a refused request is answered with [`Response::Refused`] and the
-//! connection stays open. A frame longer than the limit, a frame that does not decode or a
-//! wrong protocol version is answered with [`Response::Error`] and closes the connection.
-//! Idle connections are closed after a timeout. Keys are derived in parallel, and every
-//! request that issues keys is logged (digests, not vectors) before the keys are sent.
+//! already-bound [`TcpListener`], one thread per connection. Every request starts with a
+//! small header (at most [`protocol::MAX_HEADER`] bytes) carrying the token, which is read and
+//! compared (in constant time) before the request's length is even read, so an
+//! unauthenticated caller makes the authority hold no more than a few KiB. A new connection
+//! must send that header within [`ServerConfig::auth_timeout`] (default 5 s); at most
+//! [`ServerConfig::max_pending`] connections wait to authenticate, and a newer one closes the
+//! oldest waiting one, so idle connections cannot lock callers out. Authenticated connections
+//! are capped by [`ServerConfig::max_connections`]; beyond it callers get
+//! [`Response::Busy`]. A failed authentication is answered with [`Response::Refused`] and
+//! closes the connection. Key requests are checked by [`Policy::check`]; a refused request is
+//! answered with [`Response::Refused`] and the connection stays open. A frame longer than
+//! its limit, a frame that does not decode or a wrong protocol version is answered with
+//! [`Response::Error`] and closes the connection. Idle connections are closed after a
+//! timeout. Keys are derived in parallel, and every request that issues keys is logged
+//! (digests, not vectors) before the keys are sent. Failures before authentication
+//! (garbage, wrong tokens, timeouts, evictions) are counted per peer address and summarised
+//! in the [audit log](audit), which is hash-chained and rotated.
 //!
 //! The master secret keys never leave this module except into their 0600 files.
 
 pub mod audit;
 pub mod policy;
 
-pub use audit::{AuditEntry, AuditLog, KeyKind, Outcome};
+pub use audit::{AuditEntry, AuditLimits, AuditLog, Failure, KeyKind, Outcome};
 pub use policy::Policy;
 
-use crate::protocol::{
-    self, PublicParams, Request, RequestFrame, Response, MAX_FRAME, PROTOCOL_VERSION,
-};
+use crate::protocol::{self, PublicParams, Request, Response, MAX_FRAME, PROTOCOL_VERSION};
 use crate::Curve;
 use bincode::Options;
 use curv::elliptic::curves::Point;
@@ -48,9 +55,9 @@ use fe::{Encode, FeCurve};
 use nn::data::DatasetInfo;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{BufReader, BufWriter, ErrorKind, Read};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -75,8 +82,12 @@ pub const AUDIT_FILE: &str = "audit.log";
 
 /// Default idle timeout of a connection.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Default cap on concurrent connections.
+/// Default cap on concurrent authenticated connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Default deadline for a new connection to send its first request's header with the token.
+pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default cap on connections that have not authenticated yet.
+pub const DEFAULT_MAX_PENDING: usize = 64;
 /// Longest accepted token, in bytes.
 pub const MAX_TOKEN_LEN: usize = 1024;
 
@@ -502,12 +513,21 @@ pub struct ServerConfig {
     pub policy: Policy,
     /// The audit log file (appended to; created with mode 0600).
     pub audit: PathBuf,
+    /// Rotation and failure-summary limits of the audit log.
+    pub audit_limits: AuditLimits,
     /// Largest accepted request frame, in bytes (default and at most [`MAX_FRAME`]).
     pub frame_limit: usize,
     /// A connection that sends nothing for this long is closed (default 60 s).
     pub idle_timeout: Duration,
-    /// Most connections served at once (default 64); more are answered with an error.
+    /// A new connection must send the header of its first request, with the right token,
+    /// within this time (default [`DEFAULT_AUTH_TIMEOUT`]) or is closed.
+    pub auth_timeout: Duration,
+    /// Most authenticated connections served at once (default 64); more are answered with
+    /// [`Response::Busy`].
     pub max_connections: usize,
+    /// Most connections waiting to authenticate (default [`DEFAULT_MAX_PENDING`]); a new
+    /// connection beyond it closes the oldest waiting one.
+    pub max_pending: usize,
     /// Print one line per request on stderr.
     pub verbose: bool,
 }
@@ -519,9 +539,12 @@ impl ServerConfig {
             token: token.into(),
             policy: Policy::default(),
             audit: audit.into(),
+            audit_limits: AuditLimits::default(),
             frame_limit: MAX_FRAME,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            auth_timeout: DEFAULT_AUTH_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_pending: DEFAULT_MAX_PENDING,
             verbose: false,
         }
     }
@@ -551,10 +574,15 @@ struct Shared {
     audit: AuditLog,
     frame_limit: usize,
     idle_timeout: Duration,
+    auth_timeout: Duration,
     max_connections: usize,
+    max_pending: usize,
     verbose: bool,
     shutdown: Arc<AtomicBool>,
+    /// Authenticated connections.
     active: AtomicUsize,
+    /// Connections that have not authenticated yet, oldest first (id and peer address).
+    pending: Mutex<VecDeque<(u64, IpAddr)>>,
     /// Threads answering connections over the cap.
     turning_away: AtomicUsize,
     next_id: AtomicU64,
@@ -628,12 +656,22 @@ fn prepare(
             "max_connections must be at least 1".into(),
         ));
     }
-    if config.idle_timeout.is_zero() {
+    if config.idle_timeout.is_zero() || config.auth_timeout.is_zero() {
         return Err(AuthorityError::InvalidArgument(
-            "the idle timeout must be positive".into(),
+            "the idle and authentication timeouts must be positive".into(),
         ));
     }
-    let audit = AuditLog::open(&config.audit).map_err(|e| io_err(&config.audit, e))?;
+    if config.max_pending == 0 {
+        return Err(AuthorityError::InvalidArgument(
+            "max_pending must be at least 1".into(),
+        ));
+    }
+    config
+        .audit_limits
+        .validate()
+        .map_err(AuthorityError::InvalidArgument)?;
+    let audit = AuditLog::open_with(&config.audit, config.audit_limits.clone())
+        .map_err(|e| io_err(&config.audit, e))?;
     let addr = listener
         .local_addr()
         .map_err(|e| io_err(Path::new("listener"), e))?;
@@ -647,10 +685,13 @@ fn prepare(
         audit,
         frame_limit: config.frame_limit.clamp(1, MAX_FRAME),
         idle_timeout: config.idle_timeout,
+        auth_timeout: config.auth_timeout,
         max_connections: config.max_connections,
+        max_pending: config.max_pending,
         verbose: config.verbose,
         shutdown,
         active: AtomicUsize::new(0),
+        pending: Mutex::new(VecDeque::new()),
         turning_away: AtomicUsize::new(0),
         next_id: AtomicU64::new(0),
         live: Mutex::new(HashMap::new()),
@@ -698,6 +739,7 @@ pub fn spawn(
 
 fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     while !shared.shutdown.load(Ordering::SeqCst) {
+        shared.audit.tick();
         match listener.accept() {
             Ok((stream, peer)) => admit(shared, stream, peer),
             Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
@@ -715,30 +757,76 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     for s in live.values() {
         let _ = s.shutdown(Shutdown::Both);
     }
+    if let Err(e) = shared.audit.close() {
+        if shared.verbose {
+            eprintln!("authority: cannot write the audit log at shutdown: {e}");
+        }
+    }
 }
 
-/// Removes a connection from the books when its thread ends, however it ends.
+/// Keeps a connection's books (open connections, unauthenticated queue, authenticated count)
+/// and undoes them when its thread ends, however it ends.
 struct ConnectionGuard {
     shared: Arc<Shared>,
     id: u64,
+    authenticated: std::cell::Cell<bool>,
+}
+
+/// What [`ConnectionGuard::promote`] found.
+enum Promotion {
+    /// The connection now holds an authenticated slot.
+    Admitted,
+    /// Every authenticated slot is taken.
+    Busy,
+    /// The connection was evicted from the unauthenticated queue meanwhile.
+    Evicted,
+}
+
+impl ConnectionGuard {
+    /// Moves the connection from the unauthenticated queue to an authenticated slot.
+    fn promote(&self) -> Promotion {
+        {
+            let mut pending = lock(&self.shared.pending);
+            let Some(i) = pending.iter().position(|p| p.0 == self.id) else {
+                return Promotion::Evicted;
+            };
+            pending.remove(i);
+        }
+        if self.shared.active.fetch_add(1, Ordering::SeqCst) >= self.shared.max_connections {
+            self.shared.active.fetch_sub(1, Ordering::SeqCst);
+            return Promotion::Busy;
+        }
+        self.authenticated.set(true);
+        Promotion::Admitted
+    }
+
+    /// Whether the connection left the unauthenticated queue without authenticating (the
+    /// eviction was counted by whoever evicted it).
+    fn evicted(&self) -> bool {
+        !self.authenticated.get() && !lock(&self.shared.pending).iter().any(|p| p.0 == self.id)
+    }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.shared
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
-        self.shared.active.fetch_sub(1, Ordering::SeqCst);
+        lock(&self.shared.live).remove(&self.id);
+        lock(&self.shared.pending).retain(|p| p.0 != self.id);
+        if self.authenticated.get() {
+            self.shared.active.fetch_sub(1, Ordering::SeqCst);
+        }
     }
+}
+
+/// Locks a mutex, ignoring poisoning (the books stay consistent: every update is one call).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let setup = || -> std::io::Result<TcpStream> {
         stream.set_nonblocking(false)?;
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(shared.idle_timeout))?;
+        stream.set_read_timeout(Some(shared.idle_timeout.min(shared.auth_timeout)))?;
         stream.set_write_timeout(Some(shared.idle_timeout))?;
         stream.try_clone()
     };
@@ -749,25 +837,51 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         if shared.verbose {
             eprintln!("authority: {peer}: refused, too many connections");
         }
+        shared.audit.failure(
+            &peer.ip().to_string(),
+            Failure::Busy,
+            "too many connections",
+        );
         turn_away(shared, stream);
         return;
     }
-    shared.active.fetch_add(1, Ordering::SeqCst);
     let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
-    shared
-        .live
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(id, control);
+    let evicted = {
+        let mut pending = lock(&shared.pending);
+        let old = if pending.len() >= shared.max_pending {
+            pending.pop_front()
+        } else {
+            None
+        };
+        pending.push_back((id, peer.ip()));
+        old
+    };
+    let mut live = lock(&shared.live);
+    if let Some((old, ip)) = evicted {
+        // The oldest connection that has not authenticated makes room: idle connections
+        // cannot hold every slot, and a caller that sends its token at once is never the
+        // oldest for long.
+        if let Some(s) = live.get(&old) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        shared.audit.failure(
+            &ip.to_string(),
+            Failure::Evicted,
+            "closed to make room for a newer connection before authenticating",
+        );
+    }
+    live.insert(id, control);
+    drop(live);
     let guard = ConnectionGuard {
         shared: shared.clone(),
         id,
+        authenticated: std::cell::Cell::new(false),
     };
     let spawned = std::thread::Builder::new()
         .name(format!("authority-conn-{id}"))
         .spawn(move || {
             let g = guard;
-            connection(&g.shared, stream, peer);
+            connection(&g, stream, peer);
         });
     // If the thread could not start, the closure (and the guard in it) is dropped here,
     // which undoes the bookkeeping and closes the stream.
@@ -778,9 +892,9 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     }
 }
 
-/// Answers a connection over the cap with an error, from a short-lived thread (at most
-/// [`MAX_TURNING_AWAY`] at once; beyond that the connection is just closed). The thread
-/// half-closes and drains what the caller sends for a moment, so the caller reads the error
+/// Answers a connection over the cap with [`Response::Busy`], from a short-lived thread (at
+/// most [`MAX_TURNING_AWAY`] at once; beyond that the connection is just closed). The thread
+/// half-closes and drains what the caller sends for a moment, so the caller reads the answer
 /// rather than a reset.
 fn turn_away(shared: &Arc<Shared>, stream: TcpStream) {
     if shared.turning_away.fetch_add(1, Ordering::SeqCst) >= MAX_TURNING_AWAY {
@@ -792,10 +906,7 @@ fn turn_away(shared: &Arc<Shared>, stream: TcpStream) {
         let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
         let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
         let mut w = BufWriter::new(&stream);
-        let _ = protocol::write_frame(
-            &mut w,
-            &Response::Error("too many connections; try again later".into()),
-        );
+        let _ = protocol::write_frame(&mut w, &Response::Busy(BUSY.into()));
         drop(w);
         let _ = stream.shutdown(Shutdown::Write);
         let deadline = Instant::now() + Duration::from_millis(500);
@@ -818,6 +929,9 @@ fn turn_away(shared: &Arc<Shared>, stream: TcpStream) {
     }
 }
 
+/// The message of [`Response::Busy`].
+const BUSY: &str = "too many connections; try again later";
+
 fn kind_of(request: &Request) -> (KeyKind, usize) {
     match request {
         Request::Params => (KeyKind::Params, 0),
@@ -827,18 +941,75 @@ fn kind_of(request: &Request) -> (KeyKind, usize) {
     }
 }
 
-fn connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
+/// A socket reader that fails with [`ErrorKind::TimedOut`] once a deadline has passed (the
+/// deadline to authenticate), and otherwise waits at most the idle timeout for each read.
+struct DeadlineReader {
+    stream: TcpStream,
+    deadline: Option<Instant>,
+    idle: Duration,
+    /// The socket's read timeout as last set.
+    current: Option<Duration>,
+}
+
+impl Read for DeadlineReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let timeout = match self.deadline {
+            None => self.idle,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(std::io::Error::new(
+                        ErrorKind::TimedOut,
+                        "the deadline to authenticate has passed",
+                    ));
+                }
+                left.min(self.idle)
+            }
+        };
+        if self.current != Some(timeout) {
+            self.stream.set_read_timeout(Some(timeout))?;
+            self.current = Some(timeout);
+        }
+        self.stream.read(buf)
+    }
+}
+
+fn is_timeout(e: &protocol::ProtocolError) -> bool {
+    matches!(e, protocol::ProtocolError::Io(e)
+        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut))
+}
+
+/// Bytes buffered by a connection's reader.
+const READ_BUFFER: usize = 8 << 10;
+
+fn connection(guard: &ConnectionGuard, stream: TcpStream, peer: SocketAddr) {
+    let shared: &Shared = &guard.shared;
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(read_half);
+    let mut reader = BufReader::with_capacity(
+        READ_BUFFER,
+        DeadlineReader {
+            stream: read_half,
+            deadline: Some(Instant::now() + shared.auth_timeout),
+            idle: shared.idle_timeout,
+            current: None,
+        },
+    );
     let mut writer = BufWriter::new(stream);
     let peer_s = peer.to_string();
-    let log_error = |kind: KeyKind, count: usize, outcome: Outcome, reason: &str| {
-        let mut e = AuditEntry::new(&peer_s, kind, outcome, count);
-        e.reason = Some(reason.to_string());
-        // Best effort: nothing is issued on this path, so a failed write loses no key record.
-        let _ = shared.audit.record(&e);
+    let peer_ip = peer.ip().to_string();
+    // Before authentication, failures are counted and summarised (the network may send any
+    // amount of garbage); after it, each is a line of its own.
+    let log_error = |what: Failure, outcome: Outcome, reason: &str| {
+        if guard.authenticated.get() {
+            let mut e = AuditEntry::new(&peer_s, KeyKind::Unknown, outcome, 0);
+            e.reason = Some(reason.to_string());
+            // Best effort: nothing is issued on this path, so a failed write loses no key record.
+            let _ = shared.audit.record(&e);
+        } else {
+            shared.audit.failure(&peer_ip, what, reason);
+        }
         if shared.verbose {
             eprintln!("authority: {peer_s}: {outcome:?}: {reason}");
         }
@@ -847,6 +1018,86 @@ fn connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
         if shared.shutdown.load(Ordering::SeqCst) {
             return;
         }
+        // The header: at most MAX_HEADER bytes, checked before anything else is read.
+        let header = match protocol::read_request_header(&mut reader) {
+            Ok(h) => h,
+            Err(e) if is_timeout(&e) => {
+                if guard.authenticated.get() {
+                    if shared.verbose {
+                        eprintln!("authority: {peer_s}: idle, closing the connection");
+                    }
+                } else if !guard.evicted() && !shared.shutdown.load(Ordering::SeqCst) {
+                    let msg = format!(
+                        "no authenticated request within {:.1} s; closing the connection",
+                        shared.auth_timeout.as_secs_f64()
+                    );
+                    log_error(Failure::Timeout, Outcome::Error, &msg);
+                    let _ = protocol::write_frame(&mut writer, &Response::Error(msg));
+                }
+                return;
+            }
+            Err(protocol::ProtocolError::Io(_)) => {
+                // The caller closed the connection (or it broke): nothing to answer.
+                if !guard.authenticated.get()
+                    && !guard.evicted()
+                    && !shared.shutdown.load(Ordering::SeqCst)
+                {
+                    shared
+                        .audit
+                        .failure(&peer_ip, Failure::Closed, "closed before authenticating");
+                }
+                return;
+            }
+            Err(e) => {
+                let (what, msg) = match e {
+                    protocol::ProtocolError::FrameTooLarge(n) => (
+                        Failure::Oversized,
+                        format!(
+                            "request header of {n} bytes exceeds the limit of {} bytes \
+                             (protocol version {PROTOCOL_VERSION} sends a small header first)",
+                            protocol::MAX_HEADER
+                        ),
+                    ),
+                    protocol::ProtocolError::Version(v) => (
+                        Failure::Version,
+                        format!(
+                            "protocol version {v} is not supported (this authority speaks \
+                             version {PROTOCOL_VERSION})"
+                        ),
+                    ),
+                    other => (Failure::Malformed, other.to_string()),
+                };
+                log_error(what, Outcome::Error, &msg);
+                let _ = protocol::write_frame(&mut writer, &Response::Error(msg));
+                return;
+            }
+        };
+        if !shared.token.matches(&header.token) {
+            let msg = "authentication failed";
+            // A wrong token is a failure before authentication even on a connection that
+            // authenticated before: it proves nothing about the sender.
+            shared.audit.failure(&peer_ip, Failure::Auth, msg);
+            if shared.verbose {
+                eprintln!("authority: {peer_s}: refused: {msg}");
+            }
+            let _ = protocol::write_frame(&mut writer, &Response::Refused(msg.into()));
+            return;
+        }
+        drop(header);
+        if !guard.authenticated.get() {
+            match guard.promote() {
+                Promotion::Admitted => reader.get_mut().deadline = None,
+                Promotion::Busy => {
+                    if shared.verbose {
+                        eprintln!("authority: {peer_s}: refused, too many connections");
+                    }
+                    let _ = protocol::write_frame(&mut writer, &Response::Busy(BUSY.into()));
+                    return;
+                }
+                Promotion::Evicted => return,
+            }
+        }
+        // Authenticated: the request itself, up to the frame limit.
         let body = match protocol::read_frame_bytes(&mut reader, shared.frame_limit) {
             Ok(b) => b,
             Err(protocol::ProtocolError::FrameTooLarge(n)) => {
@@ -854,53 +1105,35 @@ fn connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
                     "frame of {n} bytes exceeds the limit of {} bytes",
                     shared.frame_limit
                 );
-                log_error(KeyKind::Unknown, 0, Outcome::Error, &msg);
+                log_error(Failure::Oversized, Outcome::Error, &msg);
                 let _ = protocol::write_frame(&mut writer, &Response::Error(msg));
                 return;
             }
-            Err(protocol::ProtocolError::Io(e))
-                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-            {
+            Err(e) if is_timeout(&e) => {
                 if shared.verbose {
-                    eprintln!("authority: {peer_s}: idle, closing the connection");
+                    eprintln!("authority: {peer_s}: stalled inside a request, closing");
                 }
                 return;
             }
-            // The caller closed the connection (or it broke): nothing to answer.
             Err(_) => return,
         };
-        let frame: RequestFrame = match protocol::decode(&body) {
-            Ok(f) => f,
+        let request: Request = match protocol::decode(&body) {
+            Ok(r) => r,
             Err(e) => {
                 let msg = e.to_string();
-                log_error(KeyKind::Unknown, 0, Outcome::Error, &msg);
+                log_error(Failure::Malformed, Outcome::Error, &msg);
                 let _ = protocol::write_frame(&mut writer, &Response::Error(msg));
                 return;
             }
         };
         drop(body);
-        if frame.version != PROTOCOL_VERSION {
-            let msg = format!(
-                "protocol version {} is not supported (this authority speaks version {})",
-                frame.version, PROTOCOL_VERSION
-            );
-            log_error(KeyKind::Unknown, 0, Outcome::Error, &msg);
-            let _ = protocol::write_frame(&mut writer, &Response::Error(msg));
-            return;
-        }
-        let (kind, count) = kind_of(&frame.request);
-        if !shared.token.matches(&frame.token) {
-            let msg = "authentication failed";
-            log_error(kind, count, Outcome::Refused, msg);
-            let _ = protocol::write_frame(&mut writer, &Response::Refused(msg.into()));
-            return;
-        }
+        let (kind, count) = kind_of(&request);
         let start = Instant::now();
-        let response = respond(shared, &peer_s, &frame.request);
+        let response = respond(shared, &peer_s, &request);
         if shared.verbose && kind != KeyKind::Params {
             let what = match &response {
                 Response::Refused(r) => format!("refused: {r}"),
-                Response::Error(r) => format!("error: {r}"),
+                Response::Error(r) | Response::Busy(r) => format!("error: {r}"),
                 _ => "issued".to_string(),
             };
             eprintln!(

@@ -1,7 +1,8 @@
 //! `authority`: the CryptoNN key authority.
 //!
 //! `authority init` generates the master keys into a directory; `authority serve` answers key
-//! requests from clients and trainers over TCP. Run `authority --help` for details.
+//! requests from clients and trainers over TCP; `authority audit` checks and summarises the
+//! audit log. Run `authority --help` for details.
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -9,6 +10,8 @@ use cryptonn::authority::{self, InitOptions, Policy, ServerConfig};
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The CryptoNN key authority: holds the master secret keys and derives function keys for
@@ -35,15 +38,34 @@ enum Command {
     /// Writes row.msk, col.msk, febo.msk and token with mode 0600, and params.bin. Refuses to
     /// overwrite existing keys unless --force is given.
     Init(InitArgs),
-    /// Serve key requests over TCP until killed.
+    /// Serve key requests over TCP until SIGTERM or SIGINT (Ctrl-C).
     ///
     /// Prints `listening on ADDR` on stdout once ready (with the real port when --listen
     /// asks for port 0). Every key request is checked against the key policy and logged
-    /// to the audit file.
+    /// to the audit file; failures before authentication are summarised there per peer
+    /// address. On SIGTERM or SIGINT, closes the connections, writes the pending summaries
+    /// and a stop line to the audit log, and exits with status 0.
     Serve(ServeArgs),
     /// Print the effective key policy as JSON (the defaults, or those of --policy and the
     /// override flags), a starting point for a policy file.
     Policy(PolicyArgs),
+    /// Check the audit log's hash chain and summarise it.
+    ///
+    /// Reads DIR/audit.log (or --audit), its rotated files audit.log.1, .2, ... and its head
+    /// file; prints the keys issued by kind and by caller, the refusals, the errors and the
+    /// failures before authentication, and whether the chain is intact, naming the first
+    /// broken line. Exits with status 1 when the chain is broken.
+    Audit(AuditArgs),
+}
+
+#[derive(Args, Debug)]
+struct AuditArgs {
+    /// Directory written by `authority init`.
+    #[arg(long, required_unless_present = "audit")]
+    dir: Option<PathBuf>,
+    /// The audit log [default: DIR/audit.log].
+    #[arg(long, value_name = "FILE")]
+    audit: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -108,12 +130,31 @@ struct ServeArgs {
     /// Audit log, appended to [default: DIR/audit.log].
     #[arg(long, value_name = "FILE")]
     audit: Option<PathBuf>,
+    /// Rotate the audit log when it would exceed this size (at least 4096).
+    #[arg(long, value_name = "BYTES", default_value_t = authority::audit::DEFAULT_MAX_BYTES)]
+    audit_max_bytes: u64,
+    /// Rotated audit files to keep (audit.log.1 to audit.log.N; older ones are deleted).
+    #[arg(long, value_name = "N", default_value_t = authority::audit::DEFAULT_MAX_FILES)]
+    audit_max_files: usize,
+    /// Summarise failures before authentication (bad tokens, garbage frames, timeouts) in
+    /// the audit log every this many seconds, one line per peer address.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    failure_summary_secs: u64,
+    /// ... or as soon as one peer address has this many.
+    #[arg(long, value_name = "N", default_value_t = authority::audit::DEFAULT_SUMMARY_EVERY)]
+    failure_summary_every: u64,
     /// Largest accepted request frame in bytes (at most 64 MiB).
     #[arg(long, value_name = "BYTES", default_value_t = cryptonn::protocol::MAX_FRAME)]
     max_frame: usize,
-    /// Most connections served at once.
+    /// Most authenticated connections served at once; more are told to try again later.
     #[arg(long, value_name = "N", default_value_t = authority::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// A new connection must send its token within this many seconds or is closed.
+    #[arg(long, value_name = "SECS", default_value_t = authority::DEFAULT_AUTH_TIMEOUT.as_secs_f64())]
+    auth_timeout: f64,
+    /// Most connections waiting to authenticate; a newer one closes the oldest.
+    #[arg(long, value_name = "N", default_value_t = authority::DEFAULT_MAX_PENDING)]
+    max_pending: usize,
     /// Do not print a line per request on stderr.
     #[arg(long)]
     quiet: bool,
@@ -184,9 +225,23 @@ fn serve(args: &ServeArgs) -> Result<()> {
             .unwrap_or_else(|| args.dir.join(authority::AUDIT_FILE)),
     );
     config.policy = policy_of(&args.policy)?;
+    if args.failure_summary_secs == 0 {
+        bail!("--failure-summary-secs must be at least 1");
+    }
+    config.audit_limits = authority::AuditLimits {
+        max_bytes: args.audit_max_bytes,
+        max_files: args.audit_max_files,
+        summary_interval: Duration::from_secs(args.failure_summary_secs),
+        summary_every: args.failure_summary_every,
+    };
     config.idle_timeout = Duration::from_secs(args.idle_timeout);
     config.frame_limit = args.max_frame;
     config.max_connections = args.max_connections;
+    config.max_pending = args.max_pending;
+    config.auth_timeout = Duration::try_from_secs_f64(args.auth_timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--auth-timeout must be a positive number of seconds")?;
     config.verbose = !args.quiet;
     let listener = TcpListener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -199,11 +254,22 @@ fn serve(args: &ServeArgs) -> Result<()> {
     );
     // spawn() validates the configuration and opens the audit log before accepting.
     let server = authority::spawn(listener, auth, config)?;
+    // SIGTERM and SIGINT shut down cleanly: open connections are closed and the audit log
+    // gets its failure summaries and a stop line.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())
+            .context("cannot install the signal handlers")?;
+    }
     let mut out = std::io::stdout().lock();
     writeln!(out, "listening on {addr}")?;
     out.flush()?;
     drop(out);
-    server.wait()?;
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("authority: shutting down");
+    server.shutdown()?;
     Ok(())
 }
 
@@ -212,12 +278,37 @@ fn print_policy(args: &PolicyArgs) -> Result<()> {
     Ok(())
 }
 
+/// Prints the report; `Ok(false)` when the chain is broken.
+fn audit(args: &AuditArgs) -> Result<bool> {
+    let path = match (&args.audit, &args.dir) {
+        (Some(p), _) => p.clone(),
+        (None, Some(d)) => d.join(authority::AUDIT_FILE),
+        (None, None) => bail!("give --dir or --audit"),
+    };
+    let report = authority::audit::verify(&path)
+        .with_context(|| format!("cannot read the audit log {}", path.display()))?;
+    if report.files.is_empty() && report.intact() {
+        bail!("no audit log at {}", path.display());
+    }
+    println!("audit log {}", path.display());
+    println!("{report}");
+    Ok(report.intact())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Init(a) => init(a),
         Command::Serve(a) => serve(a),
         Command::Policy(a) => print_policy(a),
+        Command::Audit(a) => match audit(a) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                eprintln!("authority: the audit log's chain is broken");
+                return std::process::ExitCode::FAILURE;
+            }
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
