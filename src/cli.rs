@@ -166,3 +166,31 @@ pub fn warn_clamped(r: &EncodeReport) {
         );
     }
 }
+
+/// The experimenter's plaintext evaluation set of `trainer train` and `trainer simulate`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct EvalArgs {
+    /// Also score each epoch on a plaintext test set: "embedded" for the embedded MNIST test
+    /// images, or a path as for --data (its test part; a CSV table whole), encoded with
+    /// --eval-encoding. The training data stays as it is (encrypted, for `train`).
+    #[arg(long, value_name = "PATH")]
+    pub eval_data: Option<String>,
+    /// The client's encoding file, to encode --eval-data like the training data.
+    #[arg(long, value_name = "FILE")]
+    pub eval_encoding: Option<PathBuf>,
+    /// The CSV label column of --eval-data.
+    #[arg(long, value_name = "NAME")]
+    pub eval_label_column: Option<String>,
+}
+
+impl EvalArgs {
+    /// The data flags of the evaluation set, if one was asked for.
+    pub fn data_args(&self) -> Option<DataArgs> {
+        self.eval_data.as_ref().map(|p| DataArgs {
+            data: (p != "embedded").then(|| PathBuf::from(p)),
+            label_column: self.eval_label_column.clone(),
+            encoding: self.eval_encoding.clone(),
+            ..DataArgs::default()
+        })
+    }
+}

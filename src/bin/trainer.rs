@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cryptonn::authority::Policy;
-use cryptonn::cli::{warn_clamped, DataArgs};
+use cryptonn::cli::{warn_clamped, DataArgs, EvalArgs};
 use cryptonn::protocol::resolve_token;
 use cryptonn::secure::Timings;
 use cryptonn::trainer::{self, SecureSetup, TrainConfig};
@@ -110,17 +110,8 @@ enum Command {
         /// Cache file for the discrete-log table (built once, about 1 s, 32 MiB).
         #[arg(long)]
         dlog_table: Option<PathBuf>,
-        /// Experimenter's view: also score each epoch on a plaintext test set: "embedded" for
-        /// the embedded MNIST test images, or a path as for `client encrypt --data` (its test
-        /// part; a CSV whole), encoded with --eval-encoding. The training data stays encrypted.
-        #[arg(long, value_name = "PATH")]
-        eval_data: Option<String>,
-        /// The client's encoding file, to encode --eval-data like the training data.
-        #[arg(long, value_name = "FILE")]
-        eval_encoding: Option<PathBuf>,
-        /// The CSV label column of --eval-data.
-        #[arg(long, value_name = "NAME")]
-        eval_label_column: Option<String>,
+        #[command(flatten)]
+        eval: EvalArgs,
         #[command(flatten)]
         model: ModelArgs,
     },
@@ -139,6 +130,8 @@ enum Command {
         /// the simulation avoids the same refusals as the encrypted run.
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
+        #[command(flatten)]
+        eval: EvalArgs,
         /// Plain float first layer without quantization (the unquantized baseline).
         #[arg(long)]
         float: bool,
@@ -237,9 +230,7 @@ fn main() -> Result<()> {
             token,
             token_file,
             dlog_table,
-            eval_data,
-            eval_encoding,
-            eval_label_column,
+            eval,
             model,
         } => {
             let setup = SecureSetup {
@@ -252,18 +243,10 @@ fn main() -> Result<()> {
                 .with_context(|| format!("opening {}", data.display()))?
                 .header()
                 .clone();
-            let test = match eval_data {
-                None => None,
-                Some(p) => {
-                    let args = DataArgs {
-                        data: (p != "embedded").then(|| PathBuf::from(&p)),
-                        label_column: eval_label_column,
-                        encoding: eval_encoding,
-                        ..DataArgs::default()
-                    };
-                    Some(test_set(&args, &header.dataset)?)
-                }
-            };
+            let test = eval
+                .data_args()
+                .map(|a| test_set(&a, &header.dataset))
+                .transpose()?;
             let cfg = model.config();
             println!(
                 "training {} on {} ({})",
@@ -294,12 +277,17 @@ fn main() -> Result<()> {
             x_bound,
             batch_size,
             policy,
+            eval,
             float,
             model,
         } => {
             let loaded = data.load(x_bound, None, None).context("loading the data")?;
             warn_clamped(&loaded.clamped);
-            let (train, test) = (loaded.train, loaded.test);
+            let train = loaded.train;
+            let test = match eval.data_args() {
+                Some(a) => Some(test_set(&a, &train.info)?),
+                None => loaded.test,
+            };
             let cfg = model.config();
             println!(
                 "simulating {} on {} ({})",

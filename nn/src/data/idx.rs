@@ -14,7 +14,7 @@
 
 use std::borrow::Cow;
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
@@ -190,16 +190,23 @@ fn raw_set(
             labels: labels.len(),
         });
     }
-    let classes = labels
-        .iter()
-        .map(|&l| usize::from(l) + 1)
-        .max()
-        .unwrap_or(0);
+    // The classes are the label values present, in numeric order (EMNIST letters count 1 to
+    // 26, with no 0), so that no output unit stands for a class without samples.
+    let mut present = [false; 256];
+    for &l in &labels {
+        present[usize::from(l)] = true;
+    }
+    let values: Vec<u8> = (0..=255u8).filter(|&v| present[usize::from(v)]).collect();
+    let mut index = [0u8; 256];
+    for (k, &v) in values.iter().enumerate() {
+        index[usize::from(v)] = k as u8;
+    }
+    let labels = labels.iter().map(|&l| index[usize::from(l)]).collect();
     Ok(RawSet {
         feature_names: (0..rows * cols).map(|i| format!("pixel{i}")).collect(),
         values: RawValues::Bytes(img),
         labels,
-        class_names: (0..classes).map(|k| k.to_string()).collect(),
+        class_names: values.iter().map(|v| v.to_string()).collect(),
         image: Some(ImageShape {
             channels: 1,
             height: rows,
@@ -213,6 +220,111 @@ pub fn load_pair(images: &Path, labels: &Path) -> Result<RawSet, DataError> {
     let (img, rows, cols) = parse_images(&images.display().to_string(), &read(images)?)?;
     let lab = parse_labels(&labels.display().to_string(), &read(labels)?)?;
     raw_set(img, lab, rows, cols)
+}
+
+/// The label file of an image file, by its name: `...images-idx3-ubyte[.gz]` goes with
+/// `...labels-idx1-ubyte[.gz]` (gzip or raw) in the same directory.
+pub fn labels_for(images: &Path) -> Option<PathBuf> {
+    let name = images.file_name()?.to_str()?;
+    let base = name.replace("images-idx3-ubyte", "labels-idx1-ubyte");
+    if base == name {
+        return None;
+    }
+    let stem = base.trim_end_matches(".gz");
+    [format!("{stem}.gz"), stem.to_string()]
+        .into_iter()
+        .map(|n| images.with_file_name(n))
+        .find(|p| p.is_file())
+}
+
+/// The test images that go with training images, by name: `train` becomes `t10k` or `test`
+/// (MNIST's and EMNIST's conventions).
+pub fn test_images_for(train_images: &Path) -> Option<PathBuf> {
+    let name = train_images.file_name()?.to_str()?;
+    if !name.contains("train") {
+        return None;
+    }
+    let stem = name.trim_end_matches(".gz");
+    ["t10k", "test"]
+        .iter()
+        .flat_map(|t| {
+            let s = stem.replacen("train", t, 1);
+            [format!("{s}.gz"), s]
+        })
+        .map(|n| train_images.with_file_name(n))
+        .find(|p| p.is_file())
+}
+
+/// Whether the file name looks like an IDX image file (`...images-idx3-ubyte[.gz]`).
+pub fn is_images_name(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.contains("images-idx3-ubyte"))
+}
+
+/// The training image file of a directory: `train-images-idx3-ubyte[.gz]`, or the one file
+/// whose name ends so (`emnist-letters-train-images-idx3-ubyte.gz`).
+pub fn train_images_in(dir: &Path) -> Result<PathBuf, DataError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| DataError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.contains("train-images-idx3-ubyte"))
+        })
+        .collect();
+    found.sort();
+    // the gzip and the raw form of one file count once
+    found.dedup_by(|a, b| {
+        a.to_string_lossy().trim_end_matches(".gz") == b.to_string_lossy().trim_end_matches(".gz")
+    });
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(DataError::MissingFile {
+            dir: dir.to_path_buf(),
+            name: "train-images-idx3-ubyte[.gz]",
+        }),
+        _ => Err(DataError::Format {
+            what: dir.display().to_string(),
+            reason: format!(
+                "several training image files ({}); name one of them with --data",
+                found
+                    .iter()
+                    .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}
+
+/// Reads an IDX source: a directory ([`train_images_in`]) or a training image file, with its
+/// label file and, when present, the test pair ([`labels_for`], [`test_images_for`]).
+pub fn read_path(path: &Path) -> Result<(RawSet, Option<RawSet>), DataError> {
+    let images = if path.is_dir() {
+        train_images_in(path)?
+    } else {
+        path.to_path_buf()
+    };
+    let missing_labels = |p: &Path| DataError::Format {
+        what: p.display().to_string(),
+        reason: "no label file beside it (...labels-idx1-ubyte[.gz])".into(),
+    };
+    let labels = labels_for(&images).ok_or_else(|| missing_labels(&images))?;
+    let train = load_pair(&images, &labels)?;
+    let test = match test_images_for(&images) {
+        Some(ti) => {
+            let tl = labels_for(&ti).ok_or_else(|| missing_labels(&ti))?;
+            Some(load_pair(&ti, &tl)?)
+        }
+        None => None,
+    };
+    Ok((train, test))
 }
 
 /// The bytes of the file at `path`.
@@ -297,11 +409,50 @@ mod tests {
         for (i, l) in [(img.clone(), lab.clone()), (gzip(&img), gzip(&lab))] {
             let raw = parse_pair("t", &i, &l).unwrap();
             assert_eq!(raw.image.map(|s| (s.height, s.width)), Some((2, 3)));
-            assert_eq!(raw.class_names.len(), 10);
+            // the classes present (0, 3, 9), in order
+            assert_eq!(raw.class_names, vec!["0", "3", "9"]);
             let back = raw.identity_dataset(255).unwrap();
             assert_eq!(back.values, d.values);
-            assert_eq!(back.labels, d.labels);
+            assert_eq!(back.labels, vec![1, 2, 0]);
         }
+    }
+
+    #[test]
+    fn named_pairs_and_present_classes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = small();
+        let img = gzip(&encode_images(&d).unwrap());
+        let p = |n: &str| dir.path().join(n);
+        std::fs::write(p("emnist-letters-train-images-idx3-ubyte.gz"), &img).unwrap();
+        std::fs::write(
+            p("emnist-letters-train-labels-idx1-ubyte"),
+            encode_labels(&[26, 1, 26]).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(p("emnist-letters-test-images-idx3-ubyte.gz"), &img).unwrap();
+        std::fs::write(
+            p("emnist-letters-test-labels-idx1-ubyte.gz"),
+            gzip(&encode_labels(&[1, 1, 5]).unwrap()),
+        )
+        .unwrap();
+        let (train, test) = read_path(dir.path()).unwrap();
+        // labels 1 and 26 only: two classes, numbered in order
+        assert_eq!(train.class_names, vec!["1", "26"]);
+        assert_eq!(train.labels, vec![1, 0, 1]);
+        let test = test.unwrap();
+        assert_eq!(test.class_names, vec!["1", "5"]);
+        // naming the image file works too
+        let (t2, _) = read_path(&p("emnist-letters-train-images-idx3-ubyte.gz")).unwrap();
+        assert_eq!(t2, train);
+        // a second training set makes the directory ambiguous
+        std::fs::write(p("other-train-images-idx3-ubyte.gz"), &img).unwrap();
+        let e = read_path(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("several"), "{e}");
+        // an image file without labels
+        let e = read_path(&p("other-train-images-idx3-ubyte.gz"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no label file"), "{e}");
     }
 
     #[test]

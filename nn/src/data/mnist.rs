@@ -74,16 +74,20 @@ fn find(dir: &Path, name: &'static str) -> Result<PathBuf, DataError> {
     })
 }
 
-/// Whether `dir` holds the training images of an MNIST-style directory (gzip or raw).
+/// Whether `dir` holds the training images of an MNIST-style directory (gzip or raw,
+/// MNIST's name or any `...train-images-idx3-ubyte`).
 pub fn is_idx_dir(dir: &Path) -> bool {
-    find(dir, TRAIN_IMAGES).is_ok()
+    find(dir, TRAIN_IMAGES).is_ok() || idx::train_images_in(dir).is_ok()
 }
 
 /// Reads `(train, test)` from a directory holding the four standard MNIST file names (any
-/// IDX image size: Fashion-MNIST, KMNIST and EMNIST use the same names), each
-/// gzip-compressed (`*.gz`) or raw (the same name without `.gz`). The test files are
-/// optional: `test` is `None` when neither is there.
+/// IDX image size: Fashion-MNIST and KMNIST use the same names), each gzip-compressed
+/// (`*.gz`) or raw (the same name without `.gz`), or other IDX names ([`idx::read_path`]).
+/// The test files are optional: `test` is `None` when neither is there.
 pub fn read_dir(dir: &Path) -> Result<(RawSet, Option<RawSet>), DataError> {
+    if find(dir, TRAIN_IMAGES).is_err() {
+        return idx::read_path(dir);
+    }
     let train = idx::load_pair(&find(dir, TRAIN_IMAGES)?, &find(dir, TRAIN_LABELS)?)?;
     let test = match (find(dir, TEST_IMAGES), find(dir, TEST_LABELS)) {
         (Err(_), Err(_)) => None,
@@ -179,7 +183,7 @@ mod tests {
     use super::*;
 
     fn small() -> Dataset {
-        let values = ndarray::Array2::from_shape_fn((3, 6), |(i, j)| (i * 6 + j) as u16);
+        let values = ndarray::Array2::from_shape_fn((10, 6), |(i, j)| (i * 6 + j) as u16);
         let info = DatasetInfo::new(6, X_BOUND, CLASSES)
             .unwrap()
             .with_class_names((0..CLASSES).map(|k| k.to_string()).collect())
@@ -190,7 +194,7 @@ mod tests {
                 width: 3,
             })
             .unwrap();
-        Dataset::new(values, vec![3, 9, 0], info).unwrap()
+        Dataset::new(values, vec![3, 9, 0, 1, 2, 4, 5, 6, 7, 8], info).unwrap()
     }
 
     #[test]

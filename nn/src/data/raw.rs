@@ -255,11 +255,16 @@ impl Format {
                 .extension()
                 .and_then(|e| e.to_str())
                 .map(str::to_ascii_lowercase);
+            if super::idx::is_images_name(path) {
+                return Ok(Format::Idx);
+            }
             return match ext.as_deref() {
                 Some("csv") => Ok(Format::Csv),
                 _ => Err(DataError::Format {
                     what: path.display().to_string(),
-                    reason: "a data file must be a .csv table (or give --format)".into(),
+                    reason: "a data file must be a .csv table or an IDX image file \
+                             (...images-idx3-ubyte[.gz]); or give --format"
+                        .into(),
                 }),
             };
         }
@@ -300,7 +305,7 @@ impl Format {
     }
 }
 
-/// An MNIST-style IDX directory.
+/// An IDX source: a directory (MNIST-style names) or a training image file.
 #[derive(Debug, Clone)]
 pub struct IdxDir(pub PathBuf);
 
@@ -309,7 +314,11 @@ impl Loader for IdxDir {
         Format::Idx
     }
     fn read(&self) -> Result<(RawSet, Option<RawSet>), DataError> {
-        super::mnist::read_dir(&self.0)
+        if self.0.is_dir() {
+            super::mnist::read_dir(&self.0)
+        } else {
+            super::idx::read_path(&self.0)
+        }
     }
 }
 
