@@ -3,85 +3,17 @@
 //! bound (8x8 digits, values 0..=16). Encrypted training equals the simulation bit for bit;
 //! mismatched data and conflicting resumes are refused with errors that say why.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
 
-const AUTHORITY: &str = env!("CARGO_BIN_EXE_authority");
-const CLIENT: &str = env!("CARGO_BIN_EXE_client");
-const TRAINER: &str = env!("CARGO_BIN_EXE_trainer");
+use common::{fails, run, start_authority, Served, CLIENT, TRAINER};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-struct Authority {
-    child: Child,
-    addr: String,
-    token: String,
-}
-
-impl Drop for Authority {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn output(cmd: &mut Command) -> Output {
-    cmd.env_remove("CRYPTONN_MNIST_DIR")
-        .output()
-        .expect("process starts")
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = output(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn fails(cmd: &mut Command) -> String {
-    let out = output(cmd);
-    assert!(!out.status.success(), "{cmd:?} should fail");
-    String::from_utf8_lossy(&out.stderr).to_string()
-}
-
-fn start_authority(dir: &Path, init: &[&str]) -> Authority {
-    run(Command::new(AUTHORITY)
-        .arg("init")
-        .args(init)
-        .arg("--dir")
-        .arg(dir));
-    let mut child = Command::new(AUTHORITY)
-        .args(["serve", "--quiet", "--listen", "127.0.0.1:0", "--dir"])
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("authority starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let addr = BufReader::new(stdout)
-        .lines()
-        .take(50)
-        .map_while(Result::ok)
-        .find_map(|l| {
-            l.strip_prefix("listening on ")
-                .map(|a| a.trim().to_string())
-        })
-        .expect("the authority prints its address");
-    let token = std::fs::read_to_string(dir.join("token"))
-        .expect("token")
-        .trim()
-        .to_string();
-    Authority { child, addr, token }
-}
-
-fn client(a: &Authority) -> Command {
+fn client(a: &Served) -> Command {
     let mut c = Command::new(CLIENT);
     c.args([
         "encrypt",

@@ -2,70 +2,15 @@
 //! guarantees: encrypted training equals the simulated run bit for bit, a killed trainer
 //! resumes to the same weights, and bad encrypted datasets are refused with clear errors.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
+use common::{run, start_authority as start, Served as Authority, CLIENT, TRAINER};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const AUTHORITY: &str = env!("CARGO_BIN_EXE_authority");
-const CLIENT: &str = env!("CARGO_BIN_EXE_client");
-const TRAINER: &str = env!("CARGO_BIN_EXE_trainer");
-
-/// A running authority process, killed on drop.
-struct Authority {
-    child: Child,
-    addr: String,
-    token: String,
-}
-
-impl Drop for Authority {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("process starts");
-    if !out.status.success() {
-        panic!(
-            "{cmd:?} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    out
-}
-
 fn start_authority(dir: &Path, batch: usize) -> Authority {
-    run(Command::new(AUTHORITY)
-        .args(["init", "--batch-size", &batch.to_string(), "--dir"])
-        .arg(dir));
-    let mut child = Command::new(AUTHORITY)
-        .args(["serve", "--listen", "127.0.0.1:0", "--dir"])
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("authority starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut addr = None;
-    for line in BufReader::new(stdout).lines().take(50) {
-        let line = line.expect("line");
-        if let Some(a) = line.strip_prefix("listening on ") {
-            addr = Some(a.trim().to_string());
-            break;
-        }
-    }
-    let token = std::fs::read_to_string(dir.join("token"))
-        .expect("token")
-        .trim()
-        .to_string();
-    Authority {
-        child,
-        addr: addr.expect("the authority prints its address"),
-        token,
-    }
+    start(dir, &["--batch-size", &batch.to_string()])
 }
 
 fn encrypt(a: &Authority, limit: usize, out: &Path) {

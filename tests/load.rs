@@ -13,37 +13,28 @@
 //! legitimate caller in each phase, 50).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::Served;
 use cryptonn::authority::{self, InitOptions};
 use cryptonn::protocol::{self, AuthorityClient, PROTOCOL_VERSION};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// A served authority and its key directory.
 struct Authority {
-    child: Child,
-    addr: String,
-    token: String,
+    served: Served,
     dir: PathBuf,
 }
 
-impl Drop for Authority {
-    /// SIGTERM (a clean stop writes the failure summaries), SIGKILL if it does not stop.
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Authority {
+    type Target = Served;
+    fn deref(&self) -> &Served {
+        &self.served
     }
 }
 
@@ -52,31 +43,8 @@ fn start(name: &str) -> Authority {
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("load-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     authority::init(&dir, nn::mnist::info(), 8, &InitOptions::default()).unwrap();
-    let token = authority::read_token(&dir).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_authority"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--quiet", "--dir"])
-        .arg(&dir)
-        .env_remove("CRYPTONN_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap());
-    let mut addr = None;
-    for _ in 0..20 {
-        let mut line = String::new();
-        if lines.read_line(&mut line).unwrap_or(0) == 0 {
-            break;
-        }
-        if let Some(a) = line.trim().strip_prefix("listening on ") {
-            addr = Some(a.to_string());
-            break;
-        }
-    }
     Authority {
-        child,
-        addr: addr.expect("no `listening on` line"),
-        token,
+        served: common::serve(&dir, &[]),
         dir,
     }
 }

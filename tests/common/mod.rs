@@ -1,0 +1,106 @@
+//! What the end-to-end tests share: running the role binaries and a served authority.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+/// The authority binary.
+pub const AUTHORITY: &str = env!("CARGO_BIN_EXE_authority");
+/// The client binary.
+pub const CLIENT: &str = env!("CARGO_BIN_EXE_client");
+/// The trainer binary.
+pub const TRAINER: &str = env!("CARGO_BIN_EXE_trainer");
+
+/// Runs `cmd` (without the MNIST directory variable, so the embedded data is the default)
+/// and returns its output.
+pub fn output(cmd: &mut Command) -> Output {
+    cmd.env_remove("CRYPTONN_MNIST_DIR")
+        .output()
+        .expect("process starts")
+}
+
+/// Runs `cmd`, which must succeed.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = output(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `cmd`, which must fail; returns its standard error.
+pub fn fails(cmd: &mut Command) -> String {
+    let out = output(cmd);
+    assert!(!out.status.success(), "{cmd:?} should fail");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// A running `authority serve` process, stopped on drop (SIGTERM, which writes the audit
+/// log's summaries, then SIGKILL if it does not stop).
+pub struct Served {
+    /// The process.
+    pub child: Child,
+    /// The address it listens on.
+    pub addr: String,
+    /// The callers' token.
+    pub token: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Serves the key directory `dir` on a free loopback port, with `extra` serve flags.
+pub fn serve(dir: &Path, extra: &[&str]) -> Served {
+    let mut child = Command::new(AUTHORITY)
+        .args(["serve", "--listen", "127.0.0.1:0", "--quiet", "--dir"])
+        .arg(dir)
+        .args(extra)
+        .env_remove("CRYPTONN_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("authority starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let addr = BufReader::new(stdout)
+        .lines()
+        .take(50)
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.strip_prefix("listening on ")
+                .map(|a| a.trim().to_string())
+        })
+        .expect("the authority prints its address");
+    let token = std::fs::read_to_string(dir.join("token"))
+        .expect("token")
+        .trim()
+        .to_string();
+    Served { child, addr, token }
+}
+
+/// `authority init` with `init` flags into `dir`, then [`serve`].
+pub fn start_authority(dir: &Path, init: &[&str]) -> Served {
+    run(Command::new(AUTHORITY)
+        .arg("init")
+        .args(init)
+        .arg("--dir")
+        .arg(dir));
+    serve(dir, &[])
+}
