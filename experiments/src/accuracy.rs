@@ -615,7 +615,7 @@ pub fn run(args: &AccuracyArgs) -> Result<Summary> {
         &STEP_COLUMNS,
         &step_rows,
     )?;
-    let net = format!("{} {}", args.train.spec, args.train.activation);
+    let net = args.train.layout(&train.info)?;
     let mut figures = plot_epochs(&out, &args.name, &points, &net, args.bits, bs)?;
     if !rows.is_empty() {
         figures.extend(plot_steps(&out, &args.name, &rows, &net, args.bits)?);

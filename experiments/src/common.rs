@@ -300,6 +300,13 @@ impl TrainArgs {
         })
     }
 
+    /// The network's layout for data described by `info`, as `784-128-32-10 sigmoid`.
+    pub fn layout(&self, info: &nn::data::DatasetInfo) -> Result<String> {
+        let spec = self.config(8, 1)?.model_spec(info)?;
+        let sizes: Vec<String> = spec.sizes.iter().map(|s| s.to_string()).collect();
+        Ok(format!("{} {}", sizes.join("-"), self.activation))
+    }
+
     /// A fresh model as the trainer makes it (same spec and seed) for data described by
     /// `info`.
     pub fn model(&self, info: &nn::data::DatasetInfo) -> Result<nn::model::Model> {

@@ -376,7 +376,7 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
             }
         }
     }
-    let net = format!("{} {}", args.train.spec, args.train.activation);
+    let net = args.train.layout(&data.train.info)?;
     let figures = plot_results(&out, &settings, &results, &float_acc, &net, bs, epochs)?;
 
     let mut t = Table::new(
