@@ -161,6 +161,10 @@ pub struct LeakageArgs {
     /// unmitigated run of the same seed.
     #[arg(long, default_value_t = 1)]
     pub seeds: u64,
+    /// Further seeds (after the attacked ones) trained without the attacks, only for the
+    /// accuracy cost of each mitigation paired with the unmitigated run of the same seed.
+    #[arg(long, default_value_t = 0)]
+    pub cost_seeds: u64,
     /// Mitigations to measure, comma-separated: `none`, `batch=N` (batches of N samples),
     /// `noise=SIGMA` (Gaussian noise of SIGMA grey levels on the client's inputs).
     #[arg(long, default_value = "none,batch=256,noise=8,noise=32", value_parser = parse_mitigations)]
@@ -885,6 +889,7 @@ fn run_one(
     data: &crate::common::Data,
     mitigation: Mitigation,
     seed: u64,
+    attack: bool,
     pb: &indicatif::ProgressBar,
 ) -> Result<RunOutput> {
     let bs = match mitigation {
@@ -915,7 +920,7 @@ fn run_one(
     let fwd_batches = forward_sample(nb, args.forward_batches);
     let mut keep = vec![false; nb];
     for &b in &fwd_batches {
-        keep[b] = true;
+        keep[b] = attack;
     }
     let fwd_images: Vec<usize> = fwd_batches
         .iter()
@@ -941,7 +946,7 @@ fn run_one(
         .iter()
         .map(|&s| s as usize)
         .chain((1..=args.epochs).map(|e| e * nb))
-        .filter(|&s| s >= 1 && s <= last)
+        .filter(|&s| attack && s >= 1 && s <= last)
         .chain(std::iter::once(last))
         .collect();
     score_at.sort_unstable();
@@ -971,12 +976,17 @@ fn run_one(
                 pb.inc(1);
                 let rec = layer.inner().inner();
                 let mut go = || -> Result<()> {
-                    attacker.after_step(rec)?;
+                    if attack {
+                        attacker.after_step(rec)?;
+                    }
                     if score_at.binary_search(&step).is_err() {
                         return Ok(());
                     }
                     let test_accuracy = nn::eval::evaluate(model, &data.test)?.accuracy;
                     final_accuracy = test_accuracy;
+                    if !attack {
+                        return Ok(());
+                    }
                     let labels = rec.labels();
                     let label_accuracy = all_images
                         .iter()
@@ -1145,7 +1155,9 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
     let data = args.common.load()?;
     let out = args.common.out_dir()?;
     let mitigations = &args.mitigations.0;
-    let seeds: Vec<u64> = (0..args.seeds).map(|i| args.seed + i).collect();
+    let all_seeds: Vec<u64> = (0..args.seeds + args.cost_seeds)
+        .map(|i| args.seed + i)
+        .collect();
     let steps_of = |m: &Mitigation| {
         let bs = match m {
             Mitigation::Batch(n) => *n,
@@ -1156,24 +1168,31 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
     };
     let pb = progress(
         args.common.quiet,
-        mitigations.iter().map(steps_of).sum::<u64>() * seeds.len() as u64,
+        mitigations.iter().map(steps_of).sum::<u64>() * all_seeds.len() as u64,
         "leakage",
     );
     let mut rows = Vec::new();
     let mut finals: BTreeMap<(String, u64), f64> = BTreeMap::new();
     let mut first_runs: Vec<(Mitigation, RunOutput)> = Vec::new();
     // Every (seed, mitigation) run is independent: run them side by side on all cores.
-    let jobs: Vec<(u64, Mitigation)> = seeds
+    let jobs: Vec<(u64, Mitigation, bool)> = all_seeds
         .iter()
-        .flat_map(|&seed| mitigations.iter().map(move |&m| (seed, m)))
+        .flat_map(|&seed| {
+            mitigations
+                .iter()
+                .map(move |&m| (seed, m, seed < args.seed + args.seeds))
+        })
         .collect();
     let outputs: Vec<(u64, Mitigation, RunOutput)> = jobs
         .par_iter()
-        .map(|&(seed, m)| run_one(args, &data, m, seed, &pb).map(|o| (seed, m, o)))
+        .map(|&(seed, m, attack)| run_one(args, &data, m, seed, attack, &pb).map(|o| (seed, m, o)))
         .collect::<Result<_>>()?;
     pb.finish_and_clear();
     for (seed, m, o) in outputs {
         finals.insert((m.name(), seed), o.final_accuracy);
+        if seed >= args.seed + args.seeds {
+            continue;
+        }
         rows.extend(o.rows.iter().cloned());
         if seed == args.seed {
             first_runs.push((m, o));
@@ -1194,6 +1213,37 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
     }
     let csv_rows: Vec<Vec<String>> = rows.iter().map(Row::csv).collect();
     write_csv(&out.join("leakage.csv"), &COLUMNS, &csv_rows)?;
+    let cost_rows: Vec<Vec<String>> = all_seeds
+        .iter()
+        .flat_map(|&seed| mitigations.iter().map(move |m| (seed, m)))
+        .map(|(seed, m)| {
+            let acc = finals.get(&(m.name(), seed)).copied().unwrap_or(f64::NAN);
+            let base = finals
+                .get(&(Mitigation::None.name(), seed))
+                .copied()
+                .unwrap_or(f64::NAN);
+            vec![
+                m.name(),
+                seed.to_string(),
+                (seed < args.seed + args.seeds).to_string(),
+                format!("{acc:.6}"),
+                format!("{base:.6}"),
+                format!("{:.6}", base - acc),
+            ]
+        })
+        .collect();
+    write_csv(
+        &out.join("leakage_cost.csv"),
+        &[
+            "mitigation",
+            "seed",
+            "attacked",
+            "test_accuracy",
+            "unmitigated_test_accuracy",
+            "test_accuracy_cost",
+        ],
+        &cost_rows,
+    )?;
 
     let mut figures = plot_results(out, &rows, args.seed, mitigations)?;
     for (m, o) in &first_runs {
@@ -1226,7 +1276,7 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
             let Some(r) = o.rows.iter().rev().find(|r| r.attack == attack) else {
                 continue;
             };
-            let costs: Vec<f64> = seeds.iter().map(|&s| cost_of(m, s)).collect();
+            let costs: Vec<f64> = all_seeds.iter().map(|&s| cost_of(m, s)).collect();
             t.row(vec![
                 m.name(),
                 attack.into(),
@@ -1256,10 +1306,14 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
             .map_or(0, |r| r.score.images),
         args.forward_batches,
         args.lp_images,
-        if seeds.len() > 1 {
-            " (mean ± standard error over the seeds)"
+        if all_seeds.len() > 1 {
+            format!(
+                " (mean ± standard error over seeds {} to {})",
+                args.seed,
+                args.seed + all_seeds.len() as u64 - 1
+            )
         } else {
-            ""
+            String::new()
         }
     ));
     t.note(format!(
@@ -1341,7 +1395,7 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
         ),
         tables: vec![t, progress_t],
         figures,
-        csv: vec!["leakage.csv".into()],
+        csv: vec!["leakage.csv".into(), "leakage_cost.csv".into()],
         seconds: clock.secs(),
         command: crate::common::command_line(),
     })
@@ -1697,6 +1751,7 @@ mod tests {
             lr: 0.01,
             seed: 5,
             seeds: 1,
+            cost_seeds: 0,
             mitigations: MitigationList(vec![Mitigation::None]),
             forward_batches: 2,
             lp_images: 1,
@@ -1711,6 +1766,7 @@ mod tests {
             &data,
             Mitigation::None,
             5,
+            true,
             &indicatif::ProgressBar::hidden(),
         )
         .unwrap();
