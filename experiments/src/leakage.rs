@@ -47,8 +47,8 @@
 //!   makes a linear program much stronger than least squares on sparse images like MNIST's:
 //!   `minimize Σ_i x_i subject to A x = r, 0 <= x_i <= 255` (simplex, `microlp`; each row
 //!   scaled by its largest entry), rounded. Solved for the first `--lp-images` images of the
-//!   forward sample at every epoch end while `m < n`; when `m >= n` the least-squares solution
-//!   is unique and is used.
+//!   forward sample at the end of each of the first `--lp-epochs` epochs while `m < n`; when
+//!   `m >= n` the least-squares solution is unique and is used.
 //!
 //! # Scores
 //!
@@ -176,6 +176,11 @@ pub struct LeakageArgs {
     /// epoch end while the forward system is underdetermined.
     #[arg(long, default_value_t = 8)]
     pub lp_images: usize,
+    /// Epochs (from the first) at whose end the linear programs are solved while the system
+    /// is underdetermined (0: every such epoch). The programs near `m = n` take the longest
+    /// and clean images are exact from the second epoch on.
+    #[arg(long, default_value_t = 4)]
+    pub lp_epochs: usize,
     /// Time limit of one linear program, in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub lp_time_limit: f64,
@@ -994,6 +999,7 @@ fn run_one(
                         .count() as f64
                         / all_images.len().max(1) as f64;
                     let epoch_end = step % nb == 0;
+                    let lp_epoch = args.lp_epochs == 0 || step / nb <= args.lp_epochs;
                     let mut push = |attack: &'static str, score: Score| {
                         rows.push(Row {
                             attack,
@@ -1043,7 +1049,7 @@ fn run_one(
                         for (k, img) in ranges[b].clone().enumerate() {
                             fwd_est[img] = Some(to_pixels(x.row(k)));
                         }
-                        if !epoch_end || a.nrows() >= n {
+                        if !epoch_end || a.nrows() >= n || !lp_epoch {
                             continue;
                         }
                         let mut system = None;
@@ -1080,9 +1086,14 @@ fn run_one(
                                 lp_est[pos].clone()
                             }
                         };
-                        let mut sc = score(&lp_images, &lp_of, &data.train, &encrypted);
-                        sc.equations = eq_mean;
-                        push("forward_lp", sc);
+                        // Past --lp-epochs no program was solved: no row while the system is
+                        // underdetermined, rather than the estimates of an earlier epoch.
+                        let lp_scored = lp_epoch || eqs.iter().all(|&m| m >= n);
+                        if lp_scored {
+                            let mut sc = score(&lp_images, &lp_of, &data.train, &encrypted);
+                            sc.equations = eq_mean;
+                            push("forward_lp", sc);
+                        }
                         let grid_of =
                             |f: &dyn Fn(usize) -> Option<Vec<u8>>| -> Vec<Option<Vec<u8>>> {
                                 grid_images.iter().map(|&i| f(i)).collect()
@@ -1100,10 +1111,12 @@ fn run_one(
                             .entry("forward_ls")
                             .or_default()
                             .push((ep, grid_of(&|i| fwd_est[i].clone())));
-                        snapshots
-                            .entry("forward_lp")
-                            .or_default()
-                            .push((ep, grid_of(&lp_of)));
+                        if lp_scored {
+                            snapshots
+                                .entry("forward_lp")
+                                .or_default()
+                                .push((ep, grid_of(&lp_of)));
+                        }
                     }
                     Ok(())
                 };
@@ -1755,6 +1768,7 @@ mod tests {
             mitigations: MitigationList(vec![Mitigation::None]),
             forward_batches: 2,
             lp_images: 1,
+            lp_epochs: 0,
             lp_time_limit: 5.0,
             score_steps: crate::common::List(vec![1]),
             grid: 2,
