@@ -45,8 +45,9 @@
 //!   exact up to rounding, once `rank A = n`: for 128 units after 7 epochs.
 //! * **forward_lp** (Ioniță and Ioniță, RAID 2025): when `m < n`, the box `0 <= x <= 255`
 //!   makes a linear program much stronger than least squares on sparse images like MNIST's:
-//!   `minimize Σ_i x_i subject to A x = r, 0 <= x_i <= 255` (simplex, `microlp`; each row
-//!   scaled by its largest entry), rounded. Solved for the first `--lp-images` images of the
+//!   `minimize Σ_i x_i subject to A x = r, 0 <= x_i <= 255` (simplex, `microlp`, on the
+//!   equivalent orthonormal rows `Q^T x = R^{-T} r` from a QR factorization `A^T = Q R`, see
+//!   [`LpSystem`]), rounded. Solved for the first `--lp-images` images of the
 //!   forward sample at the end of each of the first `--lp-epochs` epochs while `m < n`; when
 //!   `m >= n` the least-squares solution is unique and is used.
 //!
@@ -1301,7 +1302,11 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
                 pct(r.score.exact_encrypted),
                 pct(r.label_accuracy),
                 pct(r.test_accuracy),
-                paired_cost(&costs),
+                if *m == Mitigation::None {
+                    "(baseline)".into()
+                } else {
+                    paired_cost(&costs)
+                },
             ]);
         }
     }
