@@ -225,3 +225,40 @@ fn resuming_with_a_conflicting_flag_is_refused() {
     run(&mut sim(&[]));
     assert!(w.join("m.bin").exists());
 }
+
+#[test]
+fn client_input_noise_is_validated_and_encrypts() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = dir.path();
+    let a = start_authority(
+        &w.join("auth"),
+        &[
+            "--features",
+            "64",
+            "--classes",
+            "10",
+            "--x-bound",
+            "16",
+            "--batch-size",
+            "16",
+        ],
+    );
+    let digits = fixture("nn/data/digits-8x8");
+    let out = w.join("noisy.enc");
+    let e = fails(
+        client(&a)
+            .arg("--data")
+            .arg(&digits)
+            .args(["--input-noise=-1", "--out"])
+            .arg(&out),
+    );
+    assert!(e.contains("--input-noise") && e.contains("-1"), "{e}");
+    assert!(!out.exists());
+    run(client(&a)
+        .arg("--data")
+        .arg(&digits)
+        .args(["--input-noise", "2", "--limit", "32", "--out"])
+        .arg(&out));
+    let h = cryptonn::dataset::Reader::open(&out).expect("a valid file");
+    assert_eq!(h.header().num_samples, 32);
+}

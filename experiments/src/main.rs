@@ -8,6 +8,7 @@
 mod accuracy;
 mod common;
 mod fe_env;
+mod leakage;
 mod plot;
 mod png;
 mod precision;
@@ -50,6 +51,10 @@ enum Command {
     /// Single-core FEIP and FEBO setup / encrypt / key derivation / decrypt times vs vector
     /// length and key size, on Ristretto255 and secp256k1.
     Primitives(primitives::PrimitivesArgs),
+    /// What an honest-but-curious trainer reconstructs from what it decrypts (images from
+    /// δᵀX and z = W1 x by least squares and linear programming, labels from a − y), against
+    /// mitigations (larger batches, client-side input noise) with their accuracy cost.
+    Leakage(leakage::LeakageArgs),
     /// Runs the defaults of all four experiments and writes report.md linking the plots.
     All(AllArgs),
 }
@@ -213,6 +218,7 @@ fn main() -> Result<()> {
         Command::Precision(a) => precision::run(&a)?,
         Command::Timing(a) => timing::run(&a)?,
         Command::Primitives(a) => primitives::run(&a)?,
+        Command::Leakage(a) => leakage::run(&a)?,
         Command::All(a) => return all(&a),
     };
     summary.print();

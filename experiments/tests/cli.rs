@@ -327,3 +327,94 @@ fn relu_network_and_clear_errors() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("--out"));
     }
 }
+
+#[test]
+fn leakage_on_a_few_steps_recovers_what_the_rank_allows() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let o = dir.path().to_str().expect("utf-8 path");
+    // 32 units: batches of 16 give full-rank deltas (one step reveals its batch), batches
+    // of 64 do not, but two epochs of them stacked do.
+    run(&[
+        "leakage",
+        "--quiet",
+        "--out",
+        o,
+        "--spec",
+        "784-32-10",
+        "--train-limit",
+        "256",
+        "--test-limit",
+        "100",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "2",
+        "--mitigations",
+        "none,batch=64,noise=8",
+        "--forward-batches",
+        "1",
+        "--lp-images",
+        "1",
+        "--score-steps",
+        "1",
+        "--grid",
+        "2",
+    ]);
+    let (headers, rows) = read_csv(&dir.path().join("leakage.csv"));
+    for col in [
+        "attack",
+        "mitigation",
+        "step",
+        "recovered_exact",
+        "recovered_within_1",
+        "psnr_db",
+        "test_accuracy",
+        "label_accuracy",
+    ] {
+        assert!(headers.iter().any(|h| h == col), "column {col} missing");
+    }
+    let last = |attack: &str, mitigation: &str| -> BTreeMap<String, String> {
+        rows.iter()
+            .rfind(|r| r["attack"] == attack && r["mitigation"] == mitigation)
+            .unwrap_or_else(|| panic!("no {attack} row for {mitigation}"))
+            .clone()
+    };
+    let num = |r: &BTreeMap<String, String>, c: &str| -> f64 {
+        r[c].parse()
+            .unwrap_or_else(|_| panic!("{c} = {:?} is not a number", r[c]))
+    };
+    let step = last("backward_step", "none");
+    assert_eq!(step["step"], "32");
+    assert!(num(&step, "recovered_exact") > 0.9, "{step:?}");
+    assert!(num(&step, "label_accuracy") > 0.9, "{step:?}");
+    let big = last("backward_step", "batch=64");
+    assert!(num(&big, "recovered_exact") < 0.05, "{big:?}");
+    let stacked = last("backward_stacked", "batch=64");
+    assert!(num(&stacked, "recovered_exact") > 0.9, "{stacked:?}");
+    // Noise: the attack returns the noisy inputs, not the originals.
+    let noisy = last("backward_step", "noise=8");
+    assert!(num(&noisy, "recovered_exact") < 0.05, "{noisy:?}");
+    assert!(num(&noisy, "exact_vs_encrypted") > 0.9, "{noisy:?}");
+    // The first scoring step saw one batch of 16 of the 256 images.
+    let first = rows
+        .iter()
+        .find(|r| r["attack"] == "backward_step" && r["mitigation"] == "none")
+        .expect("a first row");
+    assert_eq!(first["step"], "1");
+    assert!(
+        (num(first, "recovered_exact") - 16.0 / 256.0).abs() < 1e-9,
+        "{first:?}"
+    );
+    check_png(&dir.path().join("leakage.png"));
+    check_svg(&dir.path().join("leakage.svg"));
+    for grid in [
+        "leakage_grid_none.png",
+        "leakage_grid_batch64.png",
+        "leakage_grid_noise8.png",
+    ] {
+        let bytes = std::fs::read(dir.path().join(grid)).expect("grid written");
+        let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
+            .expect("the grid decodes");
+        assert!(img.width() >= 400 && img.height() >= 100, "{grid}");
+    }
+}

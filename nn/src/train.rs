@@ -166,6 +166,39 @@ pub trait Hooks<L: ?Sized> {
     }
 }
 
+/// Hooks from a closure called after every step. A [`Flow::Stop`] from the last step of an
+/// epoch also stops the run before the next epoch.
+pub struct StepFn<F> {
+    f: F,
+    stop: bool,
+}
+
+impl<F> StepFn<F> {
+    /// Hooks calling `f` after every step.
+    pub fn new(f: F) -> Self {
+        StepFn { f, stop: false }
+    }
+}
+
+impl<L: ?Sized, F> Hooks<L> for StepFn<F>
+where
+    F: FnMut(&StepView<'_, L>) -> Result<Flow, TrainError>,
+{
+    fn after_step(&mut self, step: &StepView<'_, L>) -> Result<Flow, TrainError> {
+        let flow = (self.f)(step)?;
+        self.stop = flow == Flow::Stop;
+        Ok(flow)
+    }
+
+    fn after_epoch(&mut self, _: &Progress, _: &L, _: &EpochMetrics) -> Result<Flow, TrainError> {
+        Ok(if self.stop {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        })
+    }
+}
+
 /// Hooks that do nothing.
 pub struct NoHooks;
 

@@ -48,6 +48,12 @@ enum Command {
         token_file: Option<PathBuf>,
         #[command(flatten)]
         data: DataArgs,
+        /// Add Gaussian noise of this standard deviation (in encoded units, grey levels for
+        /// images) to every value before encrypting, with fresh randomness. A weak mitigation:
+        /// the trainer still recovers the noisy samples exactly (see the README's threat
+        /// model for the measured figures); default none.
+        #[arg(long, value_name = "SIGMA")]
+        input_noise: Option<f64>,
         /// Output file.
         #[arg(long, short, default_value = "train.enc")]
         out: PathBuf,
@@ -65,6 +71,7 @@ fn main() -> Result<()> {
             token: t,
             token_file,
             data,
+            input_noise,
             out,
             quiet,
         } => {
@@ -81,8 +88,14 @@ fn main() -> Result<()> {
                 )
                 .context("loading the data")?;
             warn_clamped(&loaded.clamped);
-            let train = loaded.train;
+            let mut train = loaded.train;
             check_fits(&train, &params)?;
+            if let Some(sigma) = input_noise {
+                train = train
+                    .with_noise(sigma, &mut rand::rngs::OsRng)
+                    .context("--input-noise")?;
+                eprintln!("added Gaussian noise of standard deviation {sigma} to every value");
+            }
             eprintln!(
                 "encrypting {} samples from {} ({}) in batches of {} ...",
                 train.len(),

@@ -349,6 +349,31 @@ impl Dataset {
         out
     }
 
+    /// A copy with Gaussian noise of standard deviation `sigma` (in encoded units) added to
+    /// every value, rounded and clamped to `0..=X`, labels unchanged: client-side input noise
+    /// before encryption (a Gaussian mechanism; see the README's threat model for what it
+    /// does and does not protect). The draws come from `rng`.
+    pub fn with_noise<R: rand::Rng>(&self, sigma: f64, rng: &mut R) -> Result<Dataset, DataError> {
+        if !sigma.is_finite() || sigma < 0.0 {
+            return Err(DataError::Invalid(format!(
+                "the noise standard deviation must be a finite non-negative number, got {sigma}"
+            )));
+        }
+        let mut out = self.clone();
+        if sigma == 0.0 {
+            return Ok(out);
+        }
+        let x = f64::from(out.info.x_bound);
+        for p in out.values.iter_mut() {
+            // Box-Muller: one standard normal from two uniforms in (0, 1].
+            let u1: f64 = 1.0 - rng.gen::<f64>();
+            let u2: f64 = rng.gen::<f64>();
+            let g = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            *p = (f64::from(*p) + sigma * g).round().clamp(0.0, x) as u16;
+        }
+        Ok(out)
+    }
+
     /// The integer input row of sample `i`: its values and the bias input `X`.
     pub fn row(&self, i: usize) -> Vec<i64> {
         let mut r: Vec<i64> = self.values.row(i).iter().map(|&v| i64::from(v)).collect();

@@ -1,0 +1,1828 @@
+//! `leakage`: what an honest-but-curious trainer can reconstruct from what CryptoNN lets it
+//! decrypt, and how much the mitigations take away.
+//!
+//! # What the trainer holds
+//!
+//! Training runs exactly as the trainer runs it: [`PlainIntegers`] behind
+//! [`KeyPolicyFilter`] and [`Quantized`] (the simulation, which equals the encrypted run bit
+//! for bit). A [`Recorder`] sits at the integer seam, between the key policy and the products,
+//! and keeps only what crosses it in an encrypted run: the vectors the trainer asks keys for
+//! and the integers it decrypts with them. With `X_int` the batch's pixel integers plus the
+//! bias input 255 (shape `B x (n+1)`, `n = 784`), `H` first-layer units and `K` classes, a
+//! step on batch `k` gives the trainer
+//!
+//! ```text
+//! forward     w_q (H x (n+1), its weight rows, the row keys)   z_int = X_int w_q^T   (B x H)
+//! backward    d_q (B x H, its deltas, the column keys)         g_int = d_q^T X_int   (H x (n+1))
+//! output      a_q (B x K)                                      e_int = a_q - 4096 Y  (B x K)
+//! ```
+//!
+//! The batch partition is public (the client encrypted fixed batches), so the trainer knows
+//! which equations belong to which batch; image indices are used only to score the attacks.
+//!
+//! # Attacks
+//!
+//! * **labels**: `e_int[b, k] = a_q[b, k] - 4096 [k = y_b]`, and `0 <= a_q <= 4096`, so the
+//!   label is the index of the smallest entry (exact unless the network is already certain,
+//!   `a_q[b, y_b] = 4096`, where every entry is 0).
+//! * **backward_step**: one step's `g_int = d_q^T X_int` is `H` equations per pixel column in
+//!   the `B` unknowns of that column, with the same matrix `d_q^T` for every column. The
+//!   minimum-norm least-squares solution `X = (d_q^T)^+ g_int` (SVD, singular values below
+//!   `1e-10 σ_max` dropped) is exact when `rank(d_q) = B`, which needs `H >= B`; the estimate
+//!   is rounded and clamped to `0..=255`. Per image the trainer keeps the estimate of the
+//!   step with the largest rank (the latest one among equals).
+//! * **backward_stacked**: the batch partition is fixed, so every epoch gives `H` more
+//!   equations on the same `X_int`. Stacking all steps on batch `k` gives the normal equations
+//!   `(Σ_t d_t d_t^T) X = Σ_t d_t g_t` (`B x B`, accumulated exactly: every entry is an
+//!   integer below 2^53), solved with the pseudo-inverse (singular values below `1e-11 σ_max`
+//!   dropped). With `B > H` one step is not enough, but `ceil(B / H)` epochs are.
+//! * **forward_ls**: every step on batch `k` gives `H` equations per image,
+//!   `w_q[:, :n] x = z_int[b, :]^T - 255 w_q[:, n]` (the bias input is known), with the same
+//!   matrix for the whole batch. After `e` epochs an image has `m = e H` equations (minus rows
+//!   the key policy zeroed) in `n` unknowns; the minimum-norm least-squares solution
+//!   `A^+ r = A^T (A A^T)^+ r` (for `m < n`) or `(A^T A)^+ A^T r` (for `m >= n`) is computed by
+//!   Cholesky on the Gram matrix (SVD if that fails), rounded and clamped. It is unique, hence
+//!   exact up to rounding, once `rank A = n`: for 128 units after 7 epochs.
+//! * **forward_lp** (Ioniță and Ioniță, RAID 2025): when `m < n`, the box `0 <= x <= 255`
+//!   makes a linear program much stronger than least squares on sparse images like MNIST's:
+//!   `minimize Σ_i x_i subject to A x = r, 0 <= x_i <= 255` (simplex, `microlp`, on the
+//!   equivalent orthonormal rows `Q^T x = R^{-T} r` from a QR factorization `A^T = Q R`, see
+//!   [`LpSystem`]), rounded. Solved for the first `--lp-images` images of the
+//!   forward sample at the end of each of the first `--lp-epochs` epochs while `m < n`; when
+//!   `m >= n` the least-squares solution is unique and is used.
+//!
+//! # Scores
+//!
+//! Per attack, mitigation and scoring step: the share of the targeted training images whose
+//! estimate equals the original in every pixel (`recovered_exact`), is within one grey level
+//! in every pixel (`recovered_within_1`), the mean PSNR `10 log10(255^2 / MSE)` over the images
+//! with an estimate (an exact image counts as [`PSNR_CAP`] dB), the share equal to what the
+//! client encrypted (`exact_vs_encrypted`, which differs from the original only under input
+//! noise), the label accuracy of the labels attack over all training images, and the model's
+//! test accuracy at that step. The backward attacks target every training image, the forward
+//! ones the images of `--forward-batches` evenly spaced batches.
+//!
+//! # Mitigations
+//!
+//! * `batch=N`: batches of `N` samples. With `N > H`, `rank(d_q) <= H < N`, so one step no
+//!   longer determines a batch (the stacked attack still does after `ceil(N / H)` epochs).
+//! * `noise=SIGMA`: the client adds Gaussian noise of standard deviation `SIGMA` grey levels
+//!   to every training pixel before encryption, rounds and clamps to `0..=255`
+//!   ([`add_input_noise`]). Each image is noised once, so the trainer's repeated views are
+//!   post-processing. As a Gaussian mechanism on one image with L2 sensitivity `Δ` it is
+//!   `μ`-GDP with `μ = Δ / σ`, hence `(ε, δ)`-DP for the `ε` of [`gaussian_epsilon`]
+//!   (Balle and Wang's analytic bound): for the whole image `Δ = 255 sqrt(784)` (any image
+//!   may be replaced by any other), for a single pixel `Δ = 255`. Both are printed; at useful
+//!   noise levels they are far from a meaningful guarantee.
+
+use crate::common::{progress, CommonArgs, Stopwatch, Summary, TrainArgs};
+use crate::plot::{self, LineChart, Panel, Series, COLORS};
+use crate::table::{pct, write_csv, Table};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use nalgebra::DMatrix;
+use ndarray::{Array2, ArrayView1, ArrayView2, Axis, Slice};
+use nn::data::Dataset;
+use nn::first_layer::{IntegerProducts, PlainIntegers, Quantized, SeamError};
+use nn::optim::Optimizer;
+use nn::train::{EpochState, Flow, Progress, RunSettings, StepFn, TrainError};
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+/// PSNR given to an exactly recovered image (whose mean squared error is 0), in dB.
+pub const PSNR_CAP: f64 = 100.0;
+
+/// Mixed into the run's seed for the input noise, so that noise and initialization differ.
+const NOISE_SEED: u64 = 0x6e6f_6973;
+
+/// A chart of the plots: file base, y label, value of a row.
+type Chart = (&'static str, &'static str, fn(&Row) -> f64);
+
+/// The attacks, in the order of the CSV rows.
+pub const ATTACKS: [&str; 4] = [
+    "backward_step",
+    "backward_stacked",
+    "forward_ls",
+    "forward_lp",
+];
+
+/// Columns of `leakage.csv`.
+pub const COLUMNS: [&str; 17] = [
+    "attack",
+    "mitigation",
+    "seed",
+    "step",
+    "epoch",
+    "batch_size",
+    "images",
+    "attacked",
+    "recovered_exact",
+    "recovered_within_1",
+    "psnr_db",
+    "exact_vs_encrypted",
+    "label_accuracy",
+    "test_accuracy",
+    "test_accuracy_cost",
+    "equations",
+    "seconds",
+];
+
+/// Options of `leakage`.
+#[derive(Args, Debug, Clone)]
+pub struct LeakageArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Layer widths; the first must be 784. Default: CryptoNN's network.
+    #[arg(long, default_value = "784-128-32-10")]
+    pub spec: String,
+    /// Hidden activation: sigmoid (CryptoNN's), relu or tanh.
+    #[arg(long, default_value = "sigmoid")]
+    pub activation: nn::activation::Activation,
+    /// Epochs of every run.
+    #[arg(long, default_value_t = 8)]
+    pub epochs: usize,
+    /// Batch size of the unmitigated run (the README's default, 64).
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Bits of the quantized first-layer weights and deltas.
+    #[arg(long, default_value_t = 8)]
+    pub bits: u32,
+    /// Adam learning rate (the trainer's default).
+    #[arg(long, default_value_t = cryptonn::trainer::TrainConfig::default().lr)]
+    pub lr: f32,
+    /// Seed of initialization, batch order and input noise.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Seeds per mitigation (seed, seed+1, ...); accuracy costs are paired with the
+    /// unmitigated run of the same seed.
+    #[arg(long, default_value_t = 1)]
+    pub seeds: u64,
+    /// Further seeds (after the attacked ones) trained without the attacks, only for the
+    /// accuracy cost of each mitigation paired with the unmitigated run of the same seed.
+    #[arg(long, default_value_t = 0)]
+    pub cost_seeds: u64,
+    /// Mitigations to measure, comma-separated: `none`, `batch=N` (batches of N samples),
+    /// `noise=SIGMA` (Gaussian noise of SIGMA grey levels on the client's inputs).
+    #[arg(long, default_value = "none,batch=256,noise=8,noise=32", value_parser = parse_mitigations)]
+    pub mitigations: MitigationList,
+    /// Batches whose images the forward attacks target, evenly spaced (0: every batch).
+    #[arg(long, default_value_t = 4)]
+    pub forward_batches: usize,
+    /// Images (the first of the forward sample) the linear-programming attack solves at every
+    /// epoch end while the forward system is underdetermined.
+    #[arg(long, default_value_t = 8)]
+    pub lp_images: usize,
+    /// Epochs (from the first) at whose end the linear programs are solved while the system
+    /// is underdetermined (0: every such epoch). The programs near `m = n` take the longest
+    /// and clean images are exact from the second epoch on.
+    #[arg(long, default_value_t = 4)]
+    pub lp_epochs: usize,
+    /// Time limit of one linear program, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub lp_time_limit: f64,
+    /// Steps at which the attacks are scored besides every epoch end.
+    #[arg(long, default_value = "1,2,5,10,20,50", value_parser = crate::common::parse_list_arg)]
+    pub score_steps: crate::common::List,
+    /// Images in the picture of originals beside reconstructions.
+    #[arg(long, default_value_t = 8)]
+    pub grid: usize,
+    /// Stop every run after this many steps (for quick checks).
+    #[arg(long, value_name = "N")]
+    pub max_steps: Option<usize>,
+}
+
+/// A mitigation measured against the attacks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mitigation {
+    /// The default settings.
+    None,
+    /// Batches of this many samples.
+    Batch(usize),
+    /// Gaussian noise of this standard deviation (grey levels) on the client's inputs.
+    Noise(f64),
+}
+
+impl Mitigation {
+    /// The name used in `leakage.csv` (`none`, `batch=256`, `noise=8`).
+    pub fn name(&self) -> String {
+        match self {
+            Mitigation::None => "none".into(),
+            Mitigation::Batch(n) => format!("batch={n}"),
+            Mitigation::Noise(s) => format!("noise={s}"),
+        }
+    }
+
+    /// A file-name form of [`Mitigation::name`].
+    fn file_name(&self) -> String {
+        self.name().replace('=', "").replace('.', "_")
+    }
+}
+
+/// A list of mitigations (the value of `--mitigations`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MitigationList(pub Vec<Mitigation>);
+
+/// Parses `none,batch=256,noise=8`.
+pub fn parse_mitigations(s: &str) -> Result<MitigationList, String> {
+    let mut v = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let m = match part.split_once('=') {
+            None if part == "none" => Mitigation::None,
+            Some(("batch", n)) => match n.trim().parse::<usize>() {
+                Ok(n) if n >= 1 => Mitigation::Batch(n),
+                _ => {
+                    return Err(format!(
+                        "{part:?}: the batch size must be a positive integer"
+                    ))
+                }
+            },
+            Some(("noise", x)) => match x.trim().parse::<f64>() {
+                Ok(x) if x.is_finite() && x > 0.0 => Mitigation::Noise(x),
+                _ => return Err(format!("{part:?}: the noise must be a positive number")),
+            },
+            _ => {
+                return Err(format!(
+                    "{part:?} is not a mitigation (none, batch=N or noise=SIGMA)"
+                ))
+            }
+        };
+        v.push(m);
+    }
+    if v.is_empty() {
+        return Err("no mitigation given (use none for the default settings)".into());
+    }
+    Ok(MitigationList(v))
+}
+
+/// [`Dataset::with_noise`] with draws seeded by `seed`: the client's `--input-noise`, made
+/// reproducible for the experiment (the client draws from the operating system).
+pub fn add_input_noise(data: &Dataset, sigma: f64, seed: u64) -> Result<Dataset> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    Ok(data.with_noise(sigma, &mut rng)?)
+}
+
+/// `ln erfc(x)` for `x >= 0`, with relative error below 1.2e-7 in `erfc` (the Chebyshev
+/// fit of Numerical Recipes, `erfcc`), in log form so that it does not underflow.
+fn ln_erfc(x: f64) -> f64 {
+    let t = 1.0 / (1.0 + 0.5 * x);
+    let poly = -1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    t.ln() - x * x + poly
+}
+
+/// `ln Φ(x)`, Φ the standard normal distribution function.
+fn ln_phi(x: f64) -> f64 {
+    let r = -x / std::f64::consts::SQRT_2;
+    if r >= 0.0 {
+        ln_erfc(r) - std::f64::consts::LN_2
+    } else {
+        // Φ(x) = 1 - Φ(-x) with Φ(-x) <= 1/2.
+        (1.0 - 0.5 * ln_erfc(-r).exp()).ln()
+    }
+}
+
+/// The smallest `ε` for which the Gaussian mechanism with L2 sensitivity `sensitivity` and
+/// noise `sigma` is `(ε, δ)`-DP, by the exact (analytic) bound of Balle and Wang (ICML 2018):
+/// `δ(ε) = Φ(Δ/(2σ) - εσ/Δ) - e^ε Φ(-Δ/(2σ) - εσ/Δ)`, solved by bisection. Infinite for
+/// `sigma = 0`.
+pub fn gaussian_epsilon(sensitivity: f64, sigma: f64, delta: f64) -> f64 {
+    if sigma <= 0.0 || sensitivity <= 0.0 {
+        return if sensitivity <= 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        };
+    }
+    let mu = sensitivity / sigma;
+    let delta_of = |eps: f64| {
+        let a = mu / 2.0 - eps / mu;
+        let b = -mu / 2.0 - eps / mu;
+        let (la, lb) = (ln_phi(a), eps + ln_phi(b));
+        if lb >= la {
+            0.0
+        } else {
+            la.exp() * (1.0 - (lb - la).exp())
+        }
+    };
+    if delta_of(0.0) <= delta {
+        return 0.0;
+    }
+    let (mut lo, mut hi) = (0.0f64, mu * mu / 2.0 + 40.0 * mu + 40.0);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if delta_of(mid) > delta {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    hi
+}
+
+/// One step on the forward seam: the weight rows asked keys for, and the decrypted products.
+#[derive(Debug, Clone)]
+struct ForwardObservation {
+    /// `w_q` as floats (exact integers), `H x (n+1)`.
+    w: Array2<f64>,
+    /// `z_int` as floats (exact integers), `B x H`.
+    z: Array2<f64>,
+}
+
+/// The normal equations of every backward step on one batch so far.
+#[derive(Debug, Clone)]
+struct Stacked {
+    /// `Σ_t d_t d_t^T`, `B x B`.
+    gram: Array2<f64>,
+    /// `Σ_t d_t g_t`, `B x (n+1)`.
+    rhs: Array2<f64>,
+    /// Steps stacked.
+    steps: usize,
+}
+
+/// [`IntegerProducts`] that records what the trainer holds (the vectors it asks keys for and
+/// the integers it decrypts) and passes everything through unchanged.
+#[derive(Debug, Clone)]
+pub struct Recorder<P> {
+    inner: P,
+    /// Image indices of every batch (the public batch partition, used for scoring).
+    ranges: Vec<Range<usize>>,
+    /// Whether the forward observations of a batch are kept.
+    keep_forward: Vec<bool>,
+    forward: BTreeMap<usize, Vec<ForwardObservation>>,
+    stacked: BTreeMap<usize, Stacked>,
+    /// The latest backward step: batch, `d_q` (B x H) and `g_int` (H x (n+1)).
+    last_backward: Option<(usize, Array2<i64>, Array2<i64>)>,
+    /// Label per training image read from `a - y` (latest), if seen.
+    labels: Vec<Option<u8>>,
+}
+
+impl<P: IntegerProducts> Recorder<P> {
+    /// Records around `inner`, whose batch `k` holds the images `ranges[k]`; forward
+    /// observations are kept for the batches marked in `keep_forward`.
+    pub fn new(inner: P, ranges: Vec<Range<usize>>, keep_forward: Vec<bool>) -> Self {
+        let n = ranges.iter().map(|r| r.end).max().unwrap_or(0);
+        Recorder {
+            inner,
+            ranges,
+            keep_forward,
+            forward: BTreeMap::new(),
+            stacked: BTreeMap::new(),
+            last_backward: None,
+            labels: vec![None; n],
+        }
+    }
+
+    /// The labels read from the output errors so far, per training image.
+    pub fn labels(&self) -> &[Option<u8>] {
+        &self.labels
+    }
+
+    fn range(&self, batch: usize) -> Result<Range<usize>, SeamError> {
+        self.ranges
+            .get(batch)
+            .cloned()
+            .ok_or(SeamError::NoSuchBatch {
+                batch,
+                num_batches: self.ranges.len(),
+            })
+    }
+}
+
+fn to_f64(m: ArrayView2<i64>) -> Array2<f64> {
+    m.mapv(|v| v as f64)
+}
+
+impl<P: IntegerProducts> IntegerProducts for Recorder<P> {
+    fn forward_int(
+        &mut self,
+        batch: usize,
+        w_q: ArrayView2<i64>,
+    ) -> Result<Array2<i64>, SeamError> {
+        let z = self.inner.forward_int(batch, w_q)?;
+        if self.keep_forward.get(batch).copied().unwrap_or(false) {
+            self.forward
+                .entry(batch)
+                .or_default()
+                .push(ForwardObservation {
+                    w: to_f64(w_q),
+                    z: to_f64(z.view()),
+                });
+        }
+        Ok(z)
+    }
+
+    fn backward_int(
+        &mut self,
+        batch: usize,
+        delta_q: ArrayView2<i64>,
+    ) -> Result<Array2<i64>, SeamError> {
+        let g = self.inner.backward_int(batch, delta_q)?;
+        let d = to_f64(delta_q);
+        // Integers below 2^53 throughout, so these float products are exact.
+        let dd = d.dot(&d.t());
+        let dg = d.dot(&to_f64(g.view()));
+        match self.stacked.get_mut(&batch) {
+            Some(st) => {
+                st.gram += &dd;
+                st.rhs += &dg;
+                st.steps += 1;
+            }
+            None => {
+                self.stacked.insert(
+                    batch,
+                    Stacked {
+                        gram: dd,
+                        rhs: dg,
+                        steps: 1,
+                    },
+                );
+            }
+        }
+        self.last_backward = Some((batch, delta_q.to_owned(), g.clone()));
+        Ok(g)
+    }
+
+    fn output_error_int(
+        &mut self,
+        batch: usize,
+        a_q: ArrayView2<i64>,
+    ) -> Result<Array2<i64>, SeamError> {
+        let e = self.inner.output_error_int(batch, a_q)?;
+        let range = self.range(batch)?;
+        for (row, img) in e.rows().into_iter().zip(range) {
+            if let Some(slot) = self.labels.get_mut(img) {
+                *slot = label_from_error(row);
+            }
+        }
+        Ok(e)
+    }
+
+    fn num_batches(&self) -> usize {
+        self.inner.num_batches()
+    }
+
+    fn batch_len(&self, batch: usize) -> usize {
+        self.inner.batch_len(batch)
+    }
+
+    fn input_bound(&self) -> u32 {
+        self.inner.input_bound()
+    }
+
+    fn prefetch(&mut self, batch: usize) {
+        self.inner.prefetch(batch)
+    }
+}
+
+/// The label in one row of `a_q - 4096 Y`: the index of the smallest entry (the first one
+/// among equals).
+pub fn label_from_error(row: ArrayView1<i64>) -> Option<u8> {
+    let mut best: Option<(usize, i64)> = None;
+    for (k, &v) in row.iter().enumerate() {
+        if best.map_or(true, |(_, b)| v < b) {
+            best = Some((k, v));
+        }
+    }
+    best.and_then(|(k, _)| u8::try_from(k).ok())
+}
+
+fn to_dmatrix(m: ArrayView2<f64>) -> DMatrix<f64> {
+    DMatrix::from_fn(m.nrows(), m.ncols(), |i, j| m[[i, j]])
+}
+
+fn from_dmatrix(m: &DMatrix<f64>) -> Array2<f64> {
+    Array2::from_shape_fn((m.nrows(), m.ncols()), |(i, j)| m[(i, j)])
+}
+
+/// Minimum-norm least-squares solution of `a x = b` (all columns of `b` at once) by SVD,
+/// dropping singular values below `rel_tol σ_max`; returns it with the numerical rank.
+pub fn lstsq(a: ArrayView2<f64>, b: ArrayView2<f64>, rel_tol: f64) -> Result<(Array2<f64>, usize)> {
+    if a.nrows() != b.nrows() {
+        bail!(
+            "least squares: {} equations but {} right-hand sides",
+            a.nrows(),
+            b.nrows()
+        );
+    }
+    let svd = to_dmatrix(a).svd(true, true);
+    let smax = svd.singular_values.iter().cloned().fold(0.0, f64::max);
+    if smax == 0.0 {
+        return Ok((Array2::zeros((a.ncols(), b.ncols())), 0));
+    }
+    let tol = smax * rel_tol;
+    let rank = svd.rank(tol);
+    let x = svd
+        .solve(&to_dmatrix(b), tol)
+        .map_err(|e| anyhow!("least squares failed: {e}"))?;
+    Ok((from_dmatrix(&x), rank))
+}
+
+/// Solves the symmetric positive semi-definite system `g x = r`: Cholesky when `g` is
+/// definite, else the pseudo-inverse (SVD, singular values below `1e-11 σ_max` dropped).
+fn solve_psd(g: ArrayView2<f64>, r: ArrayView2<f64>) -> Result<(Array2<f64>, usize)> {
+    let gm = to_dmatrix(g);
+    if let Some(ch) = gm.clone().cholesky() {
+        let x = ch.solve(&to_dmatrix(r));
+        if x.iter().all(|v| v.is_finite()) {
+            return Ok((from_dmatrix(&x), g.nrows()));
+        }
+    }
+    lstsq(g, r, 1e-11)
+}
+
+/// The first `n` entries of `v`.
+fn head(v: ArrayView1<f64>, n: usize) -> ArrayView1<f64> {
+    let n = n.min(v.len());
+    v.slice_axis_move(Axis(0), Slice::from(0..n))
+}
+
+/// Rounds and clamps an estimate to pixel integers.
+fn to_pixels(x: ArrayView1<f64>) -> Vec<u8> {
+    x.iter()
+        .map(|v| {
+            if v.is_finite() {
+                v.round().clamp(0.0, 255.0) as u8
+            } else {
+                0
+            }
+        })
+        .collect()
+}
+
+/// The stacked forward system of one batch: `A` (m x n) over the pixels and `R` (m x B),
+/// rows the key policy zeroed left out.
+fn forward_system(obs: &[ForwardObservation], n: usize) -> (Array2<f64>, Array2<f64>) {
+    // The bias input: the byte images this experiment handles have the bound 255.
+    let bias = f64::from(u8::MAX);
+    let mut rows = Vec::new();
+    for o in obs {
+        for j in 0..o.w.nrows() {
+            if o.w.row(j).iter().any(|v| *v != 0.0) {
+                rows.push((o, j));
+            }
+        }
+    }
+    let b = obs.first().map(|o| o.z.nrows()).unwrap_or(0);
+    let mut a = Array2::zeros((rows.len(), n));
+    let mut r = Array2::zeros((rows.len(), b));
+    for (i, (o, j)) in rows.iter().enumerate() {
+        a.row_mut(i).assign(&head(o.w.row(*j), n));
+        let wb = o.w[[*j, n]];
+        for s in 0..b {
+            r[[i, s]] = o.z[[s, *j]] - bias * wb;
+        }
+    }
+    (a, r)
+}
+
+/// Minimum-norm least squares of the stacked forward system: the estimate `B x n`.
+fn forward_ls(a: ArrayView2<f64>, r: ArrayView2<f64>) -> Result<Array2<f64>> {
+    let (m, n) = a.dim();
+    if m < n {
+        let (y, _) = solve_psd(a.dot(&a.t()).view(), r)?;
+        Ok(a.t().dot(&y).reversed_axes())
+    } else {
+        let (x, _) = solve_psd(a.t().dot(&a).view(), a.t().dot(&r).view())?;
+        Ok(x.reversed_axes())
+    }
+}
+
+/// The constraints of the box-constrained linear program of the forward attack,
+/// `min Σ x subject to A x = r, 0 <= x <= 255`, on one batch's forward system, made well
+/// conditioned once for all its images: with the QR factorization `A^T = Q R`, `A x = r`
+/// is `Q^T x = R^{-T} r`, whose rows are orthonormal, and the pixels are scaled to
+/// `u = x / 255` in `[0, 1]`. (The raw rows, up to 768 dense ones of 8-bit integers, make the
+/// simplex declare consistent systems infeasible.) When `R` is singular the raw rows, each
+/// scaled by its largest entry, are used instead.
+#[derive(Debug, Clone)]
+pub struct LpSystem {
+    /// Constraint rows, `m x n`.
+    rows: Array2<f64>,
+    /// `R` of the factorization (`m x m`), or `None` for raw rows.
+    r: Option<DMatrix<f64>>,
+    /// Per-row scales of the raw rows.
+    scales: Vec<f64>,
+}
+
+impl LpSystem {
+    /// Prepares the constraints of `a x = r` (`a` is `m x n`).
+    pub fn new(a: ArrayView2<f64>) -> Self {
+        let (m, n) = a.dim();
+        if m > 0 && m <= n {
+            let qr = to_dmatrix(a.t()).qr();
+            let r = qr.r();
+            let dmax = (0..m).map(|i| r[(i, i)].abs()).fold(0.0, f64::max);
+            if (0..m).all(|i| r[(i, i)].abs() > 1e-9 * dmax) {
+                let q = qr.q();
+                return LpSystem {
+                    rows: from_dmatrix(&q.transpose()),
+                    r: Some(r),
+                    scales: vec![1.0; m],
+                };
+            }
+        }
+        let scales = a
+            .rows()
+            .into_iter()
+            .map(|row| row.iter().fold(0.0f64, |m, v| m.max(v.abs())))
+            .collect();
+        LpSystem {
+            rows: a.to_owned(),
+            r: None,
+            scales,
+        }
+    }
+
+    /// Solves the program for the right-hand side `r` (length `m`); the pixels (in
+    /// `0..=255`, as floats) or `None` when the solver finds no solution within
+    /// `time_limit` seconds. An equality system the solver calls infeasible is retried with
+    /// every equation relaxed to `±1e-6` (in units of `u`, far below a grey level).
+    pub fn solve(&self, r: ArrayView1<f64>, time_limit: f64) -> Option<Vec<f64>> {
+        let rhs: Vec<f64> = match &self.r {
+            Some(rm) => {
+                let b = DMatrix::from_fn(r.len(), 1, |i, _| r[i] / 255.0);
+                let c = rm.transpose().solve_lower_triangular(&b)?;
+                c.iter().cloned().collect()
+            }
+            None => r
+                .iter()
+                .zip(&self.scales)
+                .map(|(v, s)| if *s > 0.0 { v / (255.0 * s) } else { 0.0 })
+                .collect(),
+        };
+        match self.program(&rhs, 0.0, time_limit) {
+            Ok(x) => x,
+            Err(microlp::Error::Infeasible) => self.program(&rhs, 1e-6, time_limit).ok().flatten(),
+            Err(_) => None,
+        }
+    }
+
+    /// One program with the equations relaxed to `±band`: the pixels, `None` if the time
+    /// limit came first.
+    fn program(
+        &self,
+        rhs: &[f64],
+        band: f64,
+        time_limit: f64,
+    ) -> Result<Option<Vec<f64>>, microlp::Error> {
+        use microlp::{ComparisonOp, OptimizationDirection, Problem};
+        let mut p = Problem::new(OptimizationDirection::Minimize);
+        if time_limit.is_finite() && time_limit > 0.0 {
+            p.set_time_limit(Duration::from_secs_f64(time_limit));
+        }
+        let vars: Vec<_> = (0..self.rows.ncols())
+            .map(|_| p.add_var(1.0, (0.0, 1.0)))
+            .collect();
+        for ((row, &b), &scale) in self.rows.rows().into_iter().zip(rhs).zip(&self.scales) {
+            if scale == 0.0 {
+                continue;
+            }
+            let expr = || -> Vec<(microlp::Variable, f64)> {
+                vars.iter()
+                    .zip(row.iter())
+                    .filter(|(_, c)| **c != 0.0)
+                    .map(|(v, c)| (*v, c / scale))
+                    .collect()
+            };
+            if band == 0.0 {
+                p.add_constraint(expr(), ComparisonOp::Eq, b);
+            } else {
+                p.add_constraint(expr(), ComparisonOp::Le, b + band);
+                p.add_constraint(expr(), ComparisonOp::Ge, b - band);
+            }
+        }
+        let outcome = p.solve()?;
+        Ok(outcome
+            .solution()
+            .map(|sol| vars.iter().map(|v| 255.0 * sol.var_value_raw(*v)).collect()))
+    }
+}
+
+/// Scores of one attack at one step.
+#[derive(Debug, Clone, Default)]
+struct Score {
+    images: usize,
+    attacked: usize,
+    exact: f64,
+    within_1: f64,
+    psnr: f64,
+    exact_encrypted: f64,
+    equations: f64,
+}
+
+/// Compares estimates with the originals (and with what the client encrypted).
+fn score(
+    targets: &[usize],
+    estimate: &dyn Fn(usize) -> Option<Vec<u8>>,
+    original: &Dataset,
+    encrypted: &Dataset,
+) -> Score {
+    let (mut attacked, mut exact, mut within, mut psnr, mut exact_enc) = (0, 0, 0, 0.0, 0);
+    for &i in targets {
+        let Some(est) = estimate(i) else { continue };
+        attacked += 1;
+        let orig = original.values.row(i);
+        let enc = encrypted.values.row(i);
+        let mut sq = 0.0;
+        let mut max_diff = 0u16;
+        for (&e, &o) in est.iter().zip(orig.iter()) {
+            let d = u16::from(e).abs_diff(o);
+            max_diff = max_diff.max(d);
+            sq += (d as f64).powi(2);
+        }
+        exact += usize::from(max_diff == 0);
+        within += usize::from(max_diff <= 1);
+        exact_enc += usize::from(est.iter().zip(enc.iter()).all(|(&a, &b)| u16::from(a) == b));
+        let mse = sq / est.len().max(1) as f64;
+        psnr += if mse == 0.0 {
+            PSNR_CAP
+        } else {
+            (10.0 * (255.0f64.powi(2) / mse).log10()).min(PSNR_CAP)
+        };
+    }
+    let n = targets.len().max(1) as f64;
+    Score {
+        images: targets.len(),
+        attacked,
+        exact: exact as f64 / n,
+        within_1: within as f64 / n,
+        psnr: if attacked > 0 {
+            psnr / attacked as f64
+        } else {
+            f64::NAN
+        },
+        exact_encrypted: exact_enc as f64 / n,
+        equations: f64::NAN,
+    }
+}
+
+/// One row of `leakage.csv`.
+#[derive(Debug, Clone)]
+struct Row {
+    attack: &'static str,
+    mitigation: Mitigation,
+    seed: u64,
+    step: usize,
+    epoch: f64,
+    batch_size: usize,
+    score: Score,
+    label_accuracy: f64,
+    test_accuracy: f64,
+    cost: f64,
+    seconds: f64,
+}
+
+impl Row {
+    fn csv(&self) -> Vec<String> {
+        let f = |v: f64| {
+            if v.is_finite() {
+                format!("{v:.6}")
+            } else {
+                String::new()
+            }
+        };
+        vec![
+            self.attack.into(),
+            self.mitigation.name(),
+            self.seed.to_string(),
+            self.step.to_string(),
+            format!("{:.4}", self.epoch),
+            self.batch_size.to_string(),
+            self.score.images.to_string(),
+            self.score.attacked.to_string(),
+            f(self.score.exact),
+            f(self.score.within_1),
+            if self.score.psnr.is_finite() {
+                format!("{:.3}", self.score.psnr)
+            } else {
+                String::new()
+            },
+            f(self.score.exact_encrypted),
+            f(self.label_accuracy),
+            f(self.test_accuracy),
+            f(self.cost),
+            if self.score.equations.is_finite() {
+                format!("{:.1}", self.score.equations)
+            } else {
+                String::new()
+            },
+            format!("{:.2}", self.seconds),
+        ]
+    }
+}
+
+/// Estimates of the grid images after one epoch and at the end, per attack.
+type Snapshots = BTreeMap<&'static str, Vec<(usize, Vec<Option<Vec<u8>>>)>>;
+
+/// What one run (one mitigation, one seed) produced.
+struct RunOutput {
+    rows: Vec<Row>,
+    final_accuracy: f64,
+    grid_images: Vec<usize>,
+    snapshots: Snapshots,
+    encrypted: Dataset,
+    steps_per_epoch: usize,
+    /// Digest of the final model's weights ([`crate::common::model_digest`]).
+    model_digest: String,
+}
+
+/// The attacker's running state between scoring points.
+struct Attacker {
+    /// Per training image: the rank of the system its best single-step estimate came from,
+    /// and the estimate.
+    step_best: Vec<Option<(usize, Vec<u8>)>>,
+    /// Ranks of the single-step systems seen (for the `equations` column).
+    step_ranks: Vec<usize>,
+}
+
+impl Attacker {
+    /// The single-step backward attack on the latest backward step.
+    fn after_step<P>(&mut self, rec: &Recorder<P>) -> Result<()> {
+        let Some((batch, d, g)) = &rec.last_backward else {
+            return Ok(());
+        };
+        let range = rec
+            .ranges
+            .get(*batch)
+            .cloned()
+            .ok_or_else(|| anyhow!("batch {batch} has no image range"))?;
+        let n = g.ncols() - 1;
+        let dt = to_f64(d.t());
+        let (x, rank) = lstsq(dt.view(), to_f64(g.view()).view(), 1e-10)?;
+        self.step_ranks.push(rank);
+        for (b, img) in range.enumerate() {
+            let slot = &mut self.step_best[img];
+            if slot.as_ref().map_or(true, |(r, _)| rank >= *r) {
+                *slot = Some((rank, to_pixels(head(x.row(b), n))));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Evenly spaced batches for the forward attacks (`count` = 0: all).
+fn forward_sample(nb: usize, count: usize) -> Vec<usize> {
+    if count == 0 || count >= nb {
+        return (0..nb).collect();
+    }
+    (0..count).map(|i| i * nb / count).collect()
+}
+
+/// Trains one run as the trainer does and plays the curious trainer at the scoring steps.
+fn run_one(
+    args: &LeakageArgs,
+    data: &crate::common::Data,
+    mitigation: Mitigation,
+    seed: u64,
+    attack: bool,
+    pb: &indicatif::ProgressBar,
+) -> Result<RunOutput> {
+    let bs = match mitigation {
+        Mitigation::Batch(n) => n,
+        _ => args.batch_size,
+    };
+    let encrypted = match mitigation {
+        Mitigation::Noise(sigma) => add_input_noise(&data.train, sigma, seed ^ NOISE_SEED)?,
+        _ => data.train.clone(),
+    };
+    let targs = TrainArgs {
+        spec: args.spec.clone(),
+        activation: args.activation,
+        epochs: Some(args.epochs),
+        batch_size: bs,
+        lr: args.lr,
+        seed,
+    };
+    let cfg = targs.config(args.bits, args.epochs)?;
+    let products = PlainIntegers::from_dataset(encrypted.clone(), bs, true)
+        .with_context(|| format!("cutting {} images into batches of {bs}", encrypted.len()))?;
+    let nb = products.batches().len();
+    let ranges: Vec<Range<usize>> = (0..nb)
+        .map(|b| products.batches().range(b).unwrap_or(0..0))
+        .collect();
+    let fwd_batches = forward_sample(nb, args.forward_batches);
+    let mut keep = vec![false; nb];
+    for &b in &fwd_batches {
+        keep[b] = attack;
+    }
+    let fwd_images: Vec<usize> = fwd_batches
+        .iter()
+        .flat_map(|&b| ranges[b].clone())
+        .collect();
+    let lp_images: Vec<usize> = fwd_images.iter().take(args.lp_images).cloned().collect();
+    let grid_images: Vec<usize> = fwd_images.iter().take(args.grid).cloned().collect();
+    let all_images: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
+    let n = encrypted.features();
+
+    let recorder = Recorder::new(products, ranges.clone(), keep);
+    let mut layer = Quantized::new(
+        crate::common::policy_filter(recorder, &encrypted.info, bs),
+        cfg.quantizer(),
+    )?;
+    let mut progress = Progress {
+        model: targs.model(&encrypted.info)?,
+        optimizer: Optimizer::adam(cfg.lr),
+        state: EpochState::new(0, nb, cfg.seed, true),
+        history: Vec::new(),
+    };
+    let total = nb * args.epochs;
+    let last = args.max_steps.map_or(total, |m| m.min(total));
+    let mut score_at: Vec<usize> = args
+        .score_steps
+        .0
+        .iter()
+        .map(|&s| s as usize)
+        .chain((1..=args.epochs).map(|e| e * nb))
+        .filter(|&s| attack && s >= 1 && s <= last)
+        .chain(std::iter::once(last))
+        .collect();
+    score_at.sort_unstable();
+    score_at.dedup();
+
+    let mut attacker = Attacker {
+        step_best: vec![None; encrypted.len()],
+        step_ranks: Vec::new(),
+    };
+    let mut rows = Vec::new();
+    let mut snapshots: Snapshots = BTreeMap::new();
+    let mut lp_est: Vec<Option<Vec<u8>>> = vec![None; lp_images.len()];
+    let mut step = 0usize;
+    let mut failure: Option<anyhow::Error> = None;
+    let mut final_accuracy = f64::NAN;
+    let clock = Stopwatch::start();
+    let settings = RunSettings {
+        epochs: args.epochs,
+        seed: cfg.seed,
+        shuffle: true,
+        progress_bar: false,
+    };
+    {
+        let mut hook = StepFn::new(|view: &nn::train::StepView<'_, AttackedLayer>| {
+            let (model, layer) = (view.model, view.layer);
+            step += 1;
+            pb.inc(1);
+            let rec = layer.inner().inner();
+            let mut go = || -> Result<()> {
+                if attack {
+                    attacker.after_step(rec)?;
+                }
+                if score_at.binary_search(&step).is_err() {
+                    return Ok(());
+                }
+                let test_accuracy = nn::eval::evaluate(model, &data.test)?.accuracy;
+                final_accuracy = test_accuracy;
+                if !attack {
+                    return Ok(());
+                }
+                let labels = rec.labels();
+                let label_accuracy = all_images
+                    .iter()
+                    .filter(|&&i| labels[i] == Some(encrypted.labels[i]))
+                    .count() as f64
+                    / all_images.len().max(1) as f64;
+                let epoch_end = step % nb == 0;
+                let lp_epoch = args.lp_epochs == 0 || step / nb <= args.lp_epochs;
+                let mut push = |attack: &'static str, score: Score| {
+                    rows.push(Row {
+                        attack,
+                        mitigation,
+                        seed,
+                        step,
+                        epoch: step as f64 / nb as f64,
+                        batch_size: bs,
+                        score,
+                        label_accuracy,
+                        test_accuracy,
+                        cost: f64::NAN,
+                        seconds: clock.secs(),
+                    })
+                };
+                // backward_step
+                let best = |i: usize| attacker.step_best[i].as_ref().map(|(_, e)| e.clone());
+                let mut sc = score(&all_images, &best, &data.train, &encrypted);
+                sc.equations = attacker.step_ranks.iter().sum::<usize>() as f64
+                    / attacker.step_ranks.len().max(1) as f64;
+                push("backward_step", sc);
+                // backward_stacked
+                let mut stacked_est: Vec<Option<Vec<u8>>> = vec![None; encrypted.len()];
+                let mut ranks = Vec::new();
+                for (&b, st) in &rec.stacked {
+                    let (x, rank) = lstsq(st.gram.view(), st.rhs.view(), 1e-11)?;
+                    ranks.push(rank);
+                    for (k, img) in ranges[b].clone().enumerate() {
+                        stacked_est[img] = Some(to_pixels(head(x.row(k), n)));
+                    }
+                }
+                let mut sc = score(
+                    &all_images,
+                    &|i| stacked_est[i].clone(),
+                    &data.train,
+                    &encrypted,
+                );
+                sc.equations = ranks.iter().sum::<usize>() as f64 / ranks.len().max(1) as f64;
+                push("backward_stacked", sc);
+                // forward_ls and forward_lp
+                let mut fwd_est: Vec<Option<Vec<u8>>> = vec![None; encrypted.len()];
+                let mut eqs = Vec::new();
+                for (&b, obs) in &rec.forward {
+                    let (a, r) = forward_system(obs, n);
+                    eqs.push(a.nrows());
+                    let x = forward_ls(a.view(), r.view())?;
+                    for (k, img) in ranges[b].clone().enumerate() {
+                        fwd_est[img] = Some(to_pixels(x.row(k)));
+                    }
+                    if !epoch_end || a.nrows() >= n || !lp_epoch {
+                        continue;
+                    }
+                    let mut system = None;
+                    for (slot, &img) in lp_est.iter_mut().zip(&lp_images) {
+                        if !ranges[b].contains(&img) {
+                            continue;
+                        }
+                        let k = img - ranges[b].start;
+                        let sys = system.get_or_insert_with(|| LpSystem::new(a.view()));
+                        *slot = sys
+                            .solve(r.column(k), args.lp_time_limit)
+                            .map(|v| to_pixels(ArrayView1::from(&v)));
+                    }
+                }
+                let eq_mean = eqs.iter().sum::<usize>() as f64 / eqs.len().max(1) as f64;
+                let mut sc = score(
+                    &fwd_images,
+                    &|i| fwd_est[i].clone(),
+                    &data.train,
+                    &encrypted,
+                );
+                sc.equations = eq_mean;
+                push("forward_ls", sc);
+                if epoch_end {
+                    // Where the system is no longer underdetermined, the (unique) least
+                    // squares solution stands in for the linear program.
+                    let lp_of = |i: usize| -> Option<Vec<u8>> {
+                        let pos = lp_images.iter().position(|&j| j == i)?;
+                        let b = ranges.iter().position(|r| r.contains(&i))?;
+                        let m = rec.forward.get(&b).map(|o| forward_system(o, n).0.nrows());
+                        if m.is_some_and(|m| m >= n) {
+                            fwd_est[i].clone()
+                        } else {
+                            lp_est[pos].clone()
+                        }
+                    };
+                    // Past --lp-epochs no program was solved: no row while the system is
+                    // underdetermined, rather than the estimates of an earlier epoch.
+                    let lp_scored = lp_epoch || eqs.iter().all(|&m| m >= n);
+                    if lp_scored {
+                        let mut sc = score(&lp_images, &lp_of, &data.train, &encrypted);
+                        sc.equations = eq_mean;
+                        push("forward_lp", sc);
+                    }
+                    let grid_of = |f: &dyn Fn(usize) -> Option<Vec<u8>>| -> Vec<Option<Vec<u8>>> {
+                        grid_images.iter().map(|&i| f(i)).collect()
+                    };
+                    let ep = step / nb;
+                    snapshots
+                        .entry("backward_step")
+                        .or_default()
+                        .push((ep, grid_of(&best)));
+                    snapshots
+                        .entry("backward_stacked")
+                        .or_default()
+                        .push((ep, grid_of(&|i| stacked_est[i].clone())));
+                    snapshots
+                        .entry("forward_ls")
+                        .or_default()
+                        .push((ep, grid_of(&|i| fwd_est[i].clone())));
+                    if lp_scored {
+                        snapshots
+                            .entry("forward_lp")
+                            .or_default()
+                            .push((ep, grid_of(&lp_of)));
+                    }
+                }
+                Ok(())
+            };
+            if let Err(e) = go() {
+                failure = Some(e);
+                return Err(TrainError::State("the attack failed".into()));
+            }
+            Ok(if step >= last {
+                Flow::Stop
+            } else {
+                Flow::Continue
+            })
+        });
+        let r = nn::train::run(&mut layer, &mut progress, &settings, None, &mut hook);
+        if let Some(e) = failure.take() {
+            return Err(e.context(format!("attacking step {step} ({})", mitigation.name())));
+        }
+        r.map_err(|e| {
+            anyhow::Error::from(e).context(format!("training ({}, seed {seed})", mitigation.name()))
+        })?;
+    }
+    Ok(RunOutput {
+        rows,
+        final_accuracy,
+        grid_images,
+        snapshots,
+        encrypted,
+        steps_per_epoch: nb,
+        model_digest: crate::common::model_digest(&progress.model)?,
+    })
+}
+
+/// The trainer's first layer over the recording products.
+type AttackedLayer = Quantized<cryptonn::secure::KeyPolicyFilter<Recorder<PlainIntegers>>>;
+
+/// Runs the experiment: every mitigation and seed, the CSV, the pictures and the summary.
+pub fn run(args: &LeakageArgs) -> Result<Summary> {
+    let clock = Stopwatch::start();
+    if args.epochs == 0 {
+        bail!("--epochs must be at least 1");
+    }
+    if args.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    let data = args.common.load()?;
+    let info = &data.train.info;
+    if info.x_bound != u32::from(u8::MAX) || !info.image.is_some_and(|s| s.channels == 1) {
+        bail!(
+            "the leakage experiment reconstructs grey images of bytes (values 0..=255), but \
+             the data is {info}"
+        );
+    }
+    let out = args.common.out_dir()?;
+    let mitigations = &args.mitigations.0;
+    let all_seeds: Vec<u64> = (0..args.seeds + args.cost_seeds)
+        .map(|i| args.seed + i)
+        .collect();
+    let steps_of = |m: &Mitigation| {
+        let bs = match m {
+            Mitigation::Batch(n) => *n,
+            _ => args.batch_size,
+        };
+        let total = (data.train.len() / bs.max(1)) * args.epochs;
+        args.max_steps.map_or(total, |s| s.min(total)) as u64
+    };
+    let pb = progress(
+        args.common.quiet,
+        mitigations.iter().map(steps_of).sum::<u64>() * all_seeds.len() as u64,
+        "leakage",
+    );
+    let mut rows = Vec::new();
+    let mut finals: BTreeMap<(String, u64), f64> = BTreeMap::new();
+    let mut first_runs: Vec<(Mitigation, RunOutput)> = Vec::new();
+    // Every (seed, mitigation) run is independent: run them side by side on all cores.
+    let jobs: Vec<(u64, Mitigation, bool)> = all_seeds
+        .iter()
+        .flat_map(|&seed| {
+            mitigations
+                .iter()
+                .map(move |&m| (seed, m, seed < args.seed + args.seeds))
+        })
+        .collect();
+    let outputs: Vec<(u64, Mitigation, RunOutput)> = jobs
+        .par_iter()
+        .map(|&(seed, m, attack)| run_one(args, &data, m, seed, attack, &pb).map(|o| (seed, m, o)))
+        .collect::<Result<_>>()?;
+    pb.finish_and_clear();
+    for (seed, m, o) in outputs {
+        finals.insert((m.name(), seed), o.final_accuracy);
+        if seed >= args.seed + args.seeds {
+            continue;
+        }
+        rows.extend(o.rows.iter().cloned());
+        if seed == args.seed {
+            first_runs.push((m, o));
+        }
+    }
+    // Accuracy cost: each run's final test accuracy minus the unmitigated run's, same seed.
+    let cost_of = |m: &Mitigation, seed: u64| -> f64 {
+        match (
+            finals.get(&(m.name(), seed)),
+            finals.get(&(Mitigation::None.name(), seed)),
+        ) {
+            (Some(a), Some(b)) => b - a,
+            _ => f64::NAN,
+        }
+    };
+    for r in rows.iter_mut() {
+        r.cost = cost_of(&r.mitigation, r.seed);
+    }
+    let csv_rows: Vec<Vec<String>> = rows.iter().map(Row::csv).collect();
+    write_csv(&out.join("leakage.csv"), &COLUMNS, &csv_rows)?;
+    let cost_rows: Vec<Vec<String>> = all_seeds
+        .iter()
+        .flat_map(|&seed| mitigations.iter().map(move |m| (seed, m)))
+        .map(|(seed, m)| {
+            let acc = finals.get(&(m.name(), seed)).copied().unwrap_or(f64::NAN);
+            let base = finals
+                .get(&(Mitigation::None.name(), seed))
+                .copied()
+                .unwrap_or(f64::NAN);
+            vec![
+                m.name(),
+                seed.to_string(),
+                (seed < args.seed + args.seeds).to_string(),
+                format!("{acc:.6}"),
+                format!("{base:.6}"),
+                format!("{:.6}", base - acc),
+            ]
+        })
+        .collect();
+    write_csv(
+        &out.join("leakage_cost.csv"),
+        &[
+            "mitigation",
+            "seed",
+            "attacked",
+            "test_accuracy",
+            "unmitigated_test_accuracy",
+            "test_accuracy_cost",
+        ],
+        &cost_rows,
+    )?;
+
+    let mut figures = plot_results(out, &rows, args.seed, mitigations)?;
+    for (m, o) in &first_runs {
+        let name = format!("leakage_grid_{}.png", m.file_name());
+        write_grid(&out.join(&name), &data.train, o)?;
+        figures.push(name);
+    }
+
+    // Tables.
+    let mut t = Table::new(
+        "What the trainer recovers at the end of each run (seed ".to_string()
+            + &args.seed.to_string()
+            + ")",
+        &[
+            "mitigation",
+            "attack",
+            "step",
+            "images",
+            "exact",
+            "within 1",
+            "PSNR (dB)",
+            "= encrypted",
+            "labels",
+            "test accuracy",
+            "accuracy cost",
+        ],
+    );
+    for (m, o) in &first_runs {
+        for attack in ATTACKS {
+            let Some(r) = o.rows.iter().rev().find(|r| r.attack == attack) else {
+                continue;
+            };
+            let costs: Vec<f64> = all_seeds.iter().map(|&s| cost_of(m, s)).collect();
+            t.row(vec![
+                m.name(),
+                attack.into(),
+                format!("{} ({:.2} epochs)", r.step, r.epoch),
+                r.score.images.to_string(),
+                pct(r.score.exact),
+                pct(r.score.within_1),
+                db(r.score.psnr),
+                pct(r.score.exact_encrypted),
+                pct(r.label_accuracy),
+                pct(r.test_accuracy),
+                if *m == Mitigation::None {
+                    "(baseline)".into()
+                } else {
+                    paired_cost(&costs)
+                },
+            ]);
+        }
+    }
+    t.note(format!(
+        "exact / within 1: share of the targeted training images whose every pixel equals the \
+         original (is within one grey level); the backward attacks target all training images, \
+         the forward ones the {} images of {} evenly spaced batches (the LP the first {} of \
+         them). PSNR: mean over images with an estimate, exact = {PSNR_CAP} dB. = encrypted: \
+         share equal to what the client encrypted (differs from exact only under input noise). \
+         labels: share of training images whose label the trainer read from a - y. Accuracy cost: final test \
+         accuracy of the unmitigated run minus the mitigated one's, same seed{}.",
+        first_runs
+            .first()
+            .and_then(|(_, o)| o.rows.iter().find(|r| r.attack == "forward_ls"))
+            .map_or(0, |r| r.score.images),
+        args.forward_batches,
+        args.lp_images,
+        if all_seeds.len() > 1 {
+            format!(
+                " (mean ± standard error over seeds {} to {})",
+                args.seed,
+                args.seed + all_seeds.len() as u64 - 1
+            )
+        } else {
+            String::new()
+        }
+    ));
+    t.note(format!(
+        "Final model digests (SHA-256 of the weights, seed {}): {}.",
+        args.seed,
+        first_runs
+            .iter()
+            .map(|(m, o)| format!("{} {}", m.name(), o.model_digest))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    for m in mitigations {
+        if let Mitigation::Noise(sigma) = m {
+            t.note(format!(
+                "{}: Gaussian mechanism with σ = {sigma} grey levels; at δ = 1e-5 it is ε = {:.1} \
+                 per image (L2 sensitivity 255·28 = 7140) and ε = {:.2} per pixel (sensitivity \
+                 255), by the analytic bound of Balle and Wang (2018).",
+                m.name(),
+                gaussian_epsilon(255.0 * 28.0, *sigma, 1e-5),
+                gaussian_epsilon(255.0, *sigma, 1e-5)
+            ));
+        }
+    }
+    let mut progress_t = Table::new(
+        format!("Unmitigated run over training (seed {})", args.seed),
+        &[
+            "step",
+            "epochs",
+            "attack",
+            "exact",
+            "within 1",
+            "PSNR (dB)",
+            "equations",
+            "test accuracy",
+        ],
+    );
+    if let Some((_, o)) = first_runs.iter().find(|(m, _)| *m == Mitigation::None) {
+        for r in &o.rows {
+            progress_t.row(vec![
+                r.step.to_string(),
+                format!("{:.2}", r.epoch),
+                r.attack.into(),
+                pct(r.score.exact),
+                pct(r.score.within_1),
+                db(r.score.psnr),
+                if r.score.equations.is_finite() {
+                    format!("{:.0}", r.score.equations)
+                } else {
+                    "-".into()
+                },
+                pct(r.test_accuracy),
+            ]);
+        }
+        progress_t.note(format!(
+            "equations: for backward_step the mean rank of the single-step delta matrices so far, \
+             for backward_stacked the mean rank of the stacked systems, for the forward attacks \
+             the equations per image (unknowns: {} pixels); {} steps per epoch.",
+            data.train.features(),
+            o.steps_per_epoch
+        ));
+    }
+    Ok(Summary {
+        name: "leakage".into(),
+        description: format!(
+            "An honest-but-curious trainer's reconstruction of the training images and labels \
+             from what it decrypts (z = W1 x, δᵀX, a − y) while training {} ({}, batch {}, \
+             {}-bit, {} epochs, simulation = FE bit for bit) on the {}; mitigations: {}.",
+            args.spec,
+            args.activation,
+            args.batch_size,
+            args.bits,
+            args.epochs,
+            data.source,
+            mitigations
+                .iter()
+                .map(Mitigation::name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        tables: vec![t, progress_t],
+        figures,
+        csv: vec!["leakage.csv".into(), "leakage_cost.csv".into()],
+        seconds: clock.secs(),
+        command: crate::common::command_line(),
+    })
+}
+
+/// A PSNR for the tables ("-" when no image had an estimate).
+fn db(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.1}")
+    } else {
+        "-".into()
+    }
+}
+
+/// Accuracy costs (fractions) as points: one value, or mean ± standard error.
+fn paired_cost(costs: &[f64]) -> String {
+    let v: Vec<f64> = costs.iter().cloned().filter(|c| c.is_finite()).collect();
+    match v.len() {
+        0 => "-".into(),
+        1 => format!("{:+.2} pt", 100.0 * v[0]),
+        k => {
+            let mean = v.iter().sum::<f64>() / k as f64;
+            let var = v.iter().map(|c| (c - mean).powi(2)).sum::<f64>() / (k - 1) as f64;
+            format!(
+                "{:+.2} ± {:.2} pt",
+                100.0 * mean,
+                100.0 * (var / k as f64).sqrt()
+            )
+        }
+    }
+}
+
+fn plot_results(
+    out: &Path,
+    rows: &[Row],
+    seed: u64,
+    mitigations: &[Mitigation],
+) -> Result<Vec<String>> {
+    let mut files = Vec::new();
+    let charts: [Chart; 2] = [
+        ("leakage", "share recovered exactly", |r| r.score.exact),
+        ("leakage_psnr", "mean PSNR (dB)", |r| r.score.psnr),
+    ];
+    for (base, what, y) in charts {
+        let panels: Vec<Panel> = ATTACKS
+            .iter()
+            .map(|&attack| {
+                let series = mitigations
+                    .iter()
+                    .enumerate()
+                    .map(|(k, m)| {
+                        let pts = rows
+                            .iter()
+                            .filter(|r| r.attack == attack && r.mitigation == *m && r.seed == seed)
+                            .map(|r| (r.epoch, y(r)))
+                            .filter(|p| p.1.is_finite())
+                            .collect();
+                        Series::new(m.name(), pts, COLORS[k % COLORS.len()])
+                    })
+                    .collect();
+                let mut c = LineChart::new(attack, "epochs of training", what, series);
+                if base == "leakage" {
+                    c.y_range = Some((0.0, 1.02));
+                }
+                Panel::Lines(c)
+            })
+            .collect();
+        files.extend(plot::save(
+            out,
+            base,
+            &format!("What the trainer reconstructs from what it decrypts: {what} (seed {seed})"),
+            &panels,
+        )?);
+    }
+    Ok(files)
+}
+
+/// Writes a PNG of the grid images: originals (and the noisy inputs when they differ) beside
+/// every attack's reconstruction after the first epoch and at the end.
+fn write_grid(path: &Path, original: &Dataset, o: &RunOutput) -> Result<()> {
+    use plotters::prelude::*;
+    let zoom = 3i32;
+    let shape = original
+        .info
+        .image
+        .ok_or_else(|| anyhow!("the data has no image shape to draw"))?;
+    let (h, w) = (shape.height as i32, shape.width as i32);
+    let cell = (w * zoom + 6, h * zoom + 6);
+    let noisy = o
+        .grid_images
+        .iter()
+        .any(|&i| original.values.row(i) != o.encrypted.values.row(i));
+    let mut columns: Vec<(String, Vec<Option<Vec<u8>>>)> = Vec::new();
+    let take = |i: usize, d: &Dataset| Some(d.values.row(i).iter().map(|&v| v as u8).collect());
+    columns.push((
+        "original".into(),
+        o.grid_images.iter().map(|&i| take(i, original)).collect(),
+    ));
+    if noisy {
+        columns.push((
+            "encrypted".into(),
+            o.grid_images
+                .iter()
+                .map(|&i| take(i, &o.encrypted))
+                .collect(),
+        ));
+    }
+    for attack in ATTACKS {
+        let Some(snaps) = o.snapshots.get(attack) else {
+            continue;
+        };
+        let mut picks = Vec::new();
+        if let Some(first) = snaps.first() {
+            picks.push(first);
+        }
+        if let Some(last) = snaps.last() {
+            if snaps.len() > 1 {
+                picks.push(last);
+            }
+        }
+        for (ep, imgs) in picks {
+            columns.push((format!("{attack} e{ep}"), imgs.clone()));
+        }
+    }
+    let label_h = 40;
+    let size = (
+        (columns.len() as i32 * (cell.0 + 40)).max(400) as u32,
+        (label_h + o.grid_images.len().max(1) as i32 * cell.1 + 10) as u32,
+    );
+    let backend = crate::png::PngBackend::new(path, size)?;
+    let root = backend.into_drawing_area();
+    let err = |e: &dyn std::fmt::Debug| anyhow!("drawing {} failed: {e:?}", path.display());
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let font = ("sans-serif", 11).into_font();
+    for (c, (name, imgs)) in columns.iter().enumerate() {
+        let x0 = 10 + c as i32 * (cell.0 + 40);
+        let (line1, line2) = match name.split_once(' ') {
+            Some((a, b)) => (a.to_string(), b.to_string()),
+            None => (name.clone(), String::new()),
+        };
+        root.draw_text(&line1, &font.color(&BLACK), (x0, 4))
+            .map_err(|e| err(&e))?;
+        root.draw_text(&line2, &font.color(&BLACK), (x0, 18))
+            .map_err(|e| err(&e))?;
+        for (r, img) in imgs.iter().enumerate() {
+            let y0 = label_h + r as i32 * cell.1;
+            match img {
+                Some(px) => {
+                    for (k, &p) in px.iter().enumerate() {
+                        let (py, px_) = ((k as i32) / w, (k as i32) % w);
+                        let v = 255 - p;
+                        root.draw(&Rectangle::new(
+                            [
+                                (x0 + px_ * zoom, y0 + py * zoom),
+                                (x0 + (px_ + 1) * zoom, y0 + (py + 1) * zoom),
+                            ],
+                            RGBColor(v, v, v).filled(),
+                        ))
+                        .map_err(|e| err(&e))?;
+                    }
+                }
+                None => {
+                    root.draw(&Rectangle::new(
+                        [(x0, y0), (x0 + w * zoom, y0 + h * zoom)],
+                        RGBColor(200, 200, 200).filled(),
+                    ))
+                    .map_err(|e| err(&e))?;
+                }
+            }
+        }
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    #[test]
+    fn labels_come_from_the_smallest_output_error() {
+        assert_eq!(label_from_error(array![100, -3000, 2900].view()), Some(1));
+        assert_eq!(label_from_error(array![-4096, 0, 0].view()), Some(0));
+        assert_eq!(label_from_error(array![5, 7, 2].view()), Some(2));
+    }
+
+    #[test]
+    fn mitigations_parse() {
+        assert_eq!(
+            parse_mitigations("none, batch=256,noise=8").unwrap().0,
+            vec![
+                Mitigation::None,
+                Mitigation::Batch(256),
+                Mitigation::Noise(8.0)
+            ]
+        );
+        assert!(parse_mitigations("batch=0").is_err());
+        assert!(parse_mitigations("noise=-1").is_err());
+        assert!(parse_mitigations("dp").is_err());
+        assert!(parse_mitigations("").is_err());
+    }
+
+    #[test]
+    fn gaussian_epsilon_matches_known_values() {
+        // mu = 1 (sensitivity = sigma): the 1-GDP curve gives eps ~ 4.4 at delta 1e-5.
+        let e = gaussian_epsilon(1.0, 1.0, 1e-5);
+        assert!((4.0..4.8).contains(&e), "{e}");
+        // More noise, smaller epsilon; delta decreasing in epsilon is respected.
+        assert!(gaussian_epsilon(1.0, 2.0, 1e-5) < e);
+        assert!(gaussian_epsilon(1.0, 0.5, 1e-5) > e);
+        assert_eq!(gaussian_epsilon(1.0, 0.0, 1e-5), f64::INFINITY);
+        // Huge sensitivity: finite and about mu^2 / 2.
+        let big = gaussian_epsilon(7140.0, 8.0, 1e-5);
+        let mu: f64 = 7140.0 / 8.0;
+        assert!(
+            big.is_finite() && big > mu * mu / 2.0 && big < mu * mu,
+            "{big}"
+        );
+    }
+
+    #[test]
+    fn input_noise_is_seeded_clamped_and_has_the_asked_spread() {
+        let images = Array2::from_shape_fn((50, 784), |(i, j)| ((i * 7 + j * 13) % 256) as u8);
+        let d = Dataset::grey_images(images, vec![0; 50], 28, 28, 2).unwrap();
+        let a = add_input_noise(&d, 10.0, 3).unwrap();
+        assert_eq!(a.values, add_input_noise(&d, 10.0, 3).unwrap().values);
+        assert_ne!(a.values, add_input_noise(&d, 10.0, 4).unwrap().values);
+        assert_eq!(a.labels, d.labels);
+        // Pixels far from the bounds: the differences have standard deviation ~10.
+        let mut diffs = Vec::new();
+        for (x, y) in d.values.iter().zip(a.values.iter()) {
+            if (40..=215).contains(x) {
+                diffs.push(*y as f64 - *x as f64);
+            }
+        }
+        let m = diffs.iter().sum::<f64>() / diffs.len() as f64;
+        let sd = (diffs.iter().map(|v| (v - m).powi(2)).sum::<f64>() / diffs.len() as f64).sqrt();
+        assert!(
+            m.abs() < 0.5 && (9.5..10.5).contains(&sd),
+            "mean {m}, sd {sd}"
+        );
+        assert_eq!(add_input_noise(&d, 0.0, 1).unwrap().values, d.values);
+        assert!(add_input_noise(&d, f64::NAN, 1).is_err());
+    }
+
+    /// A random integer batch (B x (n+1), bias 255) and deltas (B x H) with entries in
+    /// -127..=127.
+    fn batch_and_deltas(b: usize, h: usize, n: usize, seed: u64) -> (Array2<f64>, Array2<f64>) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let x = Array2::from_shape_fn((b, n + 1), |(_, j)| {
+            if j == n {
+                255.0
+            } else {
+                rng.gen_range(0..=255) as f64
+            }
+        });
+        let d = Array2::from_shape_fn((b, h), |_| rng.gen_range(-127..=127) as f64);
+        (x, d)
+    }
+
+    #[test]
+    fn backward_solve_is_exact_with_full_rank_deltas_and_not_below() {
+        // H = 24 units, B = 16 samples: rank(d) = 16 = B, every pixel comes back.
+        let (x, d) = batch_and_deltas(16, 24, 30, 1);
+        let g = d.t().dot(&x);
+        let (est, rank) = lstsq(d.t(), g.view(), 1e-10).unwrap();
+        assert_eq!(rank, 16);
+        let px = est.mapv(|v| v.round());
+        assert_eq!(px, x);
+        // H = 12 < B = 16: rank 12, the system has a 4-dimensional null space and the
+        // minimum-norm solution misses most images.
+        let (x, d) = batch_and_deltas(16, 12, 30, 2);
+        let g = d.t().dot(&x);
+        let (est, rank) = lstsq(d.t(), g.view(), 1e-10).unwrap();
+        assert_eq!(rank, 12);
+        let exact_rows = (0..16)
+            .filter(|&b| (0..30).all(|j| est[[b, j]].round() == x[[b, j]]))
+            .count();
+        assert!(
+            exact_rows < 4,
+            "{exact_rows} of 16 rows exact below full rank"
+        );
+        // Stacking a second step's equations restores full rank (backward_stacked).
+        let (_, d2) = batch_and_deltas(16, 12, 30, 3);
+        let gram = d.dot(&d.t()) + d2.dot(&d2.t());
+        let rhs = d.dot(&g) + d2.dot(&d2.t().dot(&x));
+        let (est, rank) = lstsq(gram.view(), rhs.view(), 1e-11).unwrap();
+        assert_eq!(rank, 16);
+        assert_eq!(est.mapv(|v| v.round()), x);
+    }
+
+    #[test]
+    fn forward_solve_is_exact_once_overdetermined_and_lp_uses_the_box() {
+        let n = 40;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        // Sparse non-negative images, as MNIST's are.
+        let x = Array2::from_shape_fn((3, n), |_| {
+            if rng.gen_bool(0.2) {
+                rng.gen_range(1..=255) as f64
+            } else {
+                0.0
+            }
+        });
+        let mut obs = Vec::new();
+        for _ in 0..3 {
+            let w = Array2::from_shape_fn((16, n + 1), |_| rng.gen_range(-127..=127) as f64);
+            let mut xa = Array2::from_elem((3, n + 1), 255.0);
+            xa.slice_axis_mut(Axis(1), Slice::from(0..n)).assign(&x);
+            let z = xa.dot(&w.t());
+            obs.push(ForwardObservation { w, z });
+        }
+        // One step: 16 equations in 40 unknowns, least squares is not exact.
+        let (a, r) = forward_system(&obs[..1], n);
+        assert_eq!(a.dim(), (16, n));
+        let est = forward_ls(a.view(), r.view()).unwrap();
+        assert_ne!(est.mapv(|v| v.round().clamp(0.0, 255.0)), x);
+        // The box-constrained LP on the same 16 equations satisfies them, stays in the box
+        // and, the image being sparse, comes much closer than least squares.
+        let lp = LpSystem::new(a.view()).solve(r.column(0), 10.0).unwrap();
+        let resid = a.dot(&ArrayView1::from(&lp)) - r.column(0);
+        assert!(resid.iter().all(|v| v.abs() < 1e-3), "{resid:?}");
+        assert!(lp.iter().all(|v| (-1e-6..=255.0 + 1e-6).contains(v)));
+        let sq = |e: ArrayView1<f64>| -> f64 {
+            e.iter().zip(x.row(0)).map(|(a, b)| (a - b).powi(2)).sum()
+        };
+        let (lp_err, ls_err) = (sq(ArrayView1::from(&lp)), sq(est.row(0)));
+        assert!(
+            lp_err < 0.5 * ls_err,
+            "LP {lp_err} vs least squares {ls_err}"
+        );
+        // Three steps: 48 >= 40 equations, exact.
+        let (a, r) = forward_system(&obs, n);
+        let est = forward_ls(a.view(), r.view()).unwrap();
+        assert_eq!(est.mapv(|v| v.round()), x);
+    }
+
+    #[test]
+    fn the_recorded_training_equals_the_trainers_bit_for_bit() {
+        let (train, _) = nn::mnist::embedded().unwrap();
+        let train = train.take(96);
+        let args = LeakageArgs {
+            common: CommonArgs {
+                data: None,
+                full: false,
+                train_limit: Some(96),
+                test_limit: Some(50),
+                out: std::env::temp_dir(),
+                quiet: true,
+            },
+            spec: "784-16-10".into(),
+            activation: nn::activation::Activation::Sigmoid,
+            epochs: 2,
+            batch_size: 16,
+            bits: 8,
+            lr: 0.01,
+            seed: 5,
+            seeds: 1,
+            cost_seeds: 0,
+            mitigations: MitigationList(vec![Mitigation::None]),
+            forward_batches: 2,
+            lp_images: 1,
+            lp_epochs: 0,
+            lp_time_limit: 5.0,
+            score_steps: crate::common::List(vec![1]),
+            grid: 2,
+            max_steps: None,
+        };
+        let data = args.common.load().unwrap();
+        let o = run_one(
+            &args,
+            &data,
+            Mitigation::None,
+            5,
+            true,
+            &indicatif::ProgressBar::hidden(),
+        )
+        .unwrap();
+        // The trainer's own loop with the same settings.
+        let targs = TrainArgs {
+            spec: args.spec.clone(),
+            activation: args.activation,
+            epochs: Some(2),
+            batch_size: 16,
+            lr: 0.01,
+            seed: 5,
+        };
+        let cfg = targs.config(8, 2).unwrap();
+        let run_data = crate::common::run_data(&train, 16);
+        let p = PlainIntegers::from_dataset(train, 16, true).unwrap();
+        let r = cryptonn::trainer::run(
+            p,
+            &run_data,
+            &cfg,
+            Some(&data.test),
+            None,
+            None,
+            |_, _, _| Ok(()),
+        )
+        .unwrap();
+        let trainer_acc = r.history.last().and_then(|m| m.test_accuracy).unwrap();
+        assert_eq!(o.final_accuracy, trainer_acc);
+        assert_eq!(
+            o.model_digest,
+            crate::common::model_digest(&r.model).unwrap()
+        );
+        // Batch 16 < 16 units: every step's deltas can have full rank, so the single-step
+        // backward attack recovers images; labels are read for every image seen.
+        let last = o
+            .rows
+            .iter()
+            .rev()
+            .find(|r| r.attack == "backward_step")
+            .unwrap();
+        assert_eq!(last.score.images, 96);
+        assert!(last.label_accuracy > 0.9, "{}", last.label_accuracy);
+    }
+}
