@@ -4,7 +4,7 @@
 //! # What the trainer holds
 //!
 //! Training runs exactly as the trainer runs it: [`PlainIntegers`] behind
-//! [`KeyPolicyFilter`] and [`Quantized`] (the simulation, which equals the encrypted run bit
+//! [`cryptonn::secure::KeyPolicyFilter`] and [`Quantized`] (the simulation, which equals the encrypted run bit
 //! for bit). A [`Recorder`] sits at the integer seam, between the key policy and the products,
 //! and keeps only what crosses it in an encrypted run: the vectors the trainer asks keys for
 //! and the integers it decrypts with them. With `X_int` the batch's pixel integers plus the
@@ -86,7 +86,7 @@ use nn::data::Dataset;
 use nn::first_layer::{IntegerProducts, PlainIntegers, Quantized, SeamError};
 use nn::optim::Optimizer;
 use nn::train::{EpochState, Flow, Progress, RunSettings, StepFn, TrainError};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -1587,6 +1587,7 @@ fn write_grid(path: &Path, original: &Dataset, o: &RunOutput) -> Result<()> {
 mod tests {
     use super::*;
     use ndarray::array;
+    use rand::Rng;
 
     #[test]
     fn labels_come_from_the_smallest_output_error() {
