@@ -9,13 +9,13 @@
 //!
 //! [`run_float`] is the unquantized baseline with the same model, optimizer and batches.
 //!
-//! The secure path ([`train_secure`]) opens only the encrypted-dataset file: no plaintext
-//! training data is reachable from it.
+//! The secure path ([`secure_products`], then [`run`]) opens only the encrypted-dataset
+//! file: no plaintext training data is reachable from it.
 
 use crate::authority::Policy;
 use crate::dataset::Reader;
 use crate::protocol::AuthorityClient;
-use crate::secure::{KeyPolicyFilter, SecureProducts, Timings};
+use crate::secure::{KeyPolicyFilter, SecureProducts};
 use crate::Curve;
 use fe::dlog::DlogTable;
 use nn::activation::Activation;
@@ -430,34 +430,4 @@ pub fn secure_products(
     };
     let dlog = dlog_table(setup.dlog_table.as_deref())?;
     Ok((SecureProducts::new(reader, client, params, dlog), data))
-}
-
-/// Trains over the encrypted dataset: the product of this crate.
-pub fn train_secure<F>(
-    setup: &SecureSetup,
-    cfg: &TrainConfig,
-    test: Option<&Dataset>,
-    checkpoint: Option<&Path>,
-    stop_after: Option<usize>,
-    on_epoch: F,
-) -> Result<(RunResult, Timings), TrainerError>
-where
-    F: FnMut(&Model, &EpochMetrics, &SecureProducts<AuthorityClient>) -> Result<(), TrainerError>,
-{
-    let (products, data) = secure_products(setup)?;
-    let mut timings = Timings::default();
-    let mut on_epoch = on_epoch;
-    let r = run(
-        products,
-        &data,
-        cfg,
-        test,
-        checkpoint,
-        stop_after,
-        |m, e, p| {
-            timings = p.timings();
-            on_epoch(m, e, p)
-        },
-    )?;
-    Ok((r, timings))
 }

@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use cryptonn::cli::{warn_clamped, DataArgs};
-use cryptonn::client::{check_fits, encrypt_dataset};
+use cryptonn::client::encrypt_dataset;
 use cryptonn::protocol::{resolve_token, AuthorityClient};
 use std::path::PathBuf;
 
@@ -88,8 +88,9 @@ fn main() -> Result<()> {
                 )
                 .context("loading the data")?;
             warn_clamped(&loaded.clamped);
+            // `load` refused data that does not fit the parameters; `encrypt_dataset`
+            // checks again for library callers.
             let mut train = loaded.train;
-            check_fits(&train, &params)?;
             if let Some(sigma) = input_noise {
                 train = train
                     .with_noise(sigma, &mut rand::rngs::OsRng)

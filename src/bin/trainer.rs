@@ -239,24 +239,24 @@ fn main() -> Result<()> {
                 token: resolve_token(token, token_file.as_deref())?,
                 dlog_table,
             };
-            let header = cryptonn::dataset::Reader::open(&data)
-                .with_context(|| format!("opening {}", data.display()))?
-                .header()
-                .clone();
+            // One opening of the encrypted file: its header describes the data.
+            let (products, run_data) = trainer::secure_products(&setup)
+                .with_context(|| format!("preparing to train on {}", data.display()))?;
             let test = eval
                 .data_args()
-                .map(|a| test_set(&a, &header.dataset))
+                .map(|a| test_set(&a, &run_data.info))
                 .transpose()?;
             let cfg = model.config();
             println!(
                 "training {} on {} ({})",
-                cfg.model_spec(&header.dataset)?,
+                cfg.model_spec(&run_data.info)?,
                 data.display(),
-                header.dataset
+                run_data.info
             );
             let metrics = model.metrics.clone();
-            let (r, _) = trainer::train_secure(
-                &setup,
+            let r = trainer::run(
+                products,
+                &run_data,
                 &cfg,
                 test.as_ref(),
                 model.checkpoint.as_deref(),
