@@ -476,9 +476,8 @@ pub fn decrypt_many_ciphertexts<E: FeCurve>(
     Ok(m.into_iter().map(|r| r[0]).collect())
 }
 
-/// Per-key data prepared once for a whole batch.
-struct PreparedKey<'a> {
-    y: &'a [i64],
+/// Per-key data prepared once for every ciphertext.
+struct PreparedKey {
     max_abs: u64,
     bound: u64,
     sk_digits: Vec<i32>,
@@ -610,173 +609,280 @@ pub fn decrypt_matrix_with_stats<E: FeCurve>(
     dlog: &DlogTable<E>,
     stats: &DecryptStats,
 ) -> Result<Vec<Vec<i64>>> {
-    let c0w = c0_window::<E>(keys.len());
     for ct in cts {
         params.check_len("ciphertext", ct.c.len())?;
     }
-    for k in keys {
-        params.check_len("key vector", k.y.len())?;
+    FeipDecryptor::new(params, keys, dlog)?
+        .decrypt_each(cts, dlog, stats)
+        .into_iter()
+        .collect()
+}
+
+/// Keys prepared once for decrypting many ciphertexts.
+///
+/// The strategy, the bit-plane layout, the recoded secrets and the bounds depend on the keys
+/// only, so a caller that holds the same keys for a long time (a prediction service and its
+/// first-layer rows) prepares them once and decrypts batch after batch; [`decrypt_matrix`]
+/// prepares and decrypts in one call. The secrets' digits are zeroized on drop.
+pub struct FeipDecryptor<E: FeCurve> {
+    params: FeipParams,
+    keys: Vec<FeipFunctionKey<E>>,
+    prepared: Vec<PreparedKey>,
+    strategy: Strategy,
+    bits: usize,
+    sk_digits: usize,
+    c0w: usize,
+    /// Each key's bound `x_bound·‖y‖₁`.
+    bounds: Vec<u64>,
+    /// The bounds searched by the discrete log (doubled for doubled products).
+    solve_bounds: Vec<u64>,
+    /// Largest `|y_i|` over the keys at each position, for [`Strategy::Multiples`].
+    column_max: Vec<u64>,
+    planes: Option<BitPlanes>,
+}
+
+impl<E: FeCurve> Drop for FeipDecryptor<E> {
+    fn drop(&mut self) {
+        for k in &mut self.prepared {
+            k.sk_digits.zeroize();
+        }
     }
-    let n = params.n;
-    let h = keys.len();
-    let lo = keys
-        .iter()
-        .flat_map(|k| k.y.iter())
-        .copied()
-        .min()
-        .unwrap_or(0);
-    let hi = keys
-        .iter()
-        .flat_map(|k| k.y.iter())
-        .copied()
-        .max()
-        .unwrap_or(0);
-    let Plan {
-        strategy,
-        bits,
-        sk_digits,
-    } = plan::<E>(n, h, (lo, hi), c0w);
-    let prepared: Vec<PreparedKey<'_>> = keys
-        .iter()
-        .map(|k| {
-            let needed = bound_for_key(&k.y, params.x_bound);
-            dlog.check_bound(needed)?;
-            Ok(PreparedKey {
-                y: &k.y,
-                max_abs: k.y.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0),
-                bound: needed as u64,
-                sk_digits: if strategy == Strategy::Planes {
-                    Vec::new()
-                } else {
-                    recode_scalar(&k.sk, c0w)
-                },
+}
+
+impl<E: FeCurve> std::fmt::Debug for FeipDecryptor<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FeipDecryptor")
+            .field("params", &self.params)
+            .field("keys", &self.keys.len())
+            .field("strategy", &self.strategy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E: FeCurve> FeipDecryptor<E> {
+    /// Prepares `keys` (each of length `params.n`) for decryption with `dlog`.
+    ///
+    /// Fails if a key has another length or if some key's bound `x_bound·‖y‖₁` exceeds the
+    /// solver's limit.
+    pub fn new(
+        params: &FeipParams,
+        keys: &[FeipFunctionKey<E>],
+        dlog: &DlogTable<E>,
+    ) -> Result<Self> {
+        let c0w = c0_window::<E>(keys.len());
+        for k in keys {
+            params.check_len("key vector", k.y.len())?;
+        }
+        let n = params.n;
+        let all = || keys.iter().flat_map(|k| k.y.iter()).copied();
+        let (lo, hi) = (all().min().unwrap_or(0), all().max().unwrap_or(0));
+        let Plan {
+            strategy,
+            bits,
+            sk_digits,
+        } = plan::<E>(n, keys.len(), (lo, hi), c0w);
+        let prepared: Vec<PreparedKey> = keys
+            .iter()
+            .map(|k| {
+                let needed = bound_for_key(&k.y, params.x_bound);
+                dlog.check_bound(needed)?;
+                Ok(PreparedKey {
+                    max_abs: k.y.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0),
+                    bound: needed as u64,
+                    sk_digits: if strategy == Strategy::Planes {
+                        Vec::new()
+                    } else {
+                        recode_scalar(&k.sk, c0w)
+                    },
+                })
             })
+            .collect::<Result<_>>()?;
+        let bounds: Vec<u64> = prepared.iter().map(|k| k.bound).collect();
+        let column_max: Vec<u64> = if strategy == Strategy::Multiples {
+            (0..n)
+                .map(|i| {
+                    keys.iter()
+                        .map(|k| k.y[i].unsigned_abs())
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        // Bit planes: every key is `y` followed by the signed base-2^bits digits of `−sk`,
+        // the coefficients of the points `2^(bits·j)·C_0`, so that `Σ y_i C_i − sk·C_0` is
+        // one product over `n + sk_digits` points. The two parts get their own digit form and
+        // chunk width: `y` may be sparse (gradients), the digits of `−sk` are uniform.
+        // Doubled products (zero-free digits) are allowed when twice every bound is still
+        // solvable.
+        let may_double = bounds
+            .iter()
+            .all(|&b| u128::from(b) * 2 <= u128::from(dlog.limit()));
+        let planes = (strategy == Strategy::Planes).then(|| {
+            let rows: Vec<Vec<i64>> = keys
+                .par_iter()
+                .map(|k| {
+                    let mut row = k.y.clone();
+                    row.extend(
+                        recode_scalar(&-k.sk.clone(), bits)
+                            .into_iter()
+                            .map(i64::from),
+                    );
+                    row
+                })
+                .collect();
+            BitPlanes::new(&rows, bits, &[n], may_double)
+        });
+        let doubled = planes.as_ref().is_some_and(BitPlanes::doubled);
+        let solve_bounds = if doubled {
+            bounds.iter().map(|&b| 2 * b).collect()
+        } else {
+            bounds.clone()
+        };
+        Ok(FeipDecryptor {
+            params: *params,
+            keys: keys.to_vec(),
+            prepared,
+            strategy,
+            bits,
+            sk_digits,
+            c0w,
+            bounds,
+            solve_bounds,
+            column_max,
+            planes,
         })
-        .collect::<Result<_>>()?;
-    let bounds: Vec<u64> = prepared.iter().map(|k| k.bound).collect();
-    // Largest |y_i| over the keys at each position: the size of that point's multiples table.
-    let column_max: Vec<u64> = if strategy == Strategy::Multiples {
-        (0..n)
-            .map(|i| {
-                prepared
-                    .iter()
-                    .map(|k| k.y[i].unsigned_abs())
-                    .max()
-                    .unwrap_or(0)
+    }
+
+    /// The number of keys.
+    pub fn keys(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Point additions per ciphertext when the bit-plane method was chosen (tables, lookups
+    /// and Horner's rule for all keys, `C_0`'s doublings included), else `None`.
+    pub fn additions_per_ciphertext(&self) -> Option<usize> {
+        self.planes
+            .as_ref()
+            .map(|p| p.additions() + self.sk_digits * self.bits)
+    }
+
+    /// Decrypts every ciphertext against every key: `out[c][k] = ⟨x_c, y_k⟩`; fails as a
+    /// whole if any ciphertext fails.
+    pub fn decrypt(&self, cts: &[FeipCiphertext<E>], dlog: &DlogTable<E>) -> Result<Vec<Vec<i64>>> {
+        self.decrypt_each(cts, dlog, &DecryptStats::default())
+            .into_iter()
+            .collect()
+    }
+
+    /// Decrypts every ciphertext against every key, with one result per ciphertext: a
+    /// ciphertext of the wrong length, or one whose products are not within their bounds
+    /// (tampered, or made under another public key), fails alone. Time goes to `stats`.
+    pub fn decrypt_each(
+        &self,
+        cts: &[FeipCiphertext<E>],
+        dlog: &DlogTable<E>,
+        stats: &DecryptStats,
+    ) -> Vec<Result<Vec<i64>>> {
+        if let Some(&b) = self.solve_bounds.iter().max() {
+            if let Err(e) = dlog.check_bound(u128::from(b)) {
+                return cts.iter().map(|_| Err(e.clone())).collect();
+            }
+        }
+        let h = self.keys.len();
+        // With fewer ciphertexts than threads, split the keys instead.
+        let key_groups = if cts.len() >= rayon::current_num_threads() {
+            1
+        } else {
+            rayon::current_num_threads().min(h.div_ceil(16)).max(1)
+        };
+        cts.par_iter()
+            .map(|ct| {
+                self.params.check_len("ciphertext", ct.c.len())?;
+                let started = Instant::now();
+                let d = self.group_sums(ct, key_groups);
+                DecryptStats::add(&stats.group_nanos, started);
+                let started = Instant::now();
+                let out = self.solve(dlog, &d);
+                DecryptStats::add(&stats.dlog_nanos, started);
+                out
             })
             .collect()
-    } else {
-        Vec::new()
-    };
-    // Bit planes: every key is `y` followed by the signed base-2^bits digits of `−sk`, the
-    // coefficients of the points `2^(bits·j)·C_0`, so that `Σ y_i C_i − sk·C_0` is one
-    // product over `n + sk_digits` points. The two parts get their own digit form and chunk
-    // width: `y` may be sparse (gradients), the digits of `−sk` are uniform. Doubled products
-    // (zero-free digits) are allowed when twice every bound is still solvable.
-    let may_double = bounds
-        .iter()
-        .all(|&b| u128::from(b) * 2 <= u128::from(dlog.limit()));
-    let planes = (strategy == Strategy::Planes).then(|| {
-        let rows: Vec<Vec<i64>> = keys
-            .par_iter()
-            .map(|k| {
-                let mut row = k.y.clone();
-                row.extend(
-                    recode_scalar(&-k.sk.clone(), bits)
-                        .into_iter()
-                        .map(i64::from),
-                );
-                row
-            })
-            .collect();
-        BitPlanes::new(&rows, bits, &[n], may_double)
-    });
-    let doubled = planes.as_ref().is_some_and(BitPlanes::doubled);
-    let solve_bounds: Vec<u64> = if doubled {
-        bounds.iter().map(|&b| 2 * b).collect()
-    } else {
-        bounds.clone()
-    };
-    // With fewer ciphertexts than threads, split the keys instead.
-    let key_groups = if cts.len() >= rayon::current_num_threads() {
-        1
-    } else {
-        rayon::current_num_threads().min(h.div_ceil(16)).max(1)
-    };
-    cts.par_iter()
-        .map(|ct| {
-            let started = Instant::now();
-            let pts: Vec<RawPoint<E>> = ct.c.iter().map(|p| p.as_raw().clone()).collect();
-            let c0 = ct.c0.as_raw();
-            let d: Vec<RawPoint<E>> = if let Some(planes) = &planes {
-                let mut all = pts;
-                let mut q = c0.clone();
-                for _ in 0..sk_digits {
-                    all.push(q.clone());
-                    double_k::<E>(&mut q, bits);
-                }
-                let per = h.div_ceil(key_groups);
-                (0..key_groups)
-                    .into_par_iter()
-                    .flat_map_iter(|g| {
-                        subset_sum_products::<E>(&all, planes, g * per..((g + 1) * per).min(h))
-                    })
-                    .collect()
-            } else {
-                let c0_table = (h >= C0_TABLE_MIN_KEYS).then(|| FixedBase::<E>::new(c0, c0w));
-                let c0_term = |k: &PreparedKey<'_>, sk: &Scalar<E>| match &c0_table {
-                    Some(t) => t.mul_digits(&k.sk_digits),
-                    None => c0.scalar_mul(sk.as_raw()),
-                };
-                if strategy == Strategy::Multiples {
-                    // Point-major: build one point's multiples and apply them to every key
-                    // while they are in cache (a table per point, consumed at once).
-                    let mut accs = vec![E::Point::zero(); h];
-                    let mut table = SmallMultiples::<E>::new(&pts[0], 0);
-                    for (i, p) in pts.iter().enumerate() {
-                        table.refill(p, column_max[i] as usize);
-                        for (acc, k) in accs.iter_mut().zip(&prepared) {
-                            table.add_to(acc, k.y[i]);
-                        }
-                    }
-                    accs.into_iter()
-                        .zip(prepared.iter().zip(keys))
-                        .map(|(mut acc, (k, key))| {
-                            acc.sub_point_assign(&c0_term(k, &key.sk));
-                            acc
-                        })
-                        .collect()
-                } else {
-                    prepared
-                        .par_iter()
-                        .zip(keys)
-                        .map_init(Vec::new, |buckets, (k, key)| {
-                            let mut acc = msm_signed_with::<E>(&pts, k.y, k.max_abs, buckets);
-                            acc.sub_point_assign(&c0_term(k, &key.sk));
-                            acc
-                        })
-                        .collect()
-                }
-            };
-            DecryptStats::add(&stats.group_nanos, started);
-            let started = Instant::now();
-            let out = dlog
-                .solve_batch(&d, &solve_bounds)
-                .into_iter()
-                .zip(&bounds)
-                .map(|(v, &bound)| match v {
-                    Ok(v) if doubled => halve_solution(v, bound),
-                    // Report the caller's bound, not the doubled one searched.
-                    Err(FeError::DlogNotFound { .. }) if doubled => {
-                        Err(FeError::DlogNotFound { bound })
-                    }
-                    other => other,
+    }
+
+    /// `Σ y_i C_i − sk·C_0` for every key, by the planned strategy.
+    fn group_sums(&self, ct: &FeipCiphertext<E>, key_groups: usize) -> Vec<RawPoint<E>> {
+        let h = self.keys.len();
+        let pts: Vec<RawPoint<E>> = ct.c.iter().map(|p| p.as_raw().clone()).collect();
+        let c0 = ct.c0.as_raw();
+        if let Some(planes) = &self.planes {
+            let mut all = pts;
+            let mut q = c0.clone();
+            for _ in 0..self.sk_digits {
+                all.push(q.clone());
+                double_k::<E>(&mut q, self.bits);
+            }
+            let per = h.div_ceil(key_groups);
+            return (0..key_groups)
+                .into_par_iter()
+                .flat_map_iter(|g| {
+                    subset_sum_products::<E>(&all, planes, g * per..((g + 1) * per).min(h))
                 })
-                .collect::<Result<Vec<i64>>>();
-            DecryptStats::add(&stats.dlog_nanos, started);
-            out
-        })
-        .collect()
+                .collect();
+        }
+        let c0_table = (h >= C0_TABLE_MIN_KEYS).then(|| FixedBase::<E>::new(c0, self.c0w));
+        let c0_term = |k: &PreparedKey, sk: &Scalar<E>| match &c0_table {
+            Some(t) => t.mul_digits(&k.sk_digits),
+            None => c0.scalar_mul(sk.as_raw()),
+        };
+        if self.strategy == Strategy::Multiples {
+            // Point-major: build one point's multiples and apply them to every key while
+            // they are in cache (a table per point, consumed at once).
+            let mut accs = vec![E::Point::zero(); h];
+            let mut table = SmallMultiples::<E>::new(&pts[0], 0);
+            for (i, p) in pts.iter().enumerate() {
+                table.refill(p, self.column_max[i] as usize);
+                for (acc, key) in accs.iter_mut().zip(&self.keys) {
+                    table.add_to(acc, key.y[i]);
+                }
+            }
+            accs.into_iter()
+                .zip(self.prepared.iter().zip(&self.keys))
+                .map(|(mut acc, (k, key))| {
+                    acc.sub_point_assign(&c0_term(k, &key.sk));
+                    acc
+                })
+                .collect()
+        } else {
+            self.prepared
+                .par_iter()
+                .zip(&self.keys)
+                .map_init(Vec::new, |buckets, (k, key)| {
+                    let mut acc = msm_signed_with::<E>(&pts, &key.y, k.max_abs, buckets);
+                    acc.sub_point_assign(&c0_term(k, &key.sk));
+                    acc
+                })
+                .collect()
+        }
+    }
+
+    /// The discrete logs of one ciphertext's sums, halved for doubled products.
+    fn solve(&self, dlog: &DlogTable<E>, d: &[RawPoint<E>]) -> Result<Vec<i64>> {
+        let doubled = self.planes.as_ref().is_some_and(BitPlanes::doubled);
+        dlog.solve_batch(d, &self.solve_bounds)
+            .into_iter()
+            .zip(&self.bounds)
+            .map(|(v, &bound)| match v {
+                Ok(v) if doubled => halve_solution(v, bound),
+                // Report the caller's bound, not the doubled one searched.
+                Err(FeError::DlogNotFound { .. }) if doubled => {
+                    Err(FeError::DlogNotFound { bound })
+                }
+                other => other,
+            })
+            .collect()
+    }
 }
 
 impl<E: FeCurve> Encode<E> for FeipParams {

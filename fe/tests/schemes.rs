@@ -455,3 +455,49 @@ fn encrypting_straight_to_bytes_matches_the_envelope() {
     check::<Ristretto>(dlog());
     check::<Secp256k1>(dlog_secp());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    /// A decryptor prepared once gives, batch after batch, what [`feip::decrypt_matrix`] gives;
+    /// a ciphertext under another public key, or of another length, fails alone while the
+    /// others in its batch decrypt.
+    #[test]
+    fn prepared_decryptor_reuses_its_keys_and_isolates_bad_ciphertexts(
+        xs in proptest::collection::vec(proptest::collection::vec(0i64..=255, 40), 2..5),
+        ys in proptest::collection::vec(proptest::collection::vec(-128i64..=127, 40), 8..20),
+        bad in 0usize..5,
+    ) {
+        let (pk, msk) = keys(40, 255);
+        let enc = feip::FeipEncryptor::new(pk);
+        let ks = msk.derive_keys(&ys).expect("keys");
+        let dec = feip::FeipDecryptor::new(&pk.params(), &ks, dlog()).expect("prepare");
+        prop_assert_eq!(dec.keys(), ys.len());
+        for _ in 0..2 {
+            let cts = enc.encrypt_many(&xs).expect("encrypt");
+            prop_assert_eq!(
+                dec.decrypt(&cts, dlog()).expect("decrypt"),
+                feip::decrypt_matrix(&pk.params(), &cts, &ks, dlog()).expect("decrypt")
+            );
+        }
+        // Replace one ciphertext by one under another key, and cut another short.
+        let (other_pk, _) = feip::setup::<Ristretto>(FeipParams::new(40, 255).expect("params"));
+        let mut cts = enc.encrypt_many(&xs).expect("encrypt");
+        let bad = bad % cts.len();
+        cts[bad] = feip::FeipEncryptor::new(&other_pk).encrypt(&xs[bad]).expect("encrypt");
+        let short = (bad + 1) % cts.len();
+        let cut = cts[short].elements()[..39].to_vec();
+        cts[short] = FeipCiphertext::from_parts(cts[short].c0().clone(), cut);
+        let out = dec.decrypt_each(&cts, dlog(), &feip::DecryptStats::default());
+        for (i, (r, x)) in out.iter().zip(&xs).enumerate() {
+            if i == bad {
+                prop_assert!(matches!(r, Err(FeError::DlogNotFound { .. })), "{:?}", r);
+            } else if i == short {
+                prop_assert!(matches!(r, Err(FeError::LengthMismatch { .. })), "{:?}", r);
+            } else {
+                let want: Vec<i64> = ys.iter().map(|y| dot(x, y)).collect();
+                prop_assert_eq!(r.as_ref().expect("decrypts"), &want);
+            }
+        }
+    }
+}
