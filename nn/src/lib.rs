@@ -19,13 +19,16 @@
 //! - [`data`]: the dataset description, datasets, fixed batch partitions, the loaders (IDX,
 //!   CIFAR-10, CSV) and the client's encoding of real values;
 //! - [`first_layer`]: the seam, quantization and the plain implementations;
-//! - [`train`], [`eval`]: training loop, checkpoints and evaluation.
+//! - [`train`], [`eval`]: training loop, checkpoints and evaluation;
+//! - [`infer`]: inference with the first layer's integers computed elsewhere (the
+//!   prediction service's half of the seam).
 #![deny(missing_docs)]
 
 pub mod activation;
 pub mod data;
 pub mod eval;
 pub mod first_layer;
+pub mod infer;
 pub mod init;
 pub mod layer;
 pub mod loss;

@@ -306,15 +306,27 @@ impl Model {
                 got: x.shape().to_vec(),
             });
         }
+        match self.layers.first() {
+            Some(first) => self.logits_after_first(first.forward(x).view()),
+            None => Ok(x.to_owned()),
+        }
+    }
+
+    /// Logits `z_L` from the first layer's pre-activations `z_1 = x W_1^T + b_1` of shape
+    /// (B, n_1): the rest of the network, in the clear. Inference over encrypted inputs
+    /// decrypts `z_1` and calls this.
+    pub fn logits_after_first(&self, z1: ArrayView2<f32>) -> Result<Array2<f32>, ModelError> {
+        if z1.ncols() != self.spec.first_width() {
+            return Err(ModelError::Shape {
+                what: "first-layer pre-activations",
+                expected: vec![z1.nrows(), self.spec.first_width()],
+                got: z1.shape().to_vec(),
+            });
+        }
         let act = self.spec.activation;
-        let mut h = x.to_owned();
-        for (k, layer) in self.layers.iter().enumerate() {
-            let z = layer.forward(h.view());
-            h = if k + 1 < self.layers.len() {
-                act.forward(z.view())
-            } else {
-                z
-            };
+        let mut h = z1.to_owned();
+        for layer in self.layers.iter().skip(1) {
+            h = layer.forward(act.forward(h.view()).view());
         }
         Ok(h)
     }
