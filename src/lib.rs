@@ -16,6 +16,7 @@ pub mod basis;
 pub mod cli;
 pub mod client;
 pub mod dataset;
+pub mod net;
 pub mod protocol;
 pub mod secure;
 pub mod trainer;

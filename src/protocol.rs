@@ -170,19 +170,36 @@ pub enum ProtocolError {
     /// A frame did not decode.
     #[error("malformed frame: {0}")]
     Malformed(String),
-    /// The authority refused the request.
-    #[error("the authority refused the request: {0}")]
-    Refused(String),
-    /// The authority reported an error.
-    #[error("the authority reported an error: {0}")]
-    Server(String),
-    /// The authority had no free connection slot.
-    #[error("the authority is busy: {0}")]
-    Busy(String),
-    /// The authority could not be reached, or its connection kept failing, after retries.
-    #[error("the authority at {addr} did not answer after {attempts} attempts: {source}")]
+    /// The server refused the request.
+    #[error("the {role} refused the request: {message}")]
+    Refused {
+        /// Who refused.
+        role: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// The server reported an error.
+    #[error("the {role} reported an error: {message}")]
+    Server {
+        /// Who reported it.
+        role: &'static str,
+        /// The error.
+        message: String,
+    },
+    /// The server had no free connection slot.
+    #[error("the {role} is busy: {message}")]
+    Busy {
+        /// Who is busy.
+        role: &'static str,
+        /// Its message.
+        message: String,
+    },
+    /// The server could not be reached, or its connection kept failing, after retries.
+    #[error("the {role} at {addr} did not answer after {attempts} attempts: {source}")]
     Unavailable {
-        /// The authority's address.
+        /// Who did not answer.
+        role: &'static str,
+        /// The server's address.
         addr: String,
         /// Attempts made.
         attempts: u32,
@@ -228,7 +245,7 @@ pub fn write_frame<T: Serialize, W: Write>(w: &mut W, msg: &T) -> Result<(), Pro
 }
 
 /// The bytes of one request: its header frame (version and token) and its request frame.
-pub fn encode_request(token: &str, request: &Request) -> Result<Vec<u8>, ProtocolError> {
+pub fn encode_request<T: Serialize>(token: &str, request: &T) -> Result<Vec<u8>, ProtocolError> {
     let mut out = Vec::new();
     let header = RequestHeader {
         version: PROTOCOL_VERSION,
@@ -240,10 +257,10 @@ pub fn encode_request(token: &str, request: &Request) -> Result<Vec<u8>, Protoco
 }
 
 /// Writes one request (see [`encode_request`]).
-pub fn write_request<W: Write>(
+pub fn write_request<T: Serialize, W: Write>(
     w: &mut W,
     token: &str,
-    request: &Request,
+    request: &T,
 ) -> Result<(), ProtocolError> {
     w.write_all(&encode_request(token, request)?)?;
     w.flush()?;
@@ -371,19 +388,45 @@ struct Connection {
     writer: BufWriter<TcpStream>,
 }
 
-/// A connection to the authority, used by the client and the trainer. It reconnects and
-/// retries as its [`ClientConfig`] says.
-pub struct AuthorityClient {
+/// The answers of a served protocol: which of them are refusals, errors or "busy".
+pub trait Reply: for<'de> Deserialize<'de> {
+    /// Who answers, in messages ("authority", "prediction service").
+    const ROLE: &'static str;
+    /// The answer, or the refusal, error or busy message it carries as an error.
+    fn check(self) -> Result<Self, ProtocolError>;
+}
+
+impl Reply for Response {
+    const ROLE: &'static str = "authority";
+    fn check(self) -> Result<Self, ProtocolError> {
+        let role = Self::ROLE;
+        match self {
+            Response::Refused(message) => Err(ProtocolError::Refused { role, message }),
+            Response::Error(message) => Err(ProtocolError::Server { role, message }),
+            Response::Busy(message) => Err(ProtocolError::Busy { role, message }),
+            r => Ok(r),
+        }
+    }
+}
+
+/// A connection to a server of this project (the authority, the prediction service) for
+/// requests `Q` and answers `R`. It reconnects and retries as its [`ClientConfig`] says.
+pub struct Client<Q, R> {
     addr: String,
     token: String,
     config: ClientConfig,
     conn: Option<Connection>,
     connections: u64,
+    _protocol: std::marker::PhantomData<fn(Q) -> R>,
 }
 
-impl std::fmt::Debug for AuthorityClient {
+/// A connection to the authority, used by the client and the trainer.
+pub type AuthorityClient = Client<Request, Response>;
+
+impl<Q, R: Reply> std::fmt::Debug for Client<Q, R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthorityClient")
+        f.debug_struct("Client")
+            .field("role", &R::ROLE)
             .field("addr", &self.addr)
             .field("config", &self.config)
             .field("connected", &self.conn.is_some())
@@ -393,11 +436,11 @@ impl std::fmt::Debug for AuthorityClient {
 
 /// Whether another attempt may succeed.
 fn retryable(e: &ProtocolError) -> bool {
-    matches!(e, ProtocolError::Io(_) | ProtocolError::Busy(_))
+    matches!(e, ProtocolError::Io(_) | ProtocolError::Busy { .. })
 }
 
 /// An I/O error with the cause spelled out (a read timeout shows as `WouldBlock` on Unix).
-fn io_context(e: std::io::Error, what: &str, timeout: Duration) -> std::io::Error {
+fn io_context(e: std::io::Error, what: &str, timeout: Duration, role: &str) -> std::io::Error {
     match e.kind() {
         ErrorKind::WouldBlock | ErrorKind::TimedOut => std::io::Error::new(
             ErrorKind::TimedOut,
@@ -405,13 +448,13 @@ fn io_context(e: std::io::Error, what: &str, timeout: Duration) -> std::io::Erro
         ),
         ErrorKind::UnexpectedEof => std::io::Error::new(
             ErrorKind::UnexpectedEof,
-            "the authority closed the connection",
+            format!("the {role} closed the connection"),
         ),
         _ => e,
     }
 }
 
-impl AuthorityClient {
+impl<Q: Serialize, R: Reply> Client<Q, R> {
     /// Connects to `addr` (for example `127.0.0.1:7700`) with the caller's token and the
     /// default [`ClientConfig`].
     pub fn connect(addr: &str, token: &str) -> Result<Self, ProtocolError> {
@@ -424,12 +467,13 @@ impl AuthorityClient {
         token: &str,
         config: ClientConfig,
     ) -> Result<Self, ProtocolError> {
-        let mut c = AuthorityClient {
+        let mut c = Client {
             addr: addr.to_string(),
             token: token.to_string(),
             config,
             conn: None,
             connections: 0,
+            _protocol: std::marker::PhantomData,
         };
         c.retrying(|c| c.ensure_connected().map(|_| ()))?;
         Ok(c)
@@ -438,6 +482,11 @@ impl AuthorityClient {
     /// The client's configuration.
     pub fn config(&self) -> &ClientConfig {
         &self.config
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     /// TCP connections opened so far (more than 1 after a reconnection).
@@ -458,7 +507,14 @@ impl AuthorityClient {
                         writer: BufWriter::new(stream),
                     });
                 }
-                Err(e) => last = Some(io_context(e, "connection", self.config.connect_timeout)),
+                Err(e) => {
+                    last = Some(io_context(
+                        e,
+                        "connection",
+                        self.config.connect_timeout,
+                        R::ROLE,
+                    ))
+                }
             }
         }
         Err(match last {
@@ -494,6 +550,7 @@ impl AuthorityClient {
                         return Err(match e {
                             ProtocolError::Io(source) if attempt > 0 => {
                                 ProtocolError::Unavailable {
+                                    role: R::ROLE,
                                     addr: self.addr.clone(),
                                     attempts: attempt + 1,
                                     source,
@@ -513,22 +570,22 @@ impl AuthorityClient {
         }
     }
 
-    fn round_trip(&mut self, bytes: &[u8]) -> Result<Response, ProtocolError> {
+    fn round_trip(&mut self, bytes: &[u8]) -> Result<R, ProtocolError> {
         let (read_timeout, write_timeout) = (self.config.read_timeout, self.config.write_timeout);
         let conn = self.ensure_connected()?;
         let sent = conn
             .writer
             .write_all(bytes)
             .and_then(|()| conn.writer.flush())
-            .map_err(|e| io_context(e, "progress sending the request", write_timeout));
+            .map_err(|e| io_context(e, "progress sending the request", write_timeout, R::ROLE));
         sent?;
-        match read_frame::<Response, _>(&mut conn.reader) {
-            Ok(Response::Busy(m)) => Err(ProtocolError::Busy(m)),
-            Ok(r) => Ok(r),
+        match read_frame::<R, _>(&mut conn.reader) {
+            Ok(r) => r.check(),
             Err(ProtocolError::Io(e)) => Err(ProtocolError::Io(io_context(
                 e,
-                "answer from the authority",
+                &format!("answer from the {}", R::ROLE),
                 read_timeout,
+                R::ROLE,
             ))),
             Err(e) => {
                 // The stream is out of step: never reuse it.
@@ -538,20 +595,17 @@ impl AuthorityClient {
         }
     }
 
-    /// Sends one request and reads its response, turning refusals and errors into `Err`.
-    /// A broken connection, a timeout or a busy authority is retried on a new connection (see
-    /// [`ClientConfig`]).
-    pub fn call(&mut self, request: Request) -> Result<Response, ProtocolError> {
+    /// Sends one request and reads its answer, turning refusals and errors into `Err`. A
+    /// broken connection, a timeout or a busy server is retried on a new connection (see
+    /// [`ClientConfig`]); every request of this project's protocols is idempotent.
+    pub fn call(&mut self, request: Q) -> Result<R, ProtocolError> {
         let bytes = encode_request(&self.token, &request)?;
         drop(request);
-        match self.retrying(|c| c.round_trip(&bytes))? {
-            Response::Refused(m) => Err(ProtocolError::Refused(m)),
-            Response::Error(m) => Err(ProtocolError::Server(m)),
-            Response::Busy(m) => Err(ProtocolError::Busy(m)),
-            r => Ok(r),
-        }
+        self.retrying(|c| c.round_trip(&bytes))
     }
+}
 
+impl AuthorityClient {
     /// The authority's public parameters.
     pub fn params(&mut self) -> Result<PublicParams, ProtocolError> {
         Ok(self.published()?.params)

@@ -87,7 +87,7 @@ fn assert_serves(s: &Server) {
 
 fn refused(r: Result<impl std::fmt::Debug, ProtocolError>) -> String {
     match r {
-        Err(ProtocolError::Refused(m)) => m,
+        Err(ProtocolError::Refused { message: m, .. }) => m,
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
@@ -243,7 +243,10 @@ fn policy_refusals_keep_the_connection() {
             operand: 1,
         }]);
         assert!(
-            matches!(r, Err(ProtocolError::Server(_) | ProtocolError::Refused(_))),
+            matches!(
+                r,
+                Err(ProtocolError::Server { .. } | ProtocolError::Refused { .. })
+            ),
             "{r:?}"
         );
     }
@@ -445,7 +448,7 @@ fn connection_cap() {
     };
     let mut c = AuthorityClient::connect_with(&s.addr, &s.token, no_retry).unwrap();
     match c.params() {
-        Err(ProtocolError::Busy(m)) => assert!(m.contains("too many"), "{m}"),
+        Err(ProtocolError::Busy { message: m, .. }) => assert!(m.contains("too many"), "{m}"),
         other => panic!("expected an error, got {other:?}"),
     }
     drop(a);
@@ -916,7 +919,7 @@ fn binary_init_and_serve() {
         let keys = c.col_keys(&[vec![1, 1, 0, 0]]).map_err(|e| e.to_string())?;
         assert_eq!(keys.len(), 1);
         let mut bad = AuthorityClient::connect(&addr, "wrong").map_err(|e| e.to_string())?;
-        assert!(matches!(bad.params(), Err(ProtocolError::Refused(_))));
+        assert!(matches!(bad.params(), Err(ProtocolError::Refused { .. })));
         Ok::<(), String>(())
     })();
     // SIGTERM: a clean stop (summaries and a stop line in the audit log), status 0.

@@ -141,42 +141,7 @@ pub enum Event {
     Stop,
 }
 
-/// A failure before authentication, counted rather than logged line by line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Failure {
-    /// A frame longer than the limit.
-    Oversized,
-    /// A frame that does not decode.
-    Malformed,
-    /// A protocol version this authority does not speak.
-    Version,
-    /// A wrong token.
-    Auth,
-    /// No authenticated request within the deadline.
-    Timeout,
-    /// Closed by the caller before it authenticated.
-    Closed,
-    /// Closed by the authority to make room for a newer unauthenticated connection.
-    Evicted,
-    /// Turned away because every connection slot was taken.
-    Busy,
-}
-
-impl Failure {
-    /// The name used in the log.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Failure::Oversized => "oversized",
-            Failure::Malformed => "malformed",
-            Failure::Version => "version",
-            Failure::Auth => "auth",
-            Failure::Timeout => "timeout",
-            Failure::Closed => "closed",
-            Failure::Evicted => "evicted",
-            Failure::Busy => "busy",
-        }
-    }
-}
+pub use crate::net::Failure;
 
 /// The record of one issued key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -18,24 +18,15 @@
 //!
 //! # Serving
 //!
-//! [`spawn`] (or the blocking [`serve`]) answers the [protocol] on an
-//! already-bound [`TcpListener`], one thread per connection. Every request starts with a
-//! small header (at most [`protocol::MAX_HEADER`] bytes) carrying the token, which is read and
-//! compared (in constant time) before the request's length is even read, so an
-//! unauthenticated caller makes the authority hold no more than a few KiB. A new connection
-//! must send that header within [`ServerConfig::auth_timeout`] (default 5 s); at most
-//! [`ServerConfig::max_pending`] connections wait to authenticate, and a newer one closes the
-//! oldest waiting one, so idle connections cannot lock callers out. Authenticated connections
-//! are capped by [`ServerConfig::max_connections`]; beyond it callers get
-//! [`Response::Busy`]. A failed authentication is answered with [`Response::Refused`] and
-//! closes the connection. Key requests are checked by [`Policy::check`]; a refused request is
-//! answered with [`Response::Refused`] and the connection stays open. A frame longer than
-//! its limit, a frame that does not decode or a wrong protocol version is answered with
-//! [`Response::Error`] and closes the connection. Idle connections are closed after a
-//! timeout. Keys are derived in parallel, and every request that issues keys is logged
-//! (digests, not vectors) before the keys are sent. Failures before authentication
-//! (garbage, wrong tokens, timeouts, evictions) are counted per peer address and summarised
-//! in the [audit log](audit), which is hash-chained and rotated.
+//! [`spawn`] (or the blocking [`serve`]) answers the [protocol] on an already-bound
+//! [`TcpListener`] through the [network layer](crate::net), which authenticates callers by
+//! the token before it reads a request, bounds what it holds for unauthenticated callers, caps
+//! connections and closes idle ones. Key requests are checked by [`Policy::check`]; a refused
+//! request is answered with [`Response::Refused`] and the connection stays open. Keys are
+//! derived in parallel, and every request that issues keys is logged (digests, not vectors)
+//! before the keys are sent. Failures before authentication (garbage, wrong tokens,
+//! timeouts, evictions) are counted per peer address and summarised in the
+//! [audit log](audit), which is hash-chained and rotated.
 //!
 //! The master secret keys never leave this module except into their 0600 files.
 
@@ -45,7 +36,8 @@ pub mod policy;
 pub use audit::{AuditEntry, AuditLimits, AuditLog, Failure, KeyKind, Outcome};
 pub use policy::Policy;
 
-use crate::protocol::{self, PublicParams, Request, Response, MAX_FRAME, PROTOCOL_VERSION};
+use crate::net::{self, Service};
+use crate::protocol::{self, PublicParams, Request, Response, MAX_FRAME};
 use crate::Curve;
 use bincode::Options;
 use curv::elliptic::curves::Point;
@@ -54,16 +46,12 @@ use fe::feip::{FeipMasterSecretKey, FeipParams};
 use fe::{Encode, FeCurve};
 use nn::data::DatasetInfo;
 use rayon::prelude::*;
-use sha2::{Digest, Sha256};
-use std::collections::{HashMap, VecDeque};
-use std::io::{BufReader, BufWriter, ErrorKind, Read};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io::{ErrorKind, Read};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use subtle::ConstantTimeEq;
 use thiserror::Error;
 use zeroize::Zeroizing;
 
@@ -80,23 +68,13 @@ pub const TOKEN_FILE: &str = "token";
 /// Default name of the audit log inside the key directory.
 pub const AUDIT_FILE: &str = "audit.log";
 
-/// Default idle timeout of a connection.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Default cap on concurrent authenticated connections.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
-/// Default deadline for a new connection to send its first request's header with the token.
-pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default cap on connections that have not authenticated yet.
-pub const DEFAULT_MAX_PENDING: usize = 64;
-/// Longest accepted token, in bytes.
-pub const MAX_TOKEN_LEN: usize = 1024;
+pub use crate::net::{
+    generate_token, ServerHandle, DEFAULT_AUTH_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING, MAX_TOKEN_LEN,
+};
 
 /// Largest key or parameter file read by [`load`].
 const MAX_KEY_FILE: u64 = 64 << 20;
-/// Most threads answering connections over the cap at once.
-const MAX_TURNING_AWAY: usize = 16;
-/// How often the accept loop looks at the shutdown flag.
-const ACCEPT_POLL: Duration = Duration::from_millis(10);
 
 /// Errors of the authority.
 #[derive(Debug, Error)]
@@ -156,6 +134,9 @@ pub enum AuthorityError {
     /// A parameter is out of range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The network layer refused its settings or could not serve.
+    #[error(transparent)]
+    Net(#[from] net::NetError),
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> AuthorityError {
@@ -301,28 +282,7 @@ pub struct Initialized {
 
 /// Checks that a token is usable: 1 to [`MAX_TOKEN_LEN`] printable ASCII characters, no spaces.
 pub fn validate_token(token: &str) -> Result<(), AuthorityError> {
-    if token.is_empty() {
-        return Err(AuthorityError::InvalidToken("the token is empty".into()));
-    }
-    if token.len() > MAX_TOKEN_LEN {
-        return Err(AuthorityError::InvalidToken(format!(
-            "the token is longer than {MAX_TOKEN_LEN} bytes"
-        )));
-    }
-    if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(AuthorityError::InvalidToken(
-            "the token must be printable ASCII without spaces".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// A fresh random token: 32 bytes from the operating system, in hex.
-pub fn generate_token() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    audit::hex(&b)
+    net::validate_token(token).map_err(AuthorityError::InvalidToken)
 }
 
 /// The bincode options of the parameters file (those of the protocol's frames).
@@ -550,152 +510,108 @@ impl ServerConfig {
     }
 }
 
-/// The expected token, kept as its SHA-256 so comparisons take the same time whatever the
-/// presented token's length and content.
-struct TokenCheck([u8; 32]);
-
-impl TokenCheck {
-    fn new(token: &str) -> Self {
-        TokenCheck(Sha256::digest(token.as_bytes()).into())
-    }
-
-    fn matches(&self, presented: &str) -> bool {
-        let h: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let eq: bool = h.ct_eq(&self.0).into();
-        eq && !presented.is_empty()
-    }
-}
-
-/// State shared by the accept loop and the connection threads.
-struct Shared {
+/// The authority as a [`Service`] of the network layer.
+struct AuthorityService {
     authority: Authority,
-    token: TokenCheck,
     policy: Policy,
     audit: AuditLog,
-    frame_limit: usize,
-    idle_timeout: Duration,
-    auth_timeout: Duration,
-    max_connections: usize,
-    max_pending: usize,
     verbose: bool,
-    shutdown: Arc<AtomicBool>,
-    /// Authenticated connections.
-    active: AtomicUsize,
-    /// Connections that have not authenticated yet, oldest first (id and peer address).
-    pending: Mutex<VecDeque<(u64, IpAddr)>>,
-    /// Threads answering connections over the cap.
-    turning_away: AtomicUsize,
-    next_id: AtomicU64,
-    /// Open connections, to close them at shutdown.
-    live: Mutex<HashMap<u64, TcpStream>>,
 }
 
-/// A running server (see [`spawn`]). Dropping it shuts the server down.
-pub struct ServerHandle {
-    addr: SocketAddr,
-    shutdown: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<(), AuthorityError>>>,
-}
+impl Service for AuthorityService {
+    type Request = Request;
+    type Response = Response;
+    const ROLE: &'static str = "authority";
 
-impl ServerHandle {
-    /// The address the server listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+    fn respond(&self, peer: &str, request: Request) -> Response {
+        let (kind, count) = kind_of(&request);
+        let start = Instant::now();
+        let response = respond(self, peer, &request);
+        if self.verbose && kind != KeyKind::Params {
+            let what = match &response {
+                Response::Refused(r) => format!("refused: {r}"),
+                Response::Error(r) | Response::Busy(r) => format!("error: {r}"),
+                _ => "issued".to_string(),
+            };
+            eprintln!(
+                "authority: {peer}: {count} {kind:?} keys {what} in {:.1} ms",
+                start.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        response
     }
 
-    /// Stops accepting, closes open connections and waits for the accept loop to end.
-    pub fn shutdown(mut self) -> Result<(), AuthorityError> {
-        self.stop()
+    fn refused(message: String) -> Response {
+        Response::Refused(message)
     }
 
-    /// Waits for the server to stop (it runs until [`ServerHandle::shutdown`] is called from
-    /// elsewhere, so in practice: forever).
-    pub fn wait(mut self) -> Result<(), AuthorityError> {
-        match self.thread.take() {
-            Some(t) => join(t),
-            None => Ok(()),
+    fn error(message: String) -> Response {
+        Response::Error(message)
+    }
+
+    fn busy(message: String) -> Response {
+        Response::Busy(message)
+    }
+
+    fn failure(&self, peer_ip: &str, what: Failure, reason: &str) {
+        self.audit.failure(peer_ip, what, reason);
+    }
+
+    fn connection_error(&self, peer: &str, reason: &str) {
+        let mut e = AuditEntry::new(peer, KeyKind::Unknown, Outcome::Error, 0);
+        e.reason = Some(reason.to_string());
+        // Best effort: nothing is issued on this path, so a failed write loses no key record.
+        let _ = self.audit.record(&e);
+    }
+
+    fn tick(&self) {
+        self.audit.tick();
+    }
+
+    fn close(&self) {
+        if let Err(e) = self.audit.close() {
+            if self.verbose {
+                eprintln!("authority: cannot write the audit log at shutdown: {e}");
+            }
         }
     }
-
-    fn stop(&mut self) -> Result<(), AuthorityError> {
-        self.shutdown.store(true, Ordering::SeqCst);
-        match self.thread.take() {
-            Some(t) => join(t),
-            None => Ok(()),
-        }
-    }
 }
 
-impl Drop for ServerHandle {
-    fn drop(&mut self) {
-        let _ = self.stop();
-    }
-}
-
-fn join(t: JoinHandle<Result<(), AuthorityError>>) -> Result<(), AuthorityError> {
-    t.join().unwrap_or_else(|_| {
-        Err(AuthorityError::InvalidArgument(
-            "the server thread panicked".into(),
-        ))
-    })
-}
-
+/// The service and network settings of `config`, checked.
 fn prepare(
-    listener: &TcpListener,
     authority: Authority,
     config: ServerConfig,
-    shutdown: Arc<AtomicBool>,
-) -> Result<Arc<Shared>, AuthorityError> {
+) -> Result<(AuthorityService, net::Settings), AuthorityError> {
     validate_token(&config.token)?;
     let row_len = authority.params.dataset.row_len();
     let col_len = authority.batch_size();
     let policy = config.policy.with_lengths(row_len, col_len);
     policy.validate().map_err(AuthorityError::Policy)?;
-    if config.max_connections == 0 {
-        return Err(AuthorityError::InvalidArgument(
-            "max_connections must be at least 1".into(),
-        ));
-    }
-    if config.idle_timeout.is_zero() || config.auth_timeout.is_zero() {
-        return Err(AuthorityError::InvalidArgument(
-            "the idle and authentication timeouts must be positive".into(),
-        ));
-    }
-    if config.max_pending == 0 {
-        return Err(AuthorityError::InvalidArgument(
-            "max_pending must be at least 1".into(),
-        ));
-    }
     config
         .audit_limits
         .validate()
         .map_err(AuthorityError::InvalidArgument)?;
-    let audit = AuditLog::open_with(&config.audit, config.audit_limits.clone())
-        .map_err(|e| io_err(&config.audit, e))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| io_err(Path::new("listener"), e))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| io_err(Path::new(&addr.to_string()), e))?;
-    Ok(Arc::new(Shared {
-        authority,
-        token: TokenCheck::new(&config.token),
-        policy,
-        audit,
-        frame_limit: config.frame_limit.clamp(1, MAX_FRAME),
+    let settings = net::Settings {
+        token: config.token,
+        frame_limit: config.frame_limit,
         idle_timeout: config.idle_timeout,
         auth_timeout: config.auth_timeout,
         max_connections: config.max_connections,
         max_pending: config.max_pending,
         verbose: config.verbose,
-        shutdown,
-        active: AtomicUsize::new(0),
-        pending: Mutex::new(VecDeque::new()),
-        turning_away: AtomicUsize::new(0),
-        next_id: AtomicU64::new(0),
-        live: Mutex::new(HashMap::new()),
-    }))
+    };
+    settings.validate()?;
+    let audit = AuditLog::open_with(&config.audit, config.audit_limits.clone())
+        .map_err(|e| io_err(&config.audit, e))?;
+    Ok((
+        AuthorityService {
+            authority,
+            policy,
+            audit,
+            verbose: config.verbose,
+        },
+        settings,
+    ))
 }
 
 /// Serves on `listener` until `shutdown` is set (checked every 10 ms), then closes the open
@@ -706,9 +622,8 @@ pub fn serve(
     config: ServerConfig,
     shutdown: Arc<AtomicBool>,
 ) -> Result<(), AuthorityError> {
-    let shared = prepare(&listener, authority, config, shutdown)?;
-    accept_loop(&listener, &shared);
-    Ok(())
+    let (service, settings) = prepare(authority, config)?;
+    Ok(net::serve(listener, service, settings, shutdown)?)
 }
 
 /// Starts serving on `listener` in a background thread (bind `127.0.0.1:0` for an ephemeral
@@ -718,219 +633,9 @@ pub fn spawn(
     authority: Authority,
     config: ServerConfig,
 ) -> Result<ServerHandle, AuthorityError> {
-    let shutdown = Arc::new(AtomicBool::new(false));
-    let shared = prepare(&listener, authority, config, shutdown.clone())?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| io_err(Path::new("listener"), e))?;
-    let thread = std::thread::Builder::new()
-        .name("authority-accept".into())
-        .spawn(move || {
-            accept_loop(&listener, &shared);
-            Ok(())
-        })
-        .map_err(|e| io_err(Path::new(&addr.to_string()), e))?;
-    Ok(ServerHandle {
-        addr,
-        shutdown,
-        thread: Some(thread),
-    })
+    let (service, settings) = prepare(authority, config)?;
+    Ok(net::spawn(listener, service, settings)?)
 }
-
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
-    while !shared.shutdown.load(Ordering::SeqCst) {
-        shared.audit.tick();
-        match listener.accept() {
-            Ok((stream, peer)) => admit(shared, stream, peer),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => {
-                // Out of file descriptors and the like: wait and retry rather than die.
-                if shared.verbose {
-                    eprintln!("authority: accept failed: {e}");
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-    let live = std::mem::take(&mut *shared.live.lock().unwrap_or_else(|e| e.into_inner()));
-    for s in live.values() {
-        let _ = s.shutdown(Shutdown::Both);
-    }
-    if let Err(e) = shared.audit.close() {
-        if shared.verbose {
-            eprintln!("authority: cannot write the audit log at shutdown: {e}");
-        }
-    }
-}
-
-/// Keeps a connection's books (open connections, unauthenticated queue, authenticated count)
-/// and undoes them when its thread ends, however it ends.
-struct ConnectionGuard {
-    shared: Arc<Shared>,
-    id: u64,
-    authenticated: std::cell::Cell<bool>,
-}
-
-/// What [`ConnectionGuard::promote`] found.
-enum Promotion {
-    /// The connection now holds an authenticated slot.
-    Admitted,
-    /// Every authenticated slot is taken.
-    Busy,
-    /// The connection was evicted from the unauthenticated queue meanwhile.
-    Evicted,
-}
-
-impl ConnectionGuard {
-    /// Moves the connection from the unauthenticated queue to an authenticated slot.
-    fn promote(&self) -> Promotion {
-        {
-            let mut pending = lock(&self.shared.pending);
-            let Some(i) = pending.iter().position(|p| p.0 == self.id) else {
-                return Promotion::Evicted;
-            };
-            pending.remove(i);
-        }
-        if self.shared.active.fetch_add(1, Ordering::SeqCst) >= self.shared.max_connections {
-            self.shared.active.fetch_sub(1, Ordering::SeqCst);
-            return Promotion::Busy;
-        }
-        self.authenticated.set(true);
-        Promotion::Admitted
-    }
-
-    /// Whether the connection left the unauthenticated queue without authenticating (the
-    /// eviction was counted by whoever evicted it).
-    fn evicted(&self) -> bool {
-        !self.authenticated.get() && !lock(&self.shared.pending).iter().any(|p| p.0 == self.id)
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        lock(&self.shared.live).remove(&self.id);
-        lock(&self.shared.pending).retain(|p| p.0 != self.id);
-        if self.authenticated.get() {
-            self.shared.active.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-}
-
-/// Locks a mutex, ignoring poisoning (the books stay consistent: every update is one call).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
-    let setup = || -> std::io::Result<TcpStream> {
-        stream.set_nonblocking(false)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(shared.idle_timeout.min(shared.auth_timeout)))?;
-        stream.set_write_timeout(Some(shared.idle_timeout))?;
-        stream.try_clone()
-    };
-    let Ok(control) = setup() else {
-        return;
-    };
-    if shared.active.load(Ordering::SeqCst) >= shared.max_connections {
-        if shared.verbose {
-            eprintln!("authority: {peer}: refused, too many connections");
-        }
-        shared.audit.failure(
-            &peer.ip().to_string(),
-            Failure::Busy,
-            "too many connections",
-        );
-        turn_away(shared, stream);
-        return;
-    }
-    let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
-    let evicted = {
-        let mut pending = lock(&shared.pending);
-        let old = if pending.len() >= shared.max_pending {
-            pending.pop_front()
-        } else {
-            None
-        };
-        pending.push_back((id, peer.ip()));
-        old
-    };
-    let mut live = lock(&shared.live);
-    if let Some((old, ip)) = evicted {
-        // The oldest connection that has not authenticated makes room: idle connections
-        // cannot hold every slot, and a caller that sends its token at once is never the
-        // oldest for long.
-        if let Some(s) = live.get(&old) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-        shared.audit.failure(
-            &ip.to_string(),
-            Failure::Evicted,
-            "closed to make room for a newer connection before authenticating",
-        );
-    }
-    live.insert(id, control);
-    drop(live);
-    let guard = ConnectionGuard {
-        shared: shared.clone(),
-        id,
-        authenticated: std::cell::Cell::new(false),
-    };
-    let spawned = std::thread::Builder::new()
-        .name(format!("authority-conn-{id}"))
-        .spawn(move || {
-            let g = guard;
-            connection(&g, stream, peer);
-        });
-    // If the thread could not start, the closure (and the guard in it) is dropped here,
-    // which undoes the bookkeeping and closes the stream.
-    if let Err(e) = spawned {
-        if shared.verbose {
-            eprintln!("authority: {peer}: cannot start a thread: {e}");
-        }
-    }
-}
-
-/// Answers a connection over the cap with [`Response::Busy`], from a short-lived thread (at
-/// most [`MAX_TURNING_AWAY`] at once; beyond that the connection is just closed). The thread
-/// half-closes and drains what the caller sends for a moment, so the caller reads the answer
-/// rather than a reset.
-fn turn_away(shared: &Arc<Shared>, stream: TcpStream) {
-    if shared.turning_away.fetch_add(1, Ordering::SeqCst) >= MAX_TURNING_AWAY {
-        shared.turning_away.fetch_sub(1, Ordering::SeqCst);
-        return;
-    }
-    let sh = shared.clone();
-    let work = move || {
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
-        let mut w = BufWriter::new(&stream);
-        let _ = protocol::write_frame(&mut w, &Response::Busy(BUSY.into()));
-        drop(w);
-        let _ = stream.shutdown(Shutdown::Write);
-        let deadline = Instant::now() + Duration::from_millis(500);
-        let mut buf = [0u8; 4096];
-        let mut r = &stream;
-        while Instant::now() < deadline {
-            match r.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-        sh.turning_away.fetch_sub(1, Ordering::SeqCst);
-    };
-    if std::thread::Builder::new()
-        .name("authority-busy".into())
-        .spawn(work)
-        .is_err()
-    {
-        shared.turning_away.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// The message of [`Response::Busy`].
-const BUSY: &str = "too many connections; try again later";
 
 fn kind_of(request: &Request) -> (KeyKind, usize) {
     match request {
@@ -941,223 +646,8 @@ fn kind_of(request: &Request) -> (KeyKind, usize) {
     }
 }
 
-/// A socket reader that fails with [`ErrorKind::TimedOut`] once a deadline has passed (the
-/// deadline to authenticate), and otherwise waits at most the idle timeout for each read.
-struct DeadlineReader {
-    stream: TcpStream,
-    deadline: Option<Instant>,
-    idle: Duration,
-    /// The socket's read timeout as last set.
-    current: Option<Duration>,
-}
-
-impl Read for DeadlineReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let timeout = match self.deadline {
-            None => self.idle,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(std::io::Error::new(
-                        ErrorKind::TimedOut,
-                        "the deadline to authenticate has passed",
-                    ));
-                }
-                left.min(self.idle)
-            }
-        };
-        if self.current != Some(timeout) {
-            self.stream.set_read_timeout(Some(timeout))?;
-            self.current = Some(timeout);
-        }
-        self.stream.read(buf)
-    }
-}
-
-fn is_timeout(e: &protocol::ProtocolError) -> bool {
-    matches!(e, protocol::ProtocolError::Io(e)
-        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut))
-}
-
-/// Bytes buffered by a connection's reader.
-const READ_BUFFER: usize = 8 << 10;
-
-fn connection(guard: &ConnectionGuard, stream: TcpStream, peer: SocketAddr) {
-    let shared: &Shared = &guard.shared;
-    let Ok(read_half) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::with_capacity(
-        READ_BUFFER,
-        DeadlineReader {
-            stream: read_half,
-            deadline: Some(Instant::now() + shared.auth_timeout),
-            idle: shared.idle_timeout,
-            current: None,
-        },
-    );
-    let mut writer = BufWriter::new(stream);
-    let peer_s = peer.to_string();
-    let peer_ip = peer.ip().to_string();
-    // Before authentication, failures are counted and summarised (the network may send any
-    // amount of garbage); after it, each is a line of its own.
-    let log_error = |what: Failure, outcome: Outcome, reason: &str| {
-        if guard.authenticated.get() {
-            let mut e = AuditEntry::new(&peer_s, KeyKind::Unknown, outcome, 0);
-            e.reason = Some(reason.to_string());
-            // Best effort: nothing is issued on this path, so a failed write loses no key record.
-            let _ = shared.audit.record(&e);
-        } else {
-            shared.audit.failure(&peer_ip, what, reason);
-        }
-        if shared.verbose {
-            eprintln!("authority: {peer_s}: {outcome:?}: {reason}");
-        }
-    };
-    loop {
-        if shared.shutdown.load(Ordering::SeqCst) {
-            return;
-        }
-        // The header: at most MAX_HEADER bytes, checked before anything else is read.
-        let header = match protocol::read_request_header(&mut reader) {
-            Ok(h) => h,
-            Err(e) if is_timeout(&e) => {
-                if guard.authenticated.get() {
-                    if shared.verbose {
-                        eprintln!("authority: {peer_s}: idle, closing the connection");
-                    }
-                } else if !guard.evicted() && !shared.shutdown.load(Ordering::SeqCst) {
-                    let msg = format!(
-                        "no authenticated request within {:.1} s; closing the connection",
-                        shared.auth_timeout.as_secs_f64()
-                    );
-                    log_error(Failure::Timeout, Outcome::Error, &msg);
-                    let _ = protocol::write_frame(&mut writer, &Response::Error(msg));
-                }
-                return;
-            }
-            Err(protocol::ProtocolError::Io(_)) => {
-                // The caller closed the connection (or it broke): nothing to answer.
-                if !guard.authenticated.get()
-                    && !guard.evicted()
-                    && !shared.shutdown.load(Ordering::SeqCst)
-                {
-                    shared
-                        .audit
-                        .failure(&peer_ip, Failure::Closed, "closed before authenticating");
-                }
-                return;
-            }
-            Err(e) => {
-                let (what, msg) = match e {
-                    protocol::ProtocolError::FrameTooLarge(n) => (
-                        Failure::Oversized,
-                        format!(
-                            "request header of {n} bytes exceeds the limit of {} bytes \
-                             (protocol version {PROTOCOL_VERSION} sends a small header first)",
-                            protocol::MAX_HEADER
-                        ),
-                    ),
-                    protocol::ProtocolError::Version(v) => (
-                        Failure::Version,
-                        format!(
-                            "protocol version {v} is not supported (this authority speaks \
-                             version {PROTOCOL_VERSION})"
-                        ),
-                    ),
-                    other => (Failure::Malformed, other.to_string()),
-                };
-                log_error(what, Outcome::Error, &msg);
-                let _ = protocol::write_frame(&mut writer, &Response::Error(msg));
-                return;
-            }
-        };
-        if !shared.token.matches(&header.token) {
-            let msg = "authentication failed";
-            // A wrong token is a failure before authentication even on a connection that
-            // authenticated before: it proves nothing about the sender.
-            shared.audit.failure(&peer_ip, Failure::Auth, msg);
-            if shared.verbose {
-                eprintln!("authority: {peer_s}: refused: {msg}");
-            }
-            let _ = protocol::write_frame(&mut writer, &Response::Refused(msg.into()));
-            return;
-        }
-        drop(header);
-        if !guard.authenticated.get() {
-            match guard.promote() {
-                Promotion::Admitted => reader.get_mut().deadline = None,
-                Promotion::Busy => {
-                    if shared.verbose {
-                        eprintln!("authority: {peer_s}: refused, too many connections");
-                    }
-                    let _ = protocol::write_frame(&mut writer, &Response::Busy(BUSY.into()));
-                    return;
-                }
-                Promotion::Evicted => return,
-            }
-        }
-        // Authenticated: the request itself, up to the frame limit.
-        let body = match protocol::read_frame_bytes(&mut reader, shared.frame_limit) {
-            Ok(b) => b,
-            Err(protocol::ProtocolError::FrameTooLarge(n)) => {
-                let msg = format!(
-                    "frame of {n} bytes exceeds the limit of {} bytes",
-                    shared.frame_limit
-                );
-                log_error(Failure::Oversized, Outcome::Error, &msg);
-                let _ = protocol::write_frame(&mut writer, &Response::Error(msg));
-                return;
-            }
-            Err(e) if is_timeout(&e) => {
-                if shared.verbose {
-                    eprintln!("authority: {peer_s}: stalled inside a request, closing");
-                }
-                return;
-            }
-            Err(_) => return,
-        };
-        let request: Request = match protocol::decode(&body) {
-            Ok(r) => r,
-            Err(e) => {
-                let msg = e.to_string();
-                log_error(Failure::Malformed, Outcome::Error, &msg);
-                let _ = protocol::write_frame(&mut writer, &Response::Error(msg));
-                return;
-            }
-        };
-        drop(body);
-        let (kind, count) = kind_of(&request);
-        let start = Instant::now();
-        let response = respond(shared, &peer_s, &request);
-        if shared.verbose && kind != KeyKind::Params {
-            let what = match &response {
-                Response::Refused(r) => format!("refused: {r}"),
-                Response::Error(r) | Response::Busy(r) => format!("error: {r}"),
-                _ => "issued".to_string(),
-            };
-            eprintln!(
-                "authority: {peer_s}: {count} {kind:?} keys {what} in {:.1} ms",
-                start.elapsed().as_secs_f64() * 1e3
-            );
-        }
-        match protocol::write_frame(&mut writer, &response) {
-            Ok(()) => {}
-            Err(protocol::ProtocolError::FrameTooLarge(n)) => {
-                let msg = format!(
-                    "the answer ({n} bytes) exceeds the frame limit; ask for fewer keys at once"
-                );
-                if protocol::write_frame(&mut writer, &Response::Error(msg)).is_err() {
-                    return;
-                }
-            }
-            Err(_) => return,
-        }
-    }
-}
-
 /// Answers an authenticated request: policy, derivation, audit (before anything is sent).
-fn respond(shared: &Shared, peer: &str, request: &Request) -> Response {
+fn respond(shared: &AuthorityService, peer: &str, request: &Request) -> Response {
     let (kind, count) = kind_of(request);
     let response = shared.authority.answer(&shared.policy, request);
     if kind == KeyKind::Params {
