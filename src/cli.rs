@@ -30,7 +30,8 @@ pub struct DataArgs {
     /// training data), else fitted on the training data and written there.
     #[arg(long, value_name = "FILE")]
     pub encoding: Option<PathBuf>,
-    /// Use only the first N training samples.
+    /// Use only the first N samples: of the training data for `encrypt` and `simulate`, of
+    /// the test or query data for `evaluate` and `predict`.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
 }
@@ -149,6 +150,79 @@ impl DataArgs {
             clamped: report,
             source,
         })
+    }
+}
+
+impl DataArgs {
+    /// The plaintext evaluation or query set: the test part of the data (an IDX or CIFAR-10
+    /// directory), or all of it when it has none (a CSV table), at most `--limit` samples,
+    /// encoded with the bound of `info` and checked against it. Values that need an encoding
+    /// are refused without `--encoding`, so that the set is encoded like the training data.
+    pub fn load_eval(&self, info: &nn::data::DatasetInfo) -> anyhow::Result<Dataset> {
+        use anyhow::Context;
+        let loaded = self.load(info.x_bound, None, None)?;
+        if self.encoding.is_none()
+            && loaded
+                .encoding
+                .columns
+                .iter()
+                .any(|c| *c != data::encoding::ColumnMap::Keep)
+        {
+            anyhow::bail!(
+                "{} has values that need an encoding: give the client's encoding file with \
+                 --encoding (or --eval-encoding), so that the data is encoded like the \
+                 training data",
+                loaded.source
+            );
+        }
+        warn_clamped(&loaded.clamped);
+        let mut set = loaded.test.unwrap_or(loaded.train);
+        if let Some(n) = self.limit {
+            set = set.take(n);
+        }
+        set.info
+            .check_fits(info)
+            .with_context(|| format!("the data {} does not fit the model's", loaded.source))?;
+        Ok(set)
+    }
+}
+
+/// The connection settings of every role that serves (`authority serve`, `trainer serve`).
+#[derive(Args, Debug, Clone)]
+pub struct NetArgs {
+    /// Close connections idle for this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub idle_timeout: u64,
+    /// Most authenticated connections served at once; more are told to try again later.
+    #[arg(long, value_name = "N", default_value_t = crate::net::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// A new connection must send its token within this many seconds or is closed.
+    #[arg(long, value_name = "SECS", default_value_t = crate::net::DEFAULT_AUTH_TIMEOUT.as_secs_f64())]
+    pub auth_timeout: f64,
+    /// Most connections waiting to authenticate; a newer one closes the oldest.
+    #[arg(long, value_name = "N", default_value_t = crate::net::DEFAULT_MAX_PENDING)]
+    pub max_pending: usize,
+}
+
+impl NetArgs {
+    /// The network settings with `token`, checked.
+    pub fn settings(&self, token: String) -> anyhow::Result<crate::net::Settings> {
+        use anyhow::Context;
+        if self.idle_timeout == 0 {
+            anyhow::bail!("--idle-timeout must be at least 1 second");
+        }
+        let settings = crate::net::Settings {
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout),
+            max_connections: self.max_connections,
+            max_pending: self.max_pending,
+            auth_timeout: std::time::Duration::try_from_secs_f64(self.auth_timeout)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .context("--auth-timeout must be a positive number of seconds")?,
+            ..crate::net::Settings::new(token)
+        };
+        settings.validate()?;
+        Ok(settings)
     }
 }
 

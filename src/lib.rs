@@ -6,9 +6,10 @@
 //!   function keys on request, under a key policy, with an audit log.
 //! * [`client`]: encodes and encrypts a dataset into an encrypted-dataset file ([`dataset`]).
 //! * [`trainer`]: trains a network whose first layer is computed over the encrypted data
-//!   ([`secure`]), asking the authority for keys at every step.
+//!   ([`secure`]), asking the authority for keys at every step; and, as the model owner,
+//!   serves predictions on encrypted queries ([`inference`]).
 //!
-//! They talk through [`protocol`]. The group is Ristretto255 ([`Curve`]).
+//! They talk through [`protocol`]; the servers share one network layer, [`net`]. The group is Ristretto255 ([`Curve`]).
 #![deny(missing_docs)]
 
 pub mod authority;
@@ -16,6 +17,7 @@ pub mod basis;
 pub mod cli;
 pub mod client;
 pub mod dataset;
+pub mod inference;
 pub mod net;
 pub mod protocol;
 pub mod secure;

@@ -126,6 +126,9 @@ pub enum Request {
     ColKeys(Vec<Vec<i32>>),
     /// Basic-operation keys.
     FeboKeys(Vec<FeboKeyRequest>),
+    /// Inner-product keys for a prediction service's first-layer rows (length `n + 1`):
+    /// row keys, asked once when the service starts and logged apart from training's.
+    InferenceKeys(Vec<Vec<i32>>),
 }
 
 /// The header frame of a request: read and checked before the request itself. Its first two
@@ -386,7 +389,14 @@ impl Default for ClientConfig {
 struct Connection {
     reader: BufReader<TcpStream>,
     writer: BufWriter<TcpStream>,
+    /// When it was opened, and whether it has carried a request.
+    opened: std::time::Instant,
+    used: bool,
 }
+
+/// A connection opened but not used for this long is replaced before its first request:
+/// servers close connections that do not authenticate within a few seconds.
+const FRESH: Duration = Duration::from_millis(1000);
 
 /// The answers of a served protocol: which of them are refusals, errors or "busy".
 pub trait Reply: for<'de> Deserialize<'de> {
@@ -505,6 +515,8 @@ impl<Q: Serialize, R: Reply> Client<Q, R> {
                     return Ok(Connection {
                         reader: BufReader::new(stream.try_clone()?),
                         writer: BufWriter::new(stream),
+                        opened: std::time::Instant::now(),
+                        used: false,
                     });
                 }
                 Err(e) => {
@@ -524,6 +536,13 @@ impl<Q: Serialize, R: Reply> Client<Q, R> {
     }
 
     fn ensure_connected(&mut self) -> Result<&mut Connection, ProtocolError> {
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| !c.used && c.opened.elapsed() > FRESH)
+        {
+            self.conn = None;
+        }
         if self.conn.is_none() {
             self.conn = Some(self.open()?);
             self.connections += 1;
@@ -573,6 +592,7 @@ impl<Q: Serialize, R: Reply> Client<Q, R> {
     fn round_trip(&mut self, bytes: &[u8]) -> Result<R, ProtocolError> {
         let (read_timeout, write_timeout) = (self.config.read_timeout, self.config.write_timeout);
         let conn = self.ensure_connected()?;
+        conn.used = true;
         let sent = conn
             .writer
             .write_all(bytes)
@@ -632,7 +652,7 @@ impl AuthorityClient {
     fn feip_keys(
         &mut self,
         ys: &[Vec<i64>],
-        row: bool,
+        kind: fn(Vec<Vec<i32>>) -> Request,
     ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
         let wire = ys
             .iter()
@@ -648,12 +668,7 @@ impl AuthorityClient {
                     .collect::<Result<Vec<i32>, _>>()
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let req = if row {
-            Request::RowKeys(wire)
-        } else {
-            Request::ColKeys(wire)
-        };
-        match self.call(req)? {
+        match self.call(kind(wire))? {
             Response::FeipSecrets(s) if s.len() == ys.len() => s
                 .iter()
                 .zip(ys)
@@ -672,7 +687,7 @@ impl AuthorityClient {
         &mut self,
         ys: &[Vec<i64>],
     ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
-        self.feip_keys(ys, true)
+        self.feip_keys(ys, Request::RowKeys)
     }
 
     /// Inner-product keys for first-layer delta columns (length = batch size).
@@ -680,7 +695,15 @@ impl AuthorityClient {
         &mut self,
         ys: &[Vec<i64>],
     ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
-        self.feip_keys(ys, false)
+        self.feip_keys(ys, Request::ColKeys)
+    }
+
+    /// Inner-product keys for a prediction service's first-layer rows (length `n + 1`).
+    pub fn inference_keys(
+        &mut self,
+        ys: &[Vec<i64>],
+    ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
+        self.feip_keys(ys, Request::InferenceKeys)
     }
 
     /// Basic-operation keys.

@@ -96,6 +96,8 @@ pub enum KeyKind {
     Col,
     /// Basic-operation keys.
     Febo,
+    /// Inner-product keys for a prediction service's first-layer rows.
+    Inference,
     /// A request that could not be read: the kind is unknown.
     Unknown,
 }
@@ -108,6 +110,7 @@ impl KeyKind {
             KeyKind::Row => "row",
             KeyKind::Col => "col",
             KeyKind::Febo => "febo",
+            KeyKind::Inference => "inference",
             KeyKind::Unknown => "unknown",
         }
     }
@@ -219,11 +222,13 @@ pub fn line_hash(line: &[u8]) -> String {
     hex(&Sha256::digest(line))
 }
 
-/// The record of an inner-product key for `y` (`kind` is [`KeyKind::Row`] or [`KeyKind::Col`]).
+/// The record of an inner-product key for `y` (`kind` is [`KeyKind::Row`],
+/// [`KeyKind::Inference`] or [`KeyKind::Col`]). Row and inference keys of the same vector
+/// have the same digest: they are the same key.
 pub fn feip_record(kind: KeyKind, y: &[i32]) -> KeyRecord {
     let mut h = Sha256::new();
     h.update(match kind {
-        KeyKind::Row => b"row".as_slice(),
+        KeyKind::Row | KeyKind::Inference => b"row".as_slice(),
         _ => b"col".as_slice(),
     });
     let mut nonzero = 0;

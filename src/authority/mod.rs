@@ -234,7 +234,7 @@ impl Authority {
                 params: self.params.clone(),
                 policy: policy.clone(),
             }))),
-            Request::RowKeys(ys) => feip(&self.row, ys),
+            Request::RowKeys(ys) | Request::InferenceKeys(ys) => feip(&self.row, ys),
             Request::ColKeys(ys) => feip(&self.col, ys),
             Request::FeboKeys(reqs) => {
                 let parsed = reqs
@@ -641,6 +641,7 @@ fn kind_of(request: &Request) -> (KeyKind, usize) {
     match request {
         Request::Params => (KeyKind::Params, 0),
         Request::RowKeys(ys) => (KeyKind::Row, ys.len()),
+        Request::InferenceKeys(ys) => (KeyKind::Inference, ys.len()),
         Request::ColKeys(ys) => (KeyKind::Col, ys.len()),
         Request::FeboKeys(r) => (KeyKind::Febo, r.len()),
     }
@@ -667,7 +668,7 @@ fn respond(shared: &AuthorityService, peer: &str, request: &Request) -> Response
         _ => {
             let mut e = AuditEntry::new(peer, kind, Outcome::Issued, count);
             e.keys = match request {
-                Request::RowKeys(ys) | Request::ColKeys(ys) => {
+                Request::RowKeys(ys) | Request::ColKeys(ys) | Request::InferenceKeys(ys) => {
                     ys.par_iter().map(|y| audit::feip_record(kind, y)).collect()
                 }
                 Request::FeboKeys(reqs) => reqs.par_iter().map(audit::febo_record).collect(),

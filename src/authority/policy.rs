@@ -151,6 +151,11 @@ impl Policy {
         match request {
             Request::Params => Ok(()),
             Request::RowKeys(ys) => self.check_feip("row", ys, self.row_len, self.min_row()),
+            // A prediction service's rows are row keys under the same rules: a unit vector
+            // would read one feature of every query.
+            Request::InferenceKeys(ys) => {
+                self.check_feip("inference row", ys, self.row_len, self.min_row())
+            }
             Request::ColKeys(ys) => {
                 self.check_feip("column", ys, self.col_len, self.min_nonzero_col)
             }

@@ -7,6 +7,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cryptonn::authority::{self, InitOptions, Policy, ServerConfig};
+use cryptonn::cli::NetArgs;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -124,9 +125,8 @@ struct ServeArgs {
     token: Option<String>,
     #[command(flatten)]
     policy: PolicyArgs,
-    /// Close connections idle for this many seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
-    idle_timeout: u64,
+    #[command(flatten)]
+    net: NetArgs,
     /// Audit log, appended to [default: DIR/audit.log].
     #[arg(long, value_name = "FILE")]
     audit: Option<PathBuf>,
@@ -146,15 +146,6 @@ struct ServeArgs {
     /// Largest accepted request frame in bytes (at most 64 MiB).
     #[arg(long, value_name = "BYTES", default_value_t = cryptonn::protocol::MAX_FRAME)]
     max_frame: usize,
-    /// Most authenticated connections served at once; more are told to try again later.
-    #[arg(long, value_name = "N", default_value_t = authority::DEFAULT_MAX_CONNECTIONS)]
-    max_connections: usize,
-    /// A new connection must send its token within this many seconds or is closed.
-    #[arg(long, value_name = "SECS", default_value_t = authority::DEFAULT_AUTH_TIMEOUT.as_secs_f64())]
-    auth_timeout: f64,
-    /// Most connections waiting to authenticate; a newer one closes the oldest.
-    #[arg(long, value_name = "N", default_value_t = authority::DEFAULT_MAX_PENDING)]
-    max_pending: usize,
     /// Do not print a line per request on stderr.
     #[arg(long)]
     quiet: bool,
@@ -209,9 +200,6 @@ fn init(args: &InitArgs) -> Result<()> {
 }
 
 fn serve(args: &ServeArgs) -> Result<()> {
-    if args.idle_timeout == 0 {
-        bail!("--idle-timeout must be at least 1 second");
-    }
     let auth = authority::load(&args.dir)
         .with_context(|| format!("cannot load the keys in {}", args.dir.display()))?;
     let token = match &args.token {
@@ -234,14 +222,12 @@ fn serve(args: &ServeArgs) -> Result<()> {
         summary_interval: Duration::from_secs(args.failure_summary_secs),
         summary_every: args.failure_summary_every,
     };
-    config.idle_timeout = Duration::from_secs(args.idle_timeout);
+    let net = args.net.settings(config.token.clone())?;
+    config.idle_timeout = net.idle_timeout;
     config.frame_limit = args.max_frame;
-    config.max_connections = args.max_connections;
-    config.max_pending = args.max_pending;
-    config.auth_timeout = Duration::try_from_secs_f64(args.auth_timeout)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .context("--auth-timeout must be a positive number of seconds")?;
+    config.max_connections = net.max_connections;
+    config.max_pending = net.max_pending;
+    config.auth_timeout = net.auth_timeout;
     config.verbose = !args.quiet;
     let listener = TcpListener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;

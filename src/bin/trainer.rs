@@ -138,6 +138,51 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
     },
+    /// Serve predictions on encrypted queries (the model owner's prediction service).
+    ///
+    /// Quantizes the model's first layer, asks the authority once for the inference keys of
+    /// its rows (kept in memory only), and answers `client predict`: each query is one row
+    /// ciphertext; the service decrypts the first layer's outputs, runs the other layers in
+    /// the clear and returns the class and the probabilities. Concurrent queries are
+    /// decrypted together in batches. Stops cleanly on SIGTERM or Ctrl-C.
+    Serve {
+        /// The model file (from `trainer train` or `simulate`).
+        #[arg(long, default_value = "model.bin")]
+        model: PathBuf,
+        /// Authority address.
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        authority: String,
+        /// Bearer token for the authority.
+        #[arg(long, env = "CRYPTONN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// File holding the bearer token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Address to listen on; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:7800")]
+        listen: String,
+        /// The token the service's clients must present: read from this file, or generated
+        /// and written there (mode 0600) if it does not exist.
+        #[arg(long, value_name = "FILE", default_value = "serve.token")]
+        client_token_file: PathBuf,
+        /// Bits of the quantized first-layer rows (the training's --bits).
+        #[arg(long, default_value_t = 8)]
+        bits: u32,
+        /// Largest batch of queries decrypted together.
+        #[arg(long, value_name = "N", default_value_t = cryptonn::inference::DEFAULT_MAX_BATCH)]
+        max_batch: usize,
+        /// Longest wait for a batch to fill after its first query, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 2.0)]
+        batch_wait_ms: f64,
+        /// Cache file for the discrete-log table (built once, about 1 s, 32 MiB).
+        #[arg(long)]
+        dlog_table: Option<PathBuf>,
+        #[command(flatten)]
+        net: cryptonn::cli::NetArgs,
+        /// Print a line per batch and per refused query on stderr.
+        #[arg(long)]
+        verbose: bool,
+    },
     /// Score a saved model on a plaintext test set: the test part of --data (an IDX or
     /// CIFAR-10 directory), or all of a CSV table, encoded with --encoding.
     Evaluate {
@@ -146,6 +191,10 @@ enum Command {
         model: PathBuf,
         #[command(flatten)]
         data: DataArgs,
+        /// Also score the model with its first layer quantized to this many bits, as the
+        /// prediction service computes it (`trainer serve --bits`).
+        #[arg(long)]
+        bits: Option<u32>,
     },
 }
 
@@ -196,30 +245,100 @@ fn append_metrics(path: Option<&Path>, m: &EpochMetrics, timings: Option<&Timing
     Ok(())
 }
 
-/// The plaintext evaluation set of `data`: its test part, or all of it when it has none
-/// (a CSV table), encoded with the bound of `info` and checked against it.
+/// The plaintext evaluation set of `data` for a model trained on `info`.
 fn test_set(data: &DataArgs, info: &nn::data::DatasetInfo) -> Result<nn::data::Dataset> {
-    let loaded = data.load(info.x_bound, None, None)?;
-    if data.encoding.is_none()
-        && loaded
-            .encoding
-            .columns
-            .iter()
-            .any(|c| *c != nn::data::encoding::ColumnMap::Keep)
-    {
-        anyhow::bail!(
-            "{} has values that need an encoding: give the client's encoding file with \
-             --encoding (or --eval-encoding), so that the test data is encoded like the \
-             training data",
-            loaded.source
-        );
+    data.load_eval(info)
+}
+
+/// The token of the service's clients: the file's content, or a new token written there.
+fn client_token(path: &Path) -> Result<String> {
+    if path.exists() {
+        let t = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_string();
+        cryptonn::net::validate_token(&t)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        return Ok(t);
     }
-    warn_clamped(&loaded.clamped);
-    let test = loaded.test.unwrap_or(loaded.train);
-    test.info
-        .check_fits(info)
-        .with_context(|| format!("the test data {} does not fit the model's", loaded.source))?;
-    Ok(test)
+    let t = cryptonn::net::generate_token();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{t}")?;
+    Ok(t)
+}
+
+/// `trainer serve`: starts the prediction service and runs it until SIGTERM or SIGINT.
+#[allow(clippy::too_many_arguments)]
+fn serve(
+    model: &Path,
+    authority: &str,
+    token: &str,
+    listen: &str,
+    client_token_file: &Path,
+    opts: cryptonn::inference::ServiceOptions,
+    dlog_table: Option<&Path>,
+    net: &cryptonn::cli::NetArgs,
+) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let m = Model::load(model).with_context(|| format!("loading {}", model.display()))?;
+    let verbose = opts.verbose;
+    let settings = net.settings(client_token(client_token_file)?)?;
+    let mut auth = cryptonn::protocol::AuthorityClient::connect(authority, token)
+        .with_context(|| format!("connecting to the authority at {authority}"))?;
+    let dlog = trainer::dlog_table(dlog_table)?;
+    let service = cryptonn::inference::PredictionService::start(m, &mut auth, dlog, opts)
+        .context("starting the prediction service")?;
+    drop(auth);
+    let info = service.info();
+    eprintln!(
+        "prediction service: {} ({}-bit first layer{}) for {}; keys for its rows from the \
+         authority at {authority}",
+        info.model,
+        info.bits,
+        service
+            .additions_per_query()
+            .map(|a| format!(", {a} point additions per query"))
+            .unwrap_or_default(),
+        info.dataset
+    );
+    let listener = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let settings = cryptonn::net::Settings {
+        frame_limit: service.frame_limit(),
+        verbose,
+        ..settings
+    };
+    let server = service.spawn(listener, settings)?;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())
+            .context("cannot install the signal handlers")?;
+    }
+    eprintln!(
+        "clients authenticate with the token in {}",
+        client_token_file.display()
+    );
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "listening on {addr}")?;
+    out.flush()?;
+    drop(out);
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    server.shutdown()?;
+    let s = service.stats();
+    eprintln!(
+        "prediction service: shutting down after {} predictions in {} batches ({} queries refused)",
+        s.predictions, s.batches, s.failed
+    );
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -333,7 +452,42 @@ fn main() -> Result<()> {
             r.model.save(&model.out).context("saving the model")?;
             println!("saved the model to {}", model.out.display());
         }
-        Command::Evaluate { model, data } => {
+        Command::Serve {
+            model,
+            authority,
+            token,
+            token_file,
+            listen,
+            client_token_file,
+            bits,
+            max_batch,
+            batch_wait_ms,
+            dlog_table,
+            net,
+            verbose,
+        } => {
+            let batch_wait = std::time::Duration::try_from_secs_f64(batch_wait_ms / 1e3)
+                .ok()
+                .context("--batch-wait-ms must be a number of milliseconds, 0 or more")?;
+            let opts = cryptonn::inference::ServiceOptions {
+                bits,
+                max_batch,
+                batch_wait,
+                verbose,
+            };
+            let token = resolve_token(token, token_file.as_deref())?;
+            serve(
+                &model,
+                &authority,
+                &token,
+                &listen,
+                &client_token_file,
+                opts,
+                dlog_table.as_deref(),
+                &net,
+            )?;
+        }
+        Command::Evaluate { model, data, bits } => {
             let m = Model::load(&model).with_context(|| format!("loading {}", model.display()))?;
             let info = m
                 .data()
@@ -347,6 +501,20 @@ fn main() -> Result<()> {
                 test.len(),
                 ev.loss
             );
+            if let Some(bits) = bits {
+                let q = nn::infer::QuantizedModel::new(m, bits)?;
+                let preds = q.predict_plain(&test)?;
+                let correct = preds
+                    .iter()
+                    .zip(&test.labels)
+                    .filter(|(p, &l)| p.class == usize::from(l))
+                    .count();
+                println!(
+                    "test accuracy with the first layer quantized to {bits} bits (what the \
+                     prediction service answers): {:.2}%",
+                    100.0 * correct as f64 / test.len().max(1) as f64
+                );
+            }
         }
     }
     Ok(())

@@ -104,3 +104,59 @@ pub fn start_authority(dir: &Path, init: &[&str]) -> Served {
         .arg(dir));
     serve(dir, &[])
 }
+
+/// A running `trainer serve` for `model`, keyed by the authority `a`, on a free loopback port;
+/// its clients' token is written to `dir/serve.token`. Its standard error is kept (see
+/// [`stop_service`]).
+pub fn start_service(model: &Path, a: &Served, dir: &Path, extra: &[&str]) -> Served {
+    let token_file = dir.join("serve.token");
+    let mut child = Command::new(TRAINER)
+        .args(["serve", "--listen", "127.0.0.1:0", "--authority", &a.addr])
+        .args(["--token", &a.token, "--model"])
+        .arg(model)
+        .arg("--client-token-file")
+        .arg(&token_file)
+        .arg("--dlog-table")
+        .arg(dir.join("dlog.bin"))
+        .args(extra)
+        .env_remove("CRYPTONN_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("trainer serve starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let addr = BufReader::new(stdout)
+        .lines()
+        .take(50)
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.strip_prefix("listening on ")
+                .map(|a| a.trim().to_string())
+        });
+    let Some(addr) = addr else {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("output");
+        panic!(
+            "trainer serve did not start:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let token = std::fs::read_to_string(&token_file)
+        .expect("service token")
+        .trim()
+        .to_string();
+    Served { child, addr, token }
+}
+
+/// Stops a process started by [`start_service`] with SIGTERM and returns its standard error.
+pub fn stop_service(mut s: Served) -> String {
+    use std::io::Read;
+    let _ = Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status();
+    let mut err = String::new();
+    if let Some(mut e) = s.child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    err
+}

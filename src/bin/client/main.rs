@@ -9,6 +9,8 @@ use cryptonn::client::encrypt_dataset;
 use cryptonn::protocol::{resolve_token, AuthorityClient};
 use std::path::PathBuf;
 
+mod predict;
+
 /// CryptoNN client (data owner): encodes and encrypts a labelled dataset for training.
 #[derive(Parser)]
 #[command(
@@ -18,7 +20,8 @@ use std::path::PathBuf;
     after_help = "Examples:\n  \
         client encrypt --authority 127.0.0.1:7700 --token-file keys/token --out train.enc\n  \
         client encrypt --data ~/fashion-mnist --out fashion.enc\n  \
-        client encrypt --data patients.csv --label-column outcome --out patients.enc\n\n\
+        client encrypt --data patients.csv --label-column outcome --out patients.enc\n  \
+        client predict --server 127.0.0.1:7800 --server-token-file serve.token --token-file keys/token\n\n\
         The encoding (per-column maps of real values into 0..=X) is written to --encoding \
         (default: OUT.encoding.json); keep it to encode test and query data the same way."
 )]
@@ -61,11 +64,71 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Get predictions for encrypted inputs from a prediction service (`trainer serve`).
+    ///
+    /// Fetches the authority's public parameters, checks that the service holds keys under
+    /// them, encrypts every input as one row ciphertext (no labels, no columns), sends them
+    /// with --parallel queries in flight and writes one line per input to --out: its index,
+    /// the predicted class and every class's probability. The data's labels, when it has
+    /// them, give the accuracy; they are never sent.
+    Predict {
+        /// Prediction service address.
+        #[arg(long, default_value = "127.0.0.1:7800")]
+        server: String,
+        /// Token for the prediction service (or the file named by --server-token-file).
+        #[arg(long, env = "CRYPTONN_SERVER_TOKEN", hide_env_values = true)]
+        server_token: Option<String>,
+        /// File holding the prediction service's token (`trainer serve --client-token-file`).
+        #[arg(long, default_value = "serve.token")]
+        server_token_file: PathBuf,
+        /// Authority address.
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        authority: String,
+        /// Bearer token for the authority (or the file named by --token-file).
+        #[arg(long, env = "CRYPTONN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// File holding the bearer token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Queries in flight at once (one connection each).
+        #[arg(long, value_name = "K", default_value_t = 4)]
+        parallel: usize,
+        /// The predictions (CSV).
+        #[arg(long, short, default_value = "predictions.csv")]
+        out: PathBuf,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Predict {
+            server,
+            server_token,
+            server_token_file,
+            authority,
+            token,
+            token_file,
+            data,
+            parallel,
+            out,
+            quiet,
+        } => predict::run(&predict::Args {
+            server,
+            server_token: resolve_token(server_token, Some(&server_token_file))
+                .context("the prediction service's token")?,
+            authority,
+            token: resolve_token(token, token_file.as_deref())?,
+            data,
+            parallel,
+            out,
+            progress: !quiet,
+        }),
         Command::Encrypt {
             authority,
             token: t,

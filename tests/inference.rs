@@ -1,0 +1,313 @@
+//! Secure inference end to end, three processes on 127.0.0.1: the authority, `trainer
+//! serve` and `client predict`. Predictions equal plain inference with the same quantized
+//! first layer, for every input; bad queries are refused with a clear error while other
+//! clients keep getting answers; a query under another authority's parameters is refused.
+
+mod common;
+
+use common::{fails, run, start_authority, start_service, stop_service, Served, CLIENT, TRAINER};
+use cryptonn::inference::PredictionClient;
+use cryptonn::protocol::{self, AuthorityClient, ProtocolError};
+use fe::feip::{FeipEncryptor, FeipParams};
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn wdbc() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("nn/data/breast-cancer/wdbc.csv")
+}
+
+/// An authority for the breast-cancer table and a model simulated on it (bit-identical to
+/// encrypted training), with the client's encoding.
+struct Setup {
+    dir: tempfile::TempDir,
+    authority: Served,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let w = dir.path();
+        let authority = start_authority(
+            &w.join("auth"),
+            &["--features", "30", "--classes", "2", "--batch-size", "16"],
+        );
+        run(Command::new(TRAINER)
+            .args(["simulate", "--quiet", "--spec", "12", "--seed", "3"])
+            .args(["--epochs", "2", "--batch-size", "16", "--data"])
+            .arg(wdbc())
+            .arg("--encoding")
+            .arg(w.join("enc.json"))
+            .arg("--out")
+            .arg(w.join("model.bin")));
+        Setup { dir, authority }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn serve(&self) -> Served {
+        start_service(
+            &self.path("model.bin"),
+            &self.authority,
+            self.dir.path(),
+            &[],
+        )
+    }
+
+    fn predict(&self, s: &Served, limit: usize, parallel: usize, out: &str) -> Command {
+        let mut c = Command::new(CLIENT);
+        c.args([
+            "predict",
+            "--quiet",
+            "--server",
+            &s.addr,
+            "--server-token",
+            &s.token,
+        ])
+        .args([
+            "--authority",
+            &self.authority.addr,
+            "--token",
+            &self.authority.token,
+        ])
+        .arg("--data")
+        .arg(wdbc())
+        .arg("--encoding")
+        .arg(self.path("enc.json"))
+        .args([
+            "--limit",
+            &limit.to_string(),
+            "--parallel",
+            &parallel.to_string(),
+        ])
+        .arg("--out")
+        .arg(self.path(out));
+        c
+    }
+
+    /// Plain quantized inference on the first `limit` rows, as class names and exact
+    /// probabilities.
+    fn plain(&self, limit: usize) -> Vec<Vec<String>> {
+        let m = nn::Model::load(self.path("model.bin")).expect("model");
+        let info = m.data().expect("description").clone();
+        let args = cryptonn::cli::DataArgs {
+            data: Some(wdbc()),
+            encoding: Some(self.path("enc.json")),
+            limit: Some(limit),
+            ..Default::default()
+        };
+        let set = args.load_eval(&info).expect("data");
+        let q = nn::infer::QuantizedModel::new(m, 8).expect("quantize");
+        q.predict_plain(&set)
+            .expect("predict")
+            .iter()
+            .map(|p| {
+                let mut row = vec![info.class_name(p.class).into_owned()];
+                row.extend(p.probabilities.iter().map(|v| v.to_string()));
+                row
+            })
+            .collect()
+    }
+}
+
+/// The predicted class and probabilities of every row of a `client predict` output.
+fn read_predictions(path: &Path) -> Vec<Vec<String>> {
+    let mut r = csv::Reader::from_path(path).expect("predictions");
+    let header: Vec<String> = r
+        .headers()
+        .expect("header")
+        .iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(header[0], "index");
+    assert_eq!(header.last().map(String::as_str), Some("error"));
+    r.records()
+        .enumerate()
+        .map(|(i, rec)| {
+            let rec = rec.expect("record");
+            assert_eq!(rec[0].parse::<usize>().ok(), Some(i));
+            assert_eq!(&rec[rec.len() - 1], "", "row {i} was refused");
+            rec.iter()
+                .skip(1)
+                .take(rec.len() - 2)
+                .map(String::from)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn served_predictions_equal_plain_quantized_inference_and_clients_run_concurrently() {
+    let s = Setup::new();
+    let service = s.serve();
+    // Two clients at once, each with several queries in flight.
+    let mut first = s.predict(&service, 120, 3, "a.csv");
+    let mut second = s.predict(&service, 60, 2, "b.csv");
+    let (a, b) = std::thread::scope(|sc| {
+        let a = sc.spawn(|| run(&mut first));
+        let b = sc.spawn(|| run(&mut second));
+        (a.join().expect("a"), b.join().expect("b"))
+    });
+    let plain = s.plain(120);
+    let served = read_predictions(&s.path("a.csv"));
+    assert_eq!(served.len(), 120);
+    assert_eq!(served, plain, "encrypted and plain inference differ");
+    assert_eq!(read_predictions(&s.path("b.csv")), plain[..60].to_vec());
+    let stdout = String::from_utf8_lossy(&a.stdout);
+    assert!(stdout.contains("120 predictions"), "{stdout}");
+    assert!(stdout.contains("accuracy"), "{stdout}");
+    assert!(String::from_utf8_lossy(&b.stdout).contains("60 predictions"));
+    let log = stop_service(service);
+    assert!(log.contains("after 180 predictions"), "{log}");
+    // The authority logged the service's one key request as inference keys for 12 rows.
+    let audit = std::fs::read_to_string(s.path("auth/audit.log")).expect("audit");
+    let inference: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"inference\""))
+        .collect();
+    assert_eq!(inference.len(), 1, "{audit}");
+    assert!(inference[0].contains("\"count\":12"), "{}", inference[0]);
+}
+
+/// Sends `bytes` on a new connection and reads one answer frame.
+fn raw_exchange(
+    addr: &str,
+    bytes: &[u8],
+) -> Result<cryptonn::inference::PredictResponse, ProtocolError> {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(bytes).expect("write");
+    protocol::read_frame(&mut s)
+}
+
+#[test]
+fn bad_queries_are_refused_while_others_are_served() {
+    let s = Setup::new();
+    let service = s.serve();
+    let params = AuthorityClient::connect(&s.authority.addr, &s.authority.token)
+        .and_then(|mut c| c.params())
+        .expect("params");
+    let fp = params.fingerprint();
+    let enc = FeipEncryptor::new(&params.row);
+    let good = enc.encrypt_to_bytes(&[100; 31]).expect("encrypt");
+    let mut client = PredictionClient::connect(&service.addr, &service.token).expect("connect");
+    let want = client.predict(fp, good.clone()).expect("a good query");
+    assert_eq!(want.probabilities.len(), 2);
+    let server_error = |r: Result<nn::infer::Prediction, ProtocolError>| match r {
+        Err(ProtocolError::Server { message, .. }) => message,
+        other => panic!("expected the service's error, got {other:?}"),
+    };
+
+    // Meanwhile another client keeps getting the same answer.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let other = sc.spawn(|| {
+            let mut c = PredictionClient::connect(&service.addr, &service.token).expect("c");
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) || n < 3 {
+                assert_eq!(c.predict(fp, good.clone()).expect("served"), want);
+                n += 1;
+            }
+            n
+        });
+        // Another authority's parameters (named as such).
+        let e = server_error(client.predict([7; 32], good.clone()));
+        assert!(e.contains("other public parameters"), "{e}");
+        // Bytes that are not a ciphertext.
+        let e = server_error(client.predict(fp, vec![0xAB; 2000]));
+        assert!(e.contains("does not decode"), "{e}");
+        // A point that does not decode: flip bytes inside the first element.
+        let mut bad = good.clone();
+        let at = bad.len() - 32 * 31 + 3;
+        bad[at] ^= 0xFF;
+        bad[at + 1] ^= 0x55;
+        let e = server_error(client.predict(fp, bad));
+        assert!(e.contains("does not decode"), "{e}");
+        // The wrong length.
+        let (short_pk, _) = fe::feip::setup::<fe::Ristretto>(FeipParams::new(20, 255).expect("p"));
+        let short = FeipEncryptor::new(&short_pk)
+            .encrypt_to_bytes(&[1; 20])
+            .expect("enc");
+        let e = server_error(client.predict(fp, short));
+        assert!(e.contains("20 elements") && e.contains("31"), "{e}");
+        // The right length under another key, claiming the right parameters.
+        let (other_pk, _) = fe::feip::setup::<fe::Ristretto>(FeipParams::new(31, 255).expect("p"));
+        let forged = FeipEncryptor::new(&other_pk)
+            .encrypt_to_bytes(&[100; 31])
+            .expect("enc");
+        let e = server_error(client.predict(fp, forged));
+        assert!(e.contains("does not decrypt"), "{e}");
+        // The connection survived every refusal.
+        assert_eq!(
+            client.predict(fp, good.clone()).expect("still served"),
+            want
+        );
+
+        // Frames: an oversized request and a malformed one, each closing its connection.
+        let mut big = protocol::encode_request(&service.token, &()).expect("header");
+        big.truncate(big.len() - 4);
+        big.extend_from_slice(&(10u32 << 20).to_be_bytes());
+        match raw_exchange(&service.addr, &big) {
+            Ok(cryptonn::inference::PredictResponse::Error(m)) => {
+                assert!(m.contains("exceeds the limit"), "{m}")
+            }
+            other => panic!("oversized frame: {other:?}"),
+        }
+        let mut garbage = protocol::encode_request(&service.token, &()).expect("header");
+        garbage.truncate(garbage.len() - 4);
+        garbage.extend_from_slice(&5u32.to_be_bytes());
+        garbage.extend_from_slice(&[9, 9, 9, 9, 9]);
+        match raw_exchange(&service.addr, &garbage) {
+            Ok(cryptonn::inference::PredictResponse::Error(m)) => {
+                assert!(m.contains("malformed"), "{m}")
+            }
+            other => panic!("malformed frame: {other:?}"),
+        }
+        // A wrong token.
+        let mut intruder = PredictionClient::connect(&service.addr, "not-the-token").expect("c");
+        assert!(matches!(
+            intruder.predict(fp, good.clone()),
+            Err(ProtocolError::Refused { .. })
+        ));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(other.join().expect("other client") >= 3);
+    });
+    let log = stop_service(service);
+    // Five refused queries, none counted as a prediction.
+    assert!(log.contains("(5 queries refused)"), "{log}");
+}
+
+#[test]
+fn a_service_under_another_authority_is_refused_by_the_client() {
+    let s = Setup::new();
+    let service = s.serve();
+    let other = start_authority(
+        &s.path("other"),
+        &["--features", "30", "--classes", "2", "--batch-size", "16"],
+    );
+    let e = fails(
+        Command::new(CLIENT)
+            .args([
+                "predict",
+                "--quiet",
+                "--server",
+                &service.addr,
+                "--server-token",
+                &service.token,
+            ])
+            .args(["--authority", &other.addr, "--token", &other.token])
+            .arg("--data")
+            .arg(wdbc())
+            .arg("--encoding")
+            .arg(s.path("enc.json"))
+            .arg("--out")
+            .arg(s.path("x.csv")),
+    );
+    assert!(e.contains("other public parameters"), "{e}");
+    assert!(!s.path("x.csv").exists());
+    drop(stop_service(service));
+}
