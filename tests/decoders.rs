@@ -5,7 +5,8 @@
 //!   key, function key and ciphertext, the four FEBO types, and two Secp256k1 types;
 //! * public parameters: `protocol::decode` of [`PublicParams`], [`Published`] and a
 //!   [`Response`] carrying them, and `authority::read_params` on a file;
-//! * a key directory with one tampered file (`authority::load`);
+//! * a key directory with one tampered file (`authority::load`), and the token file
+//!   (`authority::read_token`);
 //! * the encrypted-dataset file (`dataset::Reader`: header, index and every record);
 //! * the discrete-log table file (`DlogTable::load`);
 //! * model files and checkpoints (`Model`, `Checkpoint`: `from_bytes` and `load`).
@@ -32,11 +33,12 @@
 //!   input: its size is measured on the valid key and added (it must stay under 16 MiB);
 //! * bincode messages and files (public parameters, models, checkpoints):
 //!   `16·len + 4 MiB` (serde preallocates at most 1 MiB for each sequence it starts);
-//! * a key directory: `16·(sum of the file sizes) + 4 MiB` and the FEBO table;
+//! * a key directory: `16·(sum of the file sizes) + 4 MiB` and the FEBO table; the token
+//!   file `16·len + 64 KiB`;
 //! * the dataset: opening `32·size + 4 MiB`, reading one record `32·size + 4 MiB`;
 //! * the discrete-log table: `8·size + 1 MiB` (a hash map of the entries and the file).
 //!
-//! Runs about 11,000 cases in about 10 s in a debug build (the number of cases of each
+//! Runs about 11,400 cases in about 10 s in a debug build (the number of cases of each
 //! property is fixed in the code, so CI's run is bounded); set `PROPTEST_CASES` to run that
 //! many cases for each property instead, as in `tests/fuzz.rs`, for example
 //! `PROPTEST_CASES=20000 cargo test -p cryptonn --test decoders -- --nocapture` (about five
@@ -538,6 +540,25 @@ fn key_dir() {
         )
         .unwrap();
     assert!(authority::load(&dir).is_ok());
+
+    // The token file (read by `authority serve` and by callers given `--token-file`).
+    let token_path = dir.join(authority::TOKEN_FILE);
+    let token = std::fs::read(&token_path).unwrap();
+    fuzz(300, std::slice::from_ref(&token), |b| {
+        std::fs::write(&token_path, b).unwrap();
+        let bound = 16 * b.len() + 64 * KIB;
+        let got = decode_within("authority::read_token", b.len(), bound, || {
+            authority::read_token(&dir)
+        })?;
+        if let Ok(t) = got {
+            accepted("authority::read_token");
+            prop_assert!(authority::validate_token(&t).is_ok());
+            prop_assert!(b.starts_with(t.as_bytes()));
+        }
+        Ok(())
+    });
+    std::fs::write(&token_path, &token).unwrap();
+    assert!(authority::read_token(&dir).is_ok());
 }
 
 // ---------------------------------------------------------------------------------------
