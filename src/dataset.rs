@@ -474,3 +474,37 @@ impl Reader {
         Ok(b)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Found by `tests/decoders.rs`: a header (with its checksum) announcing `usize::MAX`
+    /// features passed validation, and reading a record then overflowed computing the row
+    /// length `features + 1` (a panic in debug builds). The header is now refused.
+    #[test]
+    fn header_with_too_many_features_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.enc");
+        let mut dataset = DatasetInfo::new(3, 255, 2).unwrap();
+        dataset.features = usize::MAX;
+        let header = DatasetHeader {
+            version: FORMAT_VERSION,
+            curve: <Curve as curv::elliptic::curves::Curve>::CURVE_NAME.to_string(),
+            params_fingerprint: [0; 32],
+            batch_size: 1,
+            num_batches: 1,
+            num_samples: 1,
+            dataset,
+            label_scale: 1,
+            source: String::new(),
+        };
+        let mut w = Writer::create(&path, header).unwrap();
+        w.append_wire(&WireBatch::from_encoded(0, vec![], vec![], vec![]))
+            .unwrap();
+        w.finish().unwrap();
+        let e = Reader::open(&path).err().unwrap().to_string();
+        assert!(e.contains("features"), "{e}");
+    }
+}

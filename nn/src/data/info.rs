@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 pub const MAX_CLASSES: usize = 256;
 /// Largest bound `X` on encoded values (values are stored as 16-bit integers).
 pub const MAX_X_BOUND: u32 = u16::MAX as u32;
+/// Most features a description may have: a first-layer row (the features and the bias)
+/// is an inner-product vector, of length at most 2^24.
+pub const MAX_FEATURES: usize = (1 << 24) - 1;
 
 /// The shape of one image sample: `channels x height x width`, stored channel-major
 /// (all of channel 0 row by row, then channel 1, ...).
@@ -107,13 +110,19 @@ impl DatasetInfo {
         Ok(self)
     }
 
-    /// Checks the invariants: at least one feature, `1 <= X <= 65535`, `2..=256` classes,
-    /// as many names as classes (or none), distinct non-empty names, an image shape whose
-    /// size is the feature count.
+    /// Checks the invariants: `1..=MAX_FEATURES` features, `1 <= X <= 65535`, `2..=256`
+    /// classes, as many names as classes (or none), distinct non-empty names, an image shape
+    /// whose size is the feature count.
     pub fn validate(&self) -> Result<(), InfoError> {
         let bad = |m: String| Err(InfoError::Invalid(m));
         if self.features == 0 {
             return bad("a sample needs at least one feature".into());
+        }
+        if self.features > MAX_FEATURES {
+            return bad(format!(
+                "{} features; a description may have at most {MAX_FEATURES}",
+                self.features
+            ));
         }
         if !(1..=MAX_X_BOUND).contains(&self.x_bound) {
             return bad(format!(
@@ -261,12 +270,20 @@ mod tests {
     #[test]
     fn validation_names_what_is_wrong() {
         assert!(DatasetInfo::new(784, 255, 10).is_ok());
+        assert_eq!(
+            DatasetInfo::new(MAX_FEATURES, 255, 2).unwrap().row_len(),
+            1 << 24
+        );
         for (f, x, c) in [
             (0, 255, 10),
             (4, 0, 10),
             (4, 70_000, 10),
             (4, 255, 1),
             (4, 255, 257),
+            (MAX_FEATURES + 1, 255, 2),
+            // Found by tests/decoders.rs in an encrypted-dataset header: `row_len` (n + 1)
+            // overflowed in every reader that trusted a validated description.
+            (usize::MAX, 255, 2),
         ] {
             assert!(DatasetInfo::new(f, x, c).is_err(), "{f} {x} {c}");
         }
