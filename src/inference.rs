@@ -11,8 +11,9 @@
 //! other layers in the clear and answers the class and the probabilities.
 //!
 //! Concurrent queries are batched: connection threads hand their ciphertexts to one batcher,
-//! which waits at most [`ServiceOptions::batch_wait`] after the first query for up to
-//! [`ServiceOptions::max_batch`] queries and decrypts them together on all cores (one
+//! which waits at most [`ServiceOptions::batch_wait`] after the first query for the other
+//! queries already arriving (up to [`ServiceOptions::max_batch`]; a lone query does not wait)
+//! and decrypts them together on all cores (one
 //! ciphertext per core instead of one ciphertext's keys split across the cores, so each
 //! ciphertext's subset-sum tables are built once). Every query gets its own result: one that
 //! does not decode, has the wrong length, or was encrypted under other parameters fails
@@ -196,6 +197,9 @@ struct Batcher {
 /// Counters of the service, read by [`PredictionService::stats`].
 #[derive(Debug, Default)]
 struct Counters {
+    /// Queries that have arrived and are not yet in a batch: how many a batch may still
+    /// expect.
+    inflight: AtomicUsize,
     predictions: AtomicU64,
     failed: AtomicU64,
     batches: AtomicU64,
@@ -322,6 +326,7 @@ impl PredictionService {
     /// Answers one query (the work of [`Service::respond`], without the network).
     pub fn predict(&self, params: &[u8; 32], query: &[u8]) -> Result<Prediction, String> {
         let core = &self.core;
+        core.counters.inflight.fetch_add(1, Ordering::SeqCst);
         let out = self.check_and_submit(params, query);
         let counter = if out.is_ok() {
             &core.counters.predictions
@@ -333,6 +338,21 @@ impl PredictionService {
     }
 
     fn check_and_submit(&self, params: &[u8; 32], query: &[u8]) -> Result<Prediction, String> {
+        let job = self.check(params, query).inspect_err(|_| {
+            self.core.counters.inflight.fetch_sub(1, Ordering::SeqCst);
+        })?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        {
+            let mut q = lock(&self.core.batcher.queue);
+            q.push_back(Job { ct: job, reply: tx });
+        }
+        self.core.batcher.ready.notify_one();
+        rx.recv()
+            .unwrap_or_else(|_| Err("the prediction service is shutting down".into()))
+    }
+
+    /// Decodes a query and checks its parameters and length.
+    fn check(&self, params: &[u8; 32], query: &[u8]) -> Result<FeipCiphertext<Curve>, String> {
         let core = &self.core;
         if params != &core.info.params {
             return Err(format!(
@@ -352,14 +372,7 @@ impl PredictionService {
                 core.row_len - 1
             ));
         }
-        let (tx, rx) = mpsc::sync_channel(1);
-        {
-            let mut q = lock(&core.batcher.queue);
-            q.push_back(Job { ct, reply: tx });
-        }
-        core.batcher.ready.notify_one();
-        rx.recv()
-            .unwrap_or_else(|_| Err("the prediction service is shutting down".into()))
+        Ok(ct)
     }
 
     /// Stops the batch worker (queued queries are answered with an error).
@@ -427,8 +440,14 @@ impl Core {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
         }
+        // Wait only for queries that have arrived and are still being read or decoded: a
+        // lone query on an idle service is decrypted at once.
         let deadline = Instant::now() + self.options.batch_wait;
-        while q.len() < self.options.max_batch && !b.stop.load(Ordering::SeqCst) {
+        let expected = || {
+            let inflight = self.counters.inflight.load(Ordering::SeqCst);
+            inflight.clamp(1, self.options.max_batch)
+        };
+        while q.len() < expected() && !b.stop.load(Ordering::SeqCst) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -440,6 +459,7 @@ impl Core {
                 .unwrap_or_else(|e| e.into_inner().0);
         }
         let n = q.len().min(self.options.max_batch);
+        self.counters.inflight.fetch_sub(n, Ordering::SeqCst);
         Some(q.drain(..n).collect())
     }
 
