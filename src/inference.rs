@@ -81,6 +81,7 @@ pub enum PredictRequest {
         /// The fingerprint of the public parameters the query was encrypted under.
         params: [u8; 32],
         /// The encoding of the query's row ciphertext ([`FeipCiphertext`]).
+        #[serde(with = "serde_bytes")]
         query: Vec<u8>,
     },
 }

@@ -9,7 +9,9 @@
 //!   (`authority::read_token`);
 //! * the encrypted-dataset file (`dataset::Reader`: header, index and every record);
 //! * the discrete-log table file (`DlogTable::load`);
-//! * model files and checkpoints (`Model`, `Checkpoint`: `from_bytes` and `load`).
+//! * model files and checkpoints (`Model`, `Checkpoint`: `from_bytes` and `load`);
+//! * the prediction service's frames: a client's request (a query is decoded as the service
+//!   does, down to its ciphertext) and the service's answers, as a client decodes them.
 //!
 //! Every target starts from valid encodings made by the real encoders (small sizes, so that
 //! a debug build is fast) and decodes them mutated (bytes set, flipped, inserted, deleted,
@@ -835,6 +837,68 @@ fn model_and_checkpoint() {
     });
 }
 
+// ---------------------------------------------------------------------------------------
+// the prediction service's frames
+
+/// What the prediction service decodes from its clients (a query: the parameters'
+/// fingerprint and a ciphertext's bytes, decoded as the service does) and what a client
+/// decodes from the service.
+fn prediction_frames() {
+    use cryptonn::inference::{PredictRequest, PredictResponse, ServiceInfo};
+    let auth = Authority::generate(info(), 2).unwrap();
+    let params = auth.params().clone();
+    let ct = feip::FeipEncryptor::new(&params.row)
+        .encrypt_to_bytes(&vec![1; params.dataset.row_len()])
+        .unwrap();
+    let request = PredictRequest::Predict {
+        params: params.fingerprint(),
+        query: ct,
+    };
+    let answer = PredictResponse::Prediction(nn::infer::Prediction {
+        class: 1,
+        probabilities: vec![0.25, 0.75, 0.0],
+    });
+    let described = PredictResponse::Info(Box::new(ServiceInfo {
+        dataset: info(),
+        params: params.fingerprint(),
+        model: "4-3-3/sigmoid".into(),
+        bits: 8,
+    }));
+    let corpus = vec![
+        frame_body(&request),
+        frame_body(&PredictRequest::Info),
+        frame_body(&answer),
+        frame_body(&described),
+    ];
+    fuzz(800, &corpus, |b| {
+        let got = decode_within("PredictRequest", b.len(), bincode_bound(b.len()), || {
+            match protocol::decode::<PredictRequest>(b) {
+                Ok(PredictRequest::Predict { query, .. }) => {
+                    Ok(feip::FeipCiphertext::<fe::Ristretto>::from_bytes(&query).is_ok())
+                }
+                Ok(PredictRequest::Info) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })?;
+        if got.is_ok() {
+            accepted("PredictRequest");
+        }
+        Ok(())
+    });
+    fuzz(600, &corpus, |b| {
+        let got = decode_within("PredictResponse", b.len(), bincode_bound(b.len()), || {
+            protocol::decode::<PredictResponse>(b)
+        })?;
+        if let Ok(r) = got {
+            accepted("PredictResponse");
+            if let PredictResponse::Info(i) = r {
+                let _ = i.dataset.validate();
+            }
+        }
+        Ok(())
+    });
+}
+
 #[test]
 fn outside_input_decoders_never_panic_hang_nor_allocate_past_their_bounds() {
     let step = |name: &str, f: fn()| {
@@ -855,6 +919,7 @@ fn outside_input_decoders_never_panic_hang_nor_allocate_past_their_bounds() {
     step("encrypted dataset", dataset);
     step("discrete-log table", dlog_table);
     step("model and checkpoint", model_and_checkpoint);
+    step("prediction service frames", prediction_frames);
     let _ = std::fs::remove_dir_all(
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("decoders-{}", std::process::id())),
     );
