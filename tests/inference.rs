@@ -160,7 +160,7 @@ fn served_predictions_equal_plain_quantized_inference_and_clients_run_concurrent
     assert!(stdout.contains("120 predictions"), "{stdout}");
     assert!(stdout.contains("accuracy"), "{stdout}");
     assert!(String::from_utf8_lossy(&b.stdout).contains("60 predictions"));
-    let log = stop_service(service);
+    let log = stop_service(service, s.dir.path());
     assert!(log.contains("after 180 predictions"), "{log}");
     // The authority logged the service's one key request as inference keys for 12 rows.
     let audit = std::fs::read_to_string(s.path("auth/audit.log")).expect("audit");
@@ -276,7 +276,7 @@ fn bad_queries_are_refused_while_others_are_served() {
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         assert!(other.join().expect("other client") >= 3);
     });
-    let log = stop_service(service);
+    let log = stop_service(service, s.dir.path());
     // Five refused queries, none counted as a prediction.
     assert!(log.contains("(5 queries refused)"), "{log}");
 }
@@ -309,5 +309,5 @@ fn a_service_under_another_authority_is_refused_by_the_client() {
     );
     assert!(e.contains("other public parameters"), "{e}");
     assert!(!s.path("x.csv").exists());
-    drop(stop_service(service));
+    drop(stop_service(service, s.dir.path()));
 }

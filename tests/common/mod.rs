@@ -121,7 +121,7 @@ pub fn start_service(model: &Path, a: &Served, dir: &Path, extra: &[&str]) -> Se
         .args(extra)
         .env_remove("CRYPTONN_TOKEN")
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("serve.err")).expect("stderr file"))
         .spawn()
         .expect("trainer serve starts");
     let stdout = child.stdout.take().expect("stdout");
@@ -135,10 +135,10 @@ pub fn start_service(model: &Path, a: &Served, dir: &Path, extra: &[&str]) -> Se
         });
     let Some(addr) = addr else {
         let _ = child.kill();
-        let out = child.wait_with_output().expect("output");
+        let _ = child.wait();
         panic!(
             "trainer serve did not start:\n{}",
-            String::from_utf8_lossy(&out.stderr)
+            std::fs::read_to_string(dir.join("serve.err")).unwrap_or_default()
         );
     };
     let token = std::fs::read_to_string(&token_file)
@@ -148,15 +148,17 @@ pub fn start_service(model: &Path, a: &Served, dir: &Path, extra: &[&str]) -> Se
     Served { child, addr, token }
 }
 
-/// Stops a process started by [`start_service`] with SIGTERM and returns its standard error.
-pub fn stop_service(mut s: Served) -> String {
-    use std::io::Read;
+/// Stops a process started by [`start_service`] in `dir` with SIGTERM, waits for it, and
+/// returns its standard error.
+pub fn stop_service(mut s: Served, dir: &Path) -> String {
     let _ = Command::new("kill")
         .args(["-TERM", &s.child.id().to_string()])
         .status();
-    let mut err = String::new();
-    if let Some(mut e) = s.child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
+    for _ in 0..200 {
+        if let Ok(Some(_)) = s.child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    err
+    std::fs::read_to_string(dir.join("serve.err")).unwrap_or_default()
 }
