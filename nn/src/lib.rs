@@ -14,6 +14,8 @@
 //!
 //! Modules:
 //! - [`activation`], [`loss`], [`init`], [`layer`]: building blocks;
+//! - [`layers`]: image layers (convolution, max and average pooling, flatten) over batches
+//!   `(B, C*H*W)`, the [`layers::Layer`] enum and the proposal of the image model's spec;
 //! - [`model`]: the sequential model configured from a spec such as `784-128-32-10`;
 //! - [`optim`]: SGD (momentum, weight decay, schedules) and Adam, with serializable state;
 //! - [`data`]: the dataset description, datasets, fixed batch partitions, the loaders (IDX,
@@ -31,6 +33,7 @@ pub mod first_layer;
 pub mod infer;
 pub mod init;
 pub mod layer;
+pub mod layers;
 pub mod loss;
 pub mod model;
 pub mod optim;
