@@ -710,18 +710,18 @@ impl LpSystem {
 
 /// Scores of one attack at one step.
 #[derive(Debug, Clone, Default)]
-struct Score {
-    images: usize,
-    attacked: usize,
-    exact: f64,
-    within_1: f64,
-    psnr: f64,
-    exact_encrypted: f64,
-    equations: f64,
+pub(crate) struct Score {
+    pub(crate) images: usize,
+    pub(crate) attacked: usize,
+    pub(crate) exact: f64,
+    pub(crate) within_1: f64,
+    pub(crate) psnr: f64,
+    pub(crate) exact_encrypted: f64,
+    pub(crate) equations: f64,
 }
 
 /// Compares estimates with the originals (and with what the client encrypted).
-fn score(
+pub(crate) fn score(
     targets: &[usize],
     estimate: &dyn Fn(usize) -> Option<Vec<u8>>,
     original: &Dataset,

@@ -13,6 +13,7 @@ mod plot;
 mod png;
 mod precision;
 mod primitives;
+mod query_leakage;
 mod report;
 mod table;
 mod timing;
@@ -55,6 +56,9 @@ enum Command {
     /// δᵀX and z = W1 x by least squares and linear programming, labels from a − y), against
     /// mitigations (larger batches, client-side input noise) with their accuracy cost.
     Leakage(leakage::LeakageArgs),
+    /// What a prediction service reconstructs from one encrypted query's z = W1 x (a
+    /// box-constrained linear program per test image).
+    QueryLeakage(query_leakage::QueryLeakageArgs),
     /// Runs the defaults of all four experiments and writes report.md linking the plots.
     All(AllArgs),
 }
@@ -219,6 +223,7 @@ fn main() -> Result<()> {
         Command::Timing(a) => timing::run(&a)?,
         Command::Primitives(a) => primitives::run(&a)?,
         Command::Leakage(a) => leakage::run(&a)?,
+        Command::QueryLeakage(a) => query_leakage::run(&a)?,
         Command::All(a) => return all(&a),
     };
     summary.print();
