@@ -268,3 +268,90 @@ impl EvalArgs {
         })
     }
 }
+
+/// How a caller reaches the authority: TLS pinned to its certificate (the default), or clear
+/// text when told so.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// The authority's TLS certificate (the cert.pem that `authority init` wrote): the only
+    /// certificate trusted, compared byte for byte. Default: cert.pem beside --token-file.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Speak clear-text TCP instead of TLS: tokens, keys and data travel unprotected. For
+    /// tests and benchmarks only; the server must be started with --insecure-plaintext too.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+}
+
+impl TlsArgs {
+    /// The transport to the authority: TLS pinned to `--ca`, or to the `cert.pem` beside
+    /// `token_file`, or clear text with `--insecure-plaintext`.
+    pub fn authority(
+        &self,
+        token_file: Option<&Path>,
+    ) -> anyhow::Result<crate::protocol::ClientTransport> {
+        let beside = token_file.map(|t| sibling(t, crate::tls::CERT_FILE));
+        client_transport(
+            self.ca.as_deref(),
+            beside.as_deref(),
+            self.insecure_plaintext,
+            "the authority",
+            "--ca",
+        )
+    }
+}
+
+/// `name` in the directory of `file`.
+pub fn sibling(file: &Path, name: &str) -> PathBuf {
+    match file.parent() {
+        Some(d) => d.join(name),
+        None => PathBuf::from(name),
+    }
+}
+
+/// The transport to a server: clear text when `plaintext`, else TLS pinned to `cert`, or to
+/// `default_cert` when that file exists. `who` and `flag` name the server and the flag in
+/// the error when there is no certificate to pin.
+pub fn client_transport(
+    cert: Option<&Path>,
+    default_cert: Option<&Path>,
+    plaintext: bool,
+    who: &str,
+    flag: &str,
+) -> anyhow::Result<crate::protocol::ClientTransport> {
+    use anyhow::Context;
+    if plaintext {
+        if cert.is_some() {
+            anyhow::bail!("{flag} and --insecure-plaintext contradict each other");
+        }
+        return Ok(crate::protocol::ClientTransport::Plaintext);
+    }
+    let path = match (cert, default_cert) {
+        (Some(c), _) => c,
+        (None, Some(d)) if d.exists() => d,
+        _ => anyhow::bail!(
+            "no TLS certificate to trust for {who}: give its certificate with {flag} FILE{} \
+             (or --insecure-plaintext on both sides, for tests)",
+            default_cert
+                .map(|d| format!(" (looked for {})", d.display()))
+                .unwrap_or_default()
+        ),
+    };
+    crate::protocol::ClientTransport::pinned(path)
+        .with_context(|| format!("the TLS certificate of {who}"))
+}
+
+/// The TLS configuration of a server from its certificate and key files, or clear text.
+pub fn server_transport(
+    cert: &Path,
+    key: &Path,
+    plaintext: bool,
+) -> anyhow::Result<crate::net::Transport> {
+    use anyhow::Context;
+    if plaintext {
+        return Ok(crate::net::Transport::Plaintext);
+    }
+    let config = crate::tls::server_config(cert, key)
+        .with_context(|| format!("loading the TLS certificate {}", cert.display()))?;
+    Ok(crate::net::Transport::Tls(config))
+}

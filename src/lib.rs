@@ -21,6 +21,7 @@ pub mod inference;
 pub mod net;
 pub mod protocol;
 pub mod secure;
+pub mod tls;
 pub mod trainer;
 
 /// A progress bar on stderr, hidden when `show` is false or stderr is not a terminal.

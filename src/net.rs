@@ -20,13 +20,26 @@
 //!
 //! One thread serves each admitted connection (blocking I/O with timeouts); the caps above
 //! bound their number.
+//!
+//! # Transport
+//!
+//! [`Settings::transport`] says how connections are carried: TLS ([`Transport::Tls`], with
+//! the server's certificate and key, see [`crate::tls`]) or clear-text TCP
+//! ([`Transport::Plaintext`], for tests and benchmarks). Under TLS the handshake counts
+//! against the deadline to authenticate: a connection must complete it *and* send its token
+//! within [`Settings::auth_timeout`]. A failed handshake is a [`Failure::Handshake`], counted
+//! like the other failures before authentication. A caller that speaks clear text to a TLS
+//! server (its first byte is not a TLS record's) is answered in clear text with the
+//! service's error saying so; a TLS caller of a clear-text server is reported as a
+//! [`Failure::Handshake`] and gets a clear-text error its TLS stack refuses, which the
+//! [client](crate::protocol::Client) turns into a message naming the mismatch.
 
 use crate::protocol::{self, ProtocolError, PROTOCOL_VERSION};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, VecDeque};
-use std::io::{BufReader, BufWriter, ErrorKind, Read};
+use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -96,6 +109,9 @@ pub enum Failure {
     Evicted,
     /// Turned away because every connection slot was taken.
     Busy,
+    /// The TLS handshake failed, or the caller spoke clear text to a TLS server (or TLS to a
+    /// clear-text one).
+    Handshake,
 }
 
 impl Failure {
@@ -110,6 +126,7 @@ impl Failure {
             Failure::Closed => "closed",
             Failure::Evicted => "evicted",
             Failure::Busy => "busy",
+            Failure::Handshake => "handshake",
         }
     }
 }
@@ -142,11 +159,42 @@ pub trait Service: Send + Sync + 'static {
     fn close(&self) {}
 }
 
+/// How a server's connections are carried.
+#[derive(Clone, Default)]
+pub enum Transport {
+    /// Clear-text TCP: tokens, keys and queries travel unprotected. For tests and benchmarks
+    /// (`--insecure-plaintext`); the default of [`Settings::new`], which has no certificate.
+    #[default]
+    Plaintext,
+    /// TLS with this configuration (the server's certificate and key; see
+    /// [`crate::tls::server_config`]).
+    Tls(Arc<rustls::ServerConfig>),
+}
+
+impl Transport {
+    /// Whether connections are carried in TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Transport::Tls(_))
+    }
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Plaintext => "Plaintext",
+            Transport::Tls(_) => "Tls",
+        })
+    }
+}
+
 /// How a server admits and keeps connections.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// The token every request must carry.
     pub token: String,
+    /// TLS or clear text (default [`Transport::Plaintext`]: the binaries choose TLS unless
+    /// told `--insecure-plaintext`).
+    pub transport: Transport,
     /// Largest accepted request frame, in bytes (at most [`protocol::MAX_FRAME`]).
     pub frame_limit: usize,
     /// A connection that sends nothing for this long is closed (default 60 s).
@@ -168,6 +216,7 @@ impl Settings {
     pub fn new(token: impl Into<String>) -> Self {
         Settings {
             token: token.into(),
+            transport: Transport::Plaintext,
             frame_limit: protocol::MAX_FRAME,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             auth_timeout: DEFAULT_AUTH_TIMEOUT,
@@ -552,9 +601,9 @@ fn turn_away<S: Service>(shared: &Arc<Shared<S>>, stream: TcpStream) {
     }
 }
 
-/// A socket reader that fails with [`ErrorKind::TimedOut`] once a deadline has passed (the
-/// deadline to authenticate), and otherwise waits at most the idle timeout for each read.
-struct DeadlineReader {
+/// A socket whose reads fail with [`ErrorKind::TimedOut`] once a deadline has passed (the
+/// deadline to authenticate), and otherwise wait at most the idle timeout each.
+struct DeadlineStream {
     stream: TcpStream,
     deadline: Option<Instant>,
     idle: Duration,
@@ -562,7 +611,74 @@ struct DeadlineReader {
     current: Option<Duration>,
 }
 
-impl Read for DeadlineReader {
+impl Write for DeadlineStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// A connection in clear text or under TLS.
+enum Stream {
+    Plain(DeadlineStream),
+    Tls(Box<rustls::StreamOwned<rustls::ServerConnection, DeadlineStream>>),
+}
+
+impl Stream {
+    fn socket(&mut self) -> &mut DeadlineStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &mut t.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// Reads and drops what the caller still sends, for a moment, after half-closing: the caller
+/// then reads the answer written before rather than a reset.
+fn linger(socket: &TcpStream) {
+    let _ = socket.shutdown(Shutdown::Write);
+    let _ = socket.set_read_timeout(Some(Duration::from_millis(100)));
+    let deadline = Instant::now() + Duration::from_millis(300);
+    let mut buf = [0u8; 4096];
+    let mut left = 64usize << 10;
+    let mut r = socket;
+    while Instant::now() < deadline && left > 0 {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
+impl Read for DeadlineStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let timeout = match self.deadline {
             None => self.idle,
@@ -598,11 +714,11 @@ enum HeaderOutcome {
     Close,
 }
 
-/// One connection's reader, writer and peer, with the helpers that report failures.
+/// One connection's stream and peer, with the helpers that report failures.
 struct Conn<'a, S: Service> {
     guard: &'a ConnectionGuard<S>,
-    reader: BufReader<DeadlineReader>,
-    writer: BufWriter<TcpStream>,
+    /// Reads through a buffer; writes go to the stream itself (one whole frame at a time).
+    reader: BufReader<Stream>,
     peer: String,
     peer_ip: String,
 }
@@ -613,7 +729,7 @@ impl<S: Service> Conn<'_, S> {
     }
 
     fn send(&mut self, response: &S::Response) -> Result<(), ProtocolError> {
-        protocol::write_frame(&mut self.writer, response)
+        protocol::write_frame(self.reader.get_mut(), response)
     }
 
     /// Reports a failure and answers it with the service's error. Before authentication,
@@ -658,7 +774,7 @@ impl<S: Service> Conn<'_, S> {
         }
         match self.guard.promote() {
             Promotion::Admitted => {
-                self.reader.get_mut().deadline = None;
+                self.reader.get_mut().socket().deadline = None;
                 HeaderOutcome::Authenticated
             }
             Promotion::Busy => {
@@ -703,6 +819,19 @@ impl<S: Service> Conn<'_, S> {
             return;
         }
         let (what, msg) = match e {
+            ProtocolError::FrameTooLarge(n)
+                if crate::tls::looks_like_tls(&u32::try_from(n).unwrap_or(0).to_be_bytes()) =>
+            {
+                let msg = format!(
+                    "this {} speaks clear-text TCP (--insecure-plaintext) and got a TLS \
+                     handshake: connect with --insecure-plaintext too, or serve with TLS",
+                    S::ROLE
+                );
+                self.fail(Failure::Handshake, msg);
+                // Let the caller read that rather than a reset.
+                linger(&self.reader.get_mut().socket().stream);
+                return;
+            }
             ProtocolError::FrameTooLarge(n) => (
                 Failure::Oversized,
                 format!(
@@ -755,23 +884,114 @@ impl<S: Service> Conn<'_, S> {
     }
 }
 
+/// Reports a failure before authentication, unless the connection was evicted (counted by
+/// whoever evicted it) or the server is stopping.
+fn report<S: Service>(guard: &ConnectionGuard<S>, peer: &SocketAddr, what: Failure, reason: &str) {
+    let sh = &guard.shared;
+    if guard.evicted() || sh.shutdown.load(Ordering::SeqCst) {
+        return;
+    }
+    sh.service.failure(&peer.ip().to_string(), what, reason);
+    if sh.settings.verbose {
+        eprintln!("{}: {peer}: {}: {reason}", S::ROLE, what.as_str());
+    }
+}
+
+/// Starts TLS on a new connection: tells a clear-text caller what is wrong, then completes
+/// the handshake within the deadline to authenticate. `None` when the connection ends here
+/// (the failure reported).
+fn start_tls<S: Service>(
+    guard: &ConnectionGuard<S>,
+    mut sock: DeadlineStream,
+    config: &Arc<rustls::ServerConfig>,
+    peer: &SocketAddr,
+) -> Option<Stream> {
+    let timeout_msg = || {
+        format!(
+            "no TLS handshake within {:.1} s; closing the connection",
+            guard.shared.settings.auth_timeout.as_secs_f64()
+        )
+    };
+    // The first byte tells a TLS caller from a clear-text one (the read timeout is at most
+    // the deadline to authenticate, set when the connection was admitted).
+    let mut first = [0u8; 2];
+    match sock.stream.peek(&mut first) {
+        Ok(0) => {
+            report(guard, peer, Failure::Closed, "closed before authenticating");
+            return None;
+        }
+        Ok(n) if !crate::tls::looks_like_tls(&first[..n]) => {
+            let msg = format!(
+                "this {} speaks TLS and got clear text: connect with TLS (give its \
+                 certificate with --ca), or run both sides with --insecure-plaintext",
+                S::ROLE
+            );
+            report(guard, peer, Failure::Handshake, &msg);
+            let _ = protocol::write_frame(&mut sock.stream, &S::error(msg));
+            linger(&sock.stream);
+            return None;
+        }
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            report(guard, peer, Failure::Timeout, &timeout_msg());
+            return None;
+        }
+        Err(_) => {
+            report(guard, peer, Failure::Closed, "closed before authenticating");
+            return None;
+        }
+    }
+    let conn = match rustls::ServerConnection::new(config.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            report(guard, peer, Failure::Handshake, &e.to_string());
+            return None;
+        }
+    };
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    while tls.conn.is_handshaking() {
+        if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+            match e.kind() {
+                ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+                    report(guard, peer, Failure::Timeout, &timeout_msg())
+                }
+                ErrorKind::InvalidData => report(
+                    guard,
+                    peer,
+                    Failure::Handshake,
+                    &format!("TLS handshake failed: {e}"),
+                ),
+                _ => report(
+                    guard,
+                    peer,
+                    Failure::Closed,
+                    "closed during the TLS handshake",
+                ),
+            }
+            return None;
+        }
+    }
+    Some(Stream::Tls(Box::new(tls)))
+}
+
 fn connection<S: Service>(guard: &ConnectionGuard<S>, stream: TcpStream, peer: SocketAddr) {
     let shared: &Shared<S> = &guard.shared;
-    let Ok(read_half) = stream.try_clone() else {
-        return;
+    let sock = DeadlineStream {
+        stream,
+        deadline: Some(Instant::now() + shared.settings.auth_timeout),
+        idle: shared.settings.idle_timeout,
+        current: None,
+    };
+    let stream = match &shared.settings.transport {
+        Transport::Plaintext => Stream::Plain(sock),
+        Transport::Tls(config) => match start_tls(guard, sock, config, &peer) {
+            Some(s) => s,
+            None => return,
+        },
     };
     let mut conn = Conn {
         guard,
-        reader: BufReader::with_capacity(
-            READ_BUFFER,
-            DeadlineReader {
-                stream: read_half,
-                deadline: Some(Instant::now() + shared.settings.auth_timeout),
-                idle: shared.settings.idle_timeout,
-                current: None,
-            },
-        ),
-        writer: BufWriter::new(stream),
+        reader: BufReader::with_capacity(READ_BUFFER, stream),
         peer: peer.to_string(),
         peer_ip: peer.ip().to_string(),
     };

@@ -24,8 +24,9 @@ use fe::Encode;
 use nn::data::DatasetInfo;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
+use std::io::{BufReader, ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -212,6 +213,10 @@ pub enum ProtocolError {
     /// The answer does not match the question.
     #[error("unexpected response: {0}")]
     Unexpected(String),
+    /// TLS could not be set up: the server's certificate is not the pinned one, or one side
+    /// speaks TLS and the other clear text. Not retried.
+    #[error("{0}")]
+    Tls(String),
     /// A key or parameter failed validation.
     #[error(transparent)]
     Fe(#[from] fe::FeError),
@@ -371,7 +376,51 @@ pub struct ClientConfig {
     pub initial_backoff: Duration,
     /// Longest pause between attempts (default 5 s).
     pub max_backoff: Duration,
+    /// TLS pinned to the server's certificate, or clear text (the default, since the
+    /// library has no certificate to pin; the binaries use TLS unless told
+    /// `--insecure-plaintext`).
+    pub transport: ClientTransport,
 }
+
+/// How a [`Client`] carries its connections.
+#[derive(Clone, Default)]
+pub enum ClientTransport {
+    /// Clear-text TCP: for tests and benchmarks, against a server that also runs in clear
+    /// text (`--insecure-plaintext`).
+    #[default]
+    Plaintext,
+    /// TLS with this configuration, normally one that pins the server's certificate (see
+    /// [`ClientTransport::pinned`]).
+    Tls(Arc<rustls::ClientConfig>),
+}
+
+impl ClientTransport {
+    /// TLS trusting exactly the certificate in the PEM file `cert` (the server's `cert.pem`).
+    pub fn pinned(cert: &std::path::Path) -> Result<Self, crate::tls::TlsError> {
+        Ok(ClientTransport::Tls(crate::tls::pinned_client(cert)?))
+    }
+}
+
+impl std::fmt::Debug for ClientTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClientTransport::Plaintext => "Plaintext",
+            ClientTransport::Tls(_) => "Tls",
+        })
+    }
+}
+
+impl PartialEq for ClientTransport {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (ClientTransport::Plaintext, ClientTransport::Plaintext) => true,
+            (ClientTransport::Tls(a), ClientTransport::Tls(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for ClientTransport {}
 
 impl Default for ClientConfig {
     fn default() -> Self {
@@ -382,13 +431,45 @@ impl Default for ClientConfig {
             retries: DEFAULT_RETRIES,
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
+            transport: ClientTransport::Plaintext,
+        }
+    }
+}
+
+/// A client's connection in clear text or under TLS.
+enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for ClientStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            ClientStream::Plain(s) => s.read(buf),
+            ClientStream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for ClientStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            ClientStream::Plain(s) => s.write(buf),
+            ClientStream::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            ClientStream::Plain(s) => s.flush(),
+            ClientStream::Tls(t) => t.flush(),
         }
     }
 }
 
 struct Connection {
-    reader: BufReader<TcpStream>,
-    writer: BufWriter<TcpStream>,
+    /// Reads through a buffer; writes go to the stream itself (one whole request at once).
+    reader: BufReader<ClientStream>,
     /// When it was opened, and whether it has carried a request.
     opened: std::time::Instant,
     used: bool,
@@ -510,11 +591,16 @@ impl<Q: Serialize, R: Reply> Client<Q, R> {
             match TcpStream::connect_timeout(&sock, self.config.connect_timeout) {
                 Ok(stream) => {
                     stream.set_nodelay(true)?;
-                    stream.set_read_timeout(Some(self.config.read_timeout))?;
                     stream.set_write_timeout(Some(self.config.write_timeout))?;
+                    let stream = match &self.config.transport {
+                        ClientTransport::Plaintext => ClientStream::Plain(stream),
+                        ClientTransport::Tls(config) => self.handshake(stream, config)?,
+                    };
+                    if let ClientStream::Plain(s) = &stream {
+                        s.set_read_timeout(Some(self.config.read_timeout))?;
+                    }
                     return Ok(Connection {
-                        reader: BufReader::new(stream.try_clone()?),
-                        writer: BufWriter::new(stream),
+                        reader: BufReader::new(stream),
                         opened: std::time::Instant::now(),
                         used: false,
                     });
@@ -533,6 +619,60 @@ impl<Q: Serialize, R: Reply> Client<Q, R> {
             Some(e) => ProtocolError::Io(e),
             None => ProtocolError::Unexpected(format!("cannot resolve {}", self.addr)),
         })
+    }
+
+    /// Completes a TLS handshake on `stream` within the connection timeout. A certificate
+    /// other than the pinned one, or a server that does not speak TLS, is a
+    /// [`ProtocolError::Tls`] saying so (not retried).
+    fn handshake(
+        &self,
+        stream: TcpStream,
+        config: &Arc<rustls::ClientConfig>,
+    ) -> Result<ClientStream, ProtocolError> {
+        let role = R::ROLE;
+        let addr = &self.addr;
+        let name = crate::tls::server_name(addr).map_err(|e| ProtocolError::Tls(e.to_string()))?;
+        let conn = rustls::ClientConnection::new(config.clone(), name)
+            .map_err(|e| ProtocolError::Tls(format!("cannot start TLS: {e}")))?;
+        stream.set_read_timeout(Some(self.config.connect_timeout))?;
+        let mut tls = rustls::StreamOwned::new(conn, stream);
+        while tls.conn.is_handshaking() {
+            if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+                let tls_error = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .cloned();
+                return Err(match tls_error {
+                    Some(rustls::Error::InvalidCertificate(c)) => ProtocolError::Tls(format!(
+                        "the {role} at {addr} presented a TLS certificate other than the \
+                         pinned one ({c:?}): give its certificate with --ca (or \
+                         --server-ca)"
+                    )),
+                    Some(rustls::Error::InvalidMessage(m)) => ProtocolError::Tls(format!(
+                        "the {role} at {addr} did not answer in TLS ({m:?}): it may run with \
+                         --insecure-plaintext, which this side then needs too"
+                    )),
+                    Some(other) => ProtocolError::Tls(format!(
+                        "the TLS handshake with the {role} at {addr} failed: {other}"
+                    )),
+                    None => ProtocolError::Io(match e.kind() {
+                        ErrorKind::UnexpectedEof
+                        | ErrorKind::ConnectionReset
+                        | ErrorKind::ConnectionAborted => std::io::Error::new(
+                            e.kind(),
+                            format!(
+                                "the {role} closed the connection during the TLS handshake \
+                                 (is it serving TLS? a clear-text server needs \
+                                 --insecure-plaintext on both sides)"
+                            ),
+                        ),
+                        _ => io_context(e, "TLS handshake", self.config.connect_timeout, role),
+                    }),
+                });
+            }
+        }
+        tls.sock.set_read_timeout(Some(self.config.read_timeout))?;
+        Ok(ClientStream::Tls(Box::new(tls)))
     }
 
     fn ensure_connected(&mut self) -> Result<&mut Connection, ProtocolError> {
@@ -593,14 +733,25 @@ impl<Q: Serialize, R: Reply> Client<Q, R> {
         let (read_timeout, write_timeout) = (self.config.read_timeout, self.config.write_timeout);
         let conn = self.ensure_connected()?;
         conn.used = true;
-        let sent = conn
-            .writer
+        let writer = conn.reader.get_mut();
+        let sent = writer
             .write_all(bytes)
-            .and_then(|()| conn.writer.flush())
+            .and_then(|()| writer.flush())
             .map_err(|e| io_context(e, "progress sending the request", write_timeout, R::ROLE));
         sent?;
         match read_frame::<R, _>(&mut conn.reader) {
             Ok(r) => r.check(),
+            Err(ProtocolError::FrameTooLarge(n))
+                if crate::tls::looks_like_tls(&u32::try_from(n).unwrap_or(0).to_be_bytes()) =>
+            {
+                self.conn = None;
+                Err(ProtocolError::Tls(format!(
+                    "the {} at {} answered in TLS: connect with TLS (give its certificate \
+                     with --ca), or run both sides with --insecure-plaintext",
+                    R::ROLE,
+                    self.addr
+                )))
+            }
             Err(ProtocolError::Io(e)) => Err(ProtocolError::Io(io_context(
                 e,
                 &format!("answer from the {}", R::ROLE),

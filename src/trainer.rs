@@ -392,6 +392,8 @@ pub struct SecureSetup {
     pub token: String,
     /// Optional cache file of the discrete-log table (built and saved if missing).
     pub dlog_table: Option<PathBuf>,
+    /// How to reach the authority: TLS pinned to its certificate, or clear text.
+    pub transport: crate::protocol::ClientTransport,
 }
 
 /// Loads the discrete-log table from `path`, or builds it (and saves it there if given).
@@ -414,7 +416,11 @@ pub fn dlog_table(path: Option<&Path>) -> Result<Arc<DlogTable<Curve>>, TrainerE
 pub fn secure_products(
     setup: &SecureSetup,
 ) -> Result<(SecureProducts<AuthorityClient>, RunData), TrainerError> {
-    let mut client = AuthorityClient::connect(&setup.authority, &setup.token)?;
+    let config = crate::protocol::ClientConfig {
+        transport: setup.transport.clone(),
+        ..crate::protocol::ClientConfig::default()
+    };
+    let mut client = AuthorityClient::connect_with(&setup.authority, &setup.token, config)?;
     let published = client.published()?;
     let params = published.params;
     let reader = Reader::open_for(&setup.data, &params)?;

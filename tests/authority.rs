@@ -745,6 +745,7 @@ fn key_files_modes_overwrite_and_validation() {
         &InitOptions {
             token: Some("s3cret-token".into()),
             force: false,
+            ..InitOptions::default()
         },
     )
     .unwrap();
@@ -761,9 +762,11 @@ fn key_files_modes_overwrite_and_validation() {
             authority::COL_MSK_FILE,
             authority::FEBO_MSK_FILE,
             authority::TOKEN_FILE,
+            cryptonn::tls::KEY_FILE,
         ] {
             assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
         }
+        assert_eq!(mode(&dir.join(cryptonn::tls::CERT_FILE)), 0o644);
         assert_eq!(mode(&dir) & 0o077, 0);
     }
     let auth = authority::load(&dir).unwrap();
@@ -787,6 +790,7 @@ fn key_files_modes_overwrite_and_validation() {
         &InitOptions {
             token: None,
             force: true,
+            ..InitOptions::default()
         },
     )
     .unwrap();
@@ -803,6 +807,7 @@ fn key_files_modes_overwrite_and_validation() {
             &InitOptions {
                 token: Some(t.into()),
                 force: false,
+                ..InitOptions::default()
             },
         );
         assert!(e.is_err(), "{t:?}");
@@ -913,13 +918,27 @@ fn binary_init_and_serve() {
         let addr = addr.ok_or("no `listening on` line")?;
         assert!(!addr.ends_with(":0"), "{addr}");
         let token = authority::read_token(&dir).map_err(|e| e.to_string())?;
-        let mut c = AuthorityClient::connect(&addr, &token).map_err(|e| e.to_string())?;
+        // TLS by default, pinned to the certificate `init` wrote.
+        let tls = protocol::ClientConfig {
+            transport: protocol::ClientTransport::pinned(&dir.join(cryptonn::tls::CERT_FILE))
+                .map_err(|e| e.to_string())?,
+            ..protocol::ClientConfig::default()
+        };
+        let mut c =
+            AuthorityClient::connect_with(&addr, &token, tls.clone()).map_err(|e| e.to_string())?;
         let p = c.params().map_err(|e| e.to_string())?;
         assert_eq!(p.batch_size(), 4);
         let keys = c.col_keys(&[vec![1, 1, 0, 0]]).map_err(|e| e.to_string())?;
         assert_eq!(keys.len(), 1);
-        let mut bad = AuthorityClient::connect(&addr, "wrong").map_err(|e| e.to_string())?;
+        let mut bad = AuthorityClient::connect_with(&addr, "wrong", tls.clone())
+            .map_err(|e| e.to_string())?;
         assert!(matches!(bad.params(), Err(ProtocolError::Refused { .. })));
+        // A clear-text caller is told the authority speaks TLS.
+        let mut plain = AuthorityClient::connect(&addr, &token).map_err(|e| e.to_string())?;
+        match plain.params() {
+            Err(ProtocolError::Server { message, .. }) if message.contains("speaks TLS") => {}
+            other => return Err(format!("a clear-text caller got {other:?}")),
+        }
         Ok::<(), String>(())
     })();
     // SIGTERM: a clean stop (summaries and a stop line in the audit log), status 0.
@@ -944,7 +963,11 @@ fn binary_init_and_serve() {
         .count();
     assert_eq!(requests, 1, "{audit}");
     assert!(audit.starts_with("{\"seq\":0,"), "{audit}");
-    assert!(audit.contains("\"failures\":{\"auth\":1}"), "{audit}");
+    // The wrong token and the clear-text caller, summarised in one line.
+    assert!(
+        audit.contains("\"failures\":{\"auth\":1,\"handshake\":1}"),
+        "{audit}"
+    );
 }
 
 /// Cost of issuing one training step's keys (run with `--ignored --nocapture`).

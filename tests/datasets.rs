@@ -22,7 +22,8 @@ fn client(a: &Served) -> Command {
         &a.addr,
         "--token",
         &a.token,
-    ]);
+    ])
+    .args(a.tls_args());
     c
 }
 
@@ -64,6 +65,7 @@ fn encrypted_equals_simulated(
             "--token",
             &a.token,
         ])
+        .args(a.tls_args())
         .args(MODEL)
         .arg("--data")
         .arg(&enc)

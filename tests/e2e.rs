@@ -23,6 +23,7 @@ fn encrypt(a: &Authority, limit: usize, out: &Path) {
             "--token",
             &a.token,
         ])
+        .args(a.tls_args())
         .args(["--limit", &limit.to_string(), "--out"])
         .arg(out)
         .env_remove("CRYPTONN_MNIST_DIR"));
@@ -51,6 +52,7 @@ fn train_cmd(a: &Authority, data: &Path, model: &Path, work: &Path) -> Command {
         "--token",
         &a.token,
     ])
+    .args(a.tls_args())
     .args(MODEL)
     .arg("--data")
     .arg(data)

@@ -73,6 +73,8 @@ impl Setup {
             "--token",
             &self.authority.token,
         ])
+        .args(self.authority.tls_args())
+        .args(s.tls_flags("--server-ca"))
         .arg("--data")
         .arg(wdbc())
         .arg("--encoding")
@@ -172,15 +174,21 @@ fn served_predictions_equal_plain_quantized_inference_and_clients_run_concurrent
     assert!(inference[0].contains("\"count\":12"), "{}", inference[0]);
 }
 
-/// Sends `bytes` on a new connection and reads one answer frame.
+/// Sends `bytes` on a new TLS connection (pinned to `ca`) and reads one answer frame.
 fn raw_exchange(
     addr: &str,
+    ca: &Path,
     bytes: &[u8],
 ) -> Result<cryptonn::inference::PredictResponse, ProtocolError> {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+    let tcp = TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))
         .expect("timeout");
+    let config = cryptonn::tls::pinned_client(ca).expect("certificate");
+    let name = cryptonn::tls::server_name(addr).expect("name");
+    let conn = rustls::ClientConnection::new(config, name).expect("tls");
+    let mut s = rustls::StreamOwned::new(conn, tcp);
     s.write_all(bytes).expect("write");
+    s.flush().expect("flush");
     protocol::read_frame(&mut s)
 }
 
@@ -188,13 +196,16 @@ fn raw_exchange(
 fn bad_queries_are_refused_while_others_are_served() {
     let s = Setup::new();
     let service = s.serve();
-    let params = AuthorityClient::connect(&s.authority.addr, &s.authority.token)
-        .and_then(|mut c| c.params())
-        .expect("params");
+    let params =
+        AuthorityClient::connect_with(&s.authority.addr, &s.authority.token, s.authority.config())
+            .and_then(|mut c| c.params())
+            .expect("params");
     let fp = params.fingerprint();
     let enc = FeipEncryptor::new(&params.row);
     let good = enc.encrypt_to_bytes(&[100; 31]).expect("encrypt");
-    let mut client = PredictionClient::connect(&service.addr, &service.token).expect("connect");
+    let mut client =
+        PredictionClient::connect_with(&service.addr, &service.token, service.config())
+            .expect("connect");
     let want = client.predict(fp, good.clone()).expect("a good query");
     assert_eq!(want.probabilities.len(), 2);
     let server_error = |r: Result<nn::infer::Prediction, ProtocolError>| match r {
@@ -206,7 +217,9 @@ fn bad_queries_are_refused_while_others_are_served() {
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|sc| {
         let other = sc.spawn(|| {
-            let mut c = PredictionClient::connect(&service.addr, &service.token).expect("c");
+            let mut c =
+                PredictionClient::connect_with(&service.addr, &service.token, service.config())
+                    .expect("c");
             let mut n = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) || n < 3 {
                 assert_eq!(c.predict(fp, good.clone()).expect("served"), want);
@@ -251,7 +264,8 @@ fn bad_queries_are_refused_while_others_are_served() {
         let mut big = protocol::encode_request(&service.token, &()).expect("header");
         big.truncate(big.len() - 4);
         big.extend_from_slice(&(10u32 << 20).to_be_bytes());
-        match raw_exchange(&service.addr, &big) {
+        let ca = service.ca.clone().expect("a TLS service");
+        match raw_exchange(&service.addr, &ca, &big) {
             Ok(cryptonn::inference::PredictResponse::Error(m)) => {
                 assert!(m.contains("exceeds the limit"), "{m}")
             }
@@ -261,14 +275,16 @@ fn bad_queries_are_refused_while_others_are_served() {
         garbage.truncate(garbage.len() - 4);
         garbage.extend_from_slice(&5u32.to_be_bytes());
         garbage.extend_from_slice(&[9, 9, 9, 9, 9]);
-        match raw_exchange(&service.addr, &garbage) {
+        match raw_exchange(&service.addr, &ca, &garbage) {
             Ok(cryptonn::inference::PredictResponse::Error(m)) => {
                 assert!(m.contains("malformed"), "{m}")
             }
             other => panic!("malformed frame: {other:?}"),
         }
         // A wrong token.
-        let mut intruder = PredictionClient::connect(&service.addr, "not-the-token").expect("c");
+        let mut intruder =
+            PredictionClient::connect_with(&service.addr, "not-the-token", service.config())
+                .expect("c");
         assert!(matches!(
             intruder.predict(fp, good.clone()),
             Err(ProtocolError::Refused { .. })
@@ -300,6 +316,8 @@ fn a_service_under_another_authority_is_refused_by_the_client() {
                 &service.token,
             ])
             .args(["--authority", &other.addr, "--token", &other.token])
+            .args(other.tls_args())
+            .args(service.tls_flags("--server-ca"))
             .arg("--data")
             .arg(wdbc())
             .arg("--encoding")

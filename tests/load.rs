@@ -78,7 +78,8 @@ struct Calls {
 /// One legitimate caller: `n` requests of 16 row keys, each on a new connection when `fresh`
 /// (as `client encrypt` connects) or all on one (as a trainer does); keeps going past `n`
 /// until `until` is set.
-fn caller(addr: &str, token: &str, n: usize, fresh: bool, until: Option<&AtomicBool>) -> Calls {
+fn caller(a: &Served, n: usize, fresh: bool, until: Option<&AtomicBool>) -> Calls {
+    let (addr, token, config) = (a.addr.as_str(), a.token.as_str(), a.config());
     let mut out = Calls::default();
     let mut conn: Option<AuthorityClient> = None;
     let mut i = 0;
@@ -90,7 +91,7 @@ fn caller(addr: &str, token: &str, n: usize, fresh: bool, until: Option<&AtomicB
                 if let Some(old) = &conn {
                     out.reconnections += old.connections().saturating_sub(1);
                 }
-                conn = Some(AuthorityClient::connect(addr, token)?);
+                conn = Some(AuthorityClient::connect_with(addr, token, config.clone())?);
             }
             let c = conn
                 .as_mut()
@@ -251,8 +252,8 @@ fn run(name: &str, idle: usize, slow: usize, secs: f64, requests: usize) -> Figu
         std::thread::scope(|s| {
             let hs: Vec<_> = (0..4)
                 .map(|i| {
-                    let (addr, token, done) = (a.addr.as_str(), a.token.as_str(), &done);
-                    s.spawn(move || caller(addr, token, requests, i % 2 == 0, Some(done)))
+                    let (served, done) = (&a.served, &done);
+                    s.spawn(move || caller(served, requests, i % 2 == 0, Some(done)))
                 })
                 .collect();
             std::thread::sleep(Duration::from_secs_f64(secs));

@@ -12,6 +12,8 @@
 //! | `febo.msk` | FEBO master secret key | 0600 |
 //! | `params.bin` | the [`PublicParams`] (bincode, as in the [protocol]) | 0644 |
 //! | `token` | the callers' bearer token, 64 hex digits and a newline | 0600 |
+//! | `cert.pem` | the self-signed TLS certificate callers pin (names `localhost`, `127.0.0.1` and any asked for) | 0644 |
+//! | `cert.key` | its private key (PKCS#8 PEM) | 0600 |
 //!
 //! [`load`] reads them back, validates every key, checks that the public parameters match the
 //! secret keys, and refuses secret files that group or others may read.
@@ -137,6 +139,9 @@ pub enum AuthorityError {
     /// The network layer refused its settings or could not serve.
     #[error(transparent)]
     Net(#[from] net::NetError),
+    /// The TLS certificate or key could not be made or read.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> AuthorityError {
@@ -269,6 +274,9 @@ pub struct InitOptions {
     pub token: Option<String>,
     /// Overwrite existing keys.
     pub force: bool,
+    /// Names (host names, IP addresses) of the TLS certificate besides `localhost` and
+    /// `127.0.0.1`.
+    pub names: Vec<String>,
 }
 
 /// What [`init`] made.
@@ -278,6 +286,8 @@ pub struct Initialized {
     pub params: PublicParams,
     /// The token callers must present.
     pub token: String,
+    /// The SHA-256 fingerprint of the TLS certificate written to [`crate::tls::CERT_FILE`].
+    pub cert_fingerprint: String,
 }
 
 /// Checks that a token is usable: 1 to [`MAX_TOKEN_LEN`] printable ASCII characters, no spaces.
@@ -316,6 +326,8 @@ pub fn init(
         FEBO_MSK_FILE,
         PARAMS_FILE,
         TOKEN_FILE,
+        crate::tls::CERT_FILE,
+        crate::tls::KEY_FILE,
     ];
     if !opts.force && files.iter().any(|f| dir.join(f).exists()) {
         return Err(AuthorityError::AlreadyInitialized(dir.to_path_buf()));
@@ -344,9 +356,21 @@ pub fn init(
     })?;
     write(PARAMS_FILE, &params, false)?;
     write(TOKEN_FILE, format!("{token}\n").as_bytes(), true)?;
+    let mut names = crate::tls::default_names();
+    for n in &opts.names {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    let cert_fingerprint = crate::tls::write_pair(
+        &dir.join(crate::tls::CERT_FILE),
+        &dir.join(crate::tls::KEY_FILE),
+        &names,
+    )?;
     Ok(Initialized {
         params: auth.params,
         token,
+        cert_fingerprint,
     })
 }
 
@@ -414,6 +438,15 @@ pub fn read_token(dir: &Path) -> Result<String, AuthorityError> {
     let token = text.trim_end_matches(['\n', '\r']).to_string();
     validate_token(&token)?;
     Ok(token)
+}
+
+/// The TLS configuration of the certificate and key in `dir` written by [`init`], refusing
+/// a key file that group or others may read.
+pub fn load_tls(dir: &Path) -> Result<Arc<rustls::ServerConfig>, AuthorityError> {
+    Ok(crate::tls::server_config(
+        &dir.join(crate::tls::CERT_FILE),
+        &dir.join(crate::tls::KEY_FILE),
+    )?)
 }
 
 /// Loads and validates the keys in `dir` written by [`init`].
@@ -490,6 +523,9 @@ pub struct ServerConfig {
     pub max_pending: usize,
     /// Print one line per request on stderr.
     pub verbose: bool,
+    /// TLS with the authority's certificate, or clear text (default, as in
+    /// [`net::Settings::new`]; `authority serve` uses TLS unless told `--insecure-plaintext`).
+    pub transport: net::Transport,
 }
 
 impl ServerConfig {
@@ -506,6 +542,7 @@ impl ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_pending: DEFAULT_MAX_PENDING,
             verbose: false,
+            transport: net::Transport::Plaintext,
         }
     }
 }
@@ -599,6 +636,7 @@ fn prepare(
         max_connections: config.max_connections,
         max_pending: config.max_pending,
         verbose: config.verbose,
+        transport: config.transport,
     };
     settings.validate()?;
     let audit = AuditLog::open_with(&config.audit, config.audit_limits.clone())

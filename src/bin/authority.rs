@@ -25,7 +25,9 @@ use std::time::Duration;
                   authority init --dir keys --features 30 --classes 2 --x-bound 255   (a table)\n  \
                   authority serve --dir keys --listen 127.0.0.1:7700\n\n\
                   Callers (client, trainer) authenticate with the token in keys/token \
-                  (or CRYPTONN_TOKEN)."
+                  (or CRYPTONN_TOKEN) and connect over TLS, trusting the certificate \
+                  keys/cert.pem (found beside --token-file, or given with --ca). Clear-text \
+                  TCP needs --insecure-plaintext on both sides (tests and benchmarks only)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,8 +38,9 @@ struct Cli {
 enum Command {
     /// Generate master keys, public parameters and a caller token into a directory.
     ///
-    /// Writes row.msk, col.msk, febo.msk and token with mode 0600, and params.bin. Refuses to
-    /// overwrite existing keys unless --force is given.
+    /// Writes row.msk, col.msk, febo.msk, token and cert.key with mode 0600, params.bin and
+    /// cert.pem (a self-signed TLS certificate for localhost, 127.0.0.1 and any --san names,
+    /// which callers pin). Refuses to overwrite existing keys unless --force is given.
     Init(InitArgs),
     /// Serve key requests over TCP until SIGTERM or SIGINT (Ctrl-C).
     ///
@@ -94,6 +97,11 @@ struct InitArgs {
     /// Overwrite existing keys (datasets encrypted under the old keys become useless).
     #[arg(long)]
     force: bool,
+    /// Another name (host name or IP address) of the TLS certificate, besides localhost and
+    /// 127.0.0.1; repeat for more. Callers pin the certificate, so names matter only to
+    /// tools that check them.
+    #[arg(long, value_name = "NAME")]
+    san: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -149,6 +157,17 @@ struct ServeArgs {
     /// Do not print a line per request on stderr.
     #[arg(long)]
     quiet: bool,
+    /// The TLS certificate [default: DIR/cert.pem].
+    #[arg(long, value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// The TLS certificate's private key, refused if group or others can read it
+    /// [default: DIR/cert.key].
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Serve clear-text TCP instead of TLS: tokens and keys travel unprotected. For tests
+    /// and benchmarks only; callers must be given --insecure-plaintext too.
+    #[arg(long, conflicts_with_all = ["cert", "key"])]
+    insecure_plaintext: bool,
 }
 
 fn policy_of(args: &PolicyArgs) -> Result<Policy> {
@@ -178,6 +197,7 @@ fn init(args: &InitArgs) -> Result<()> {
         &InitOptions {
             token: args.token.clone(),
             force: args.force,
+            names: args.san.clone(),
         },
     )?;
     let fp: String = made
@@ -193,8 +213,11 @@ fn init(args: &InitArgs) -> Result<()> {
         args.batch_size
     );
     println!(
-        "callers authenticate with the token in {}",
-        args.dir.join(authority::TOKEN_FILE).display()
+        "callers authenticate with the token in {} and trust the TLS certificate {} \
+         (SHA-256 fingerprint {})",
+        args.dir.join(authority::TOKEN_FILE).display(),
+        args.dir.join(cryptonn::tls::CERT_FILE).display(),
+        made.cert_fingerprint
     );
     Ok(())
 }
@@ -229,6 +252,20 @@ fn serve(args: &ServeArgs) -> Result<()> {
     config.max_pending = net.max_pending;
     config.auth_timeout = net.auth_timeout;
     config.verbose = !args.quiet;
+    config.transport = cryptonn::cli::server_transport(
+        &args
+            .cert
+            .clone()
+            .unwrap_or_else(|| args.dir.join(cryptonn::tls::CERT_FILE)),
+        &args
+            .key
+            .clone()
+            .unwrap_or_else(|| args.dir.join(cryptonn::tls::KEY_FILE)),
+        args.insecure_plaintext,
+    )?;
+    if args.insecure_plaintext {
+        eprintln!("authority: WARNING: serving clear-text TCP (--insecure-plaintext)");
+    }
     let listener = TcpListener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;

@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cryptonn::authority::Policy;
-use cryptonn::cli::{warn_clamped, DataArgs, EvalArgs};
+use cryptonn::cli::{warn_clamped, DataArgs, EvalArgs, TlsArgs};
 use cryptonn::protocol::resolve_token;
 use cryptonn::secure::Timings;
 use cryptonn::trainer::{self, SecureSetup, TrainConfig};
@@ -111,6 +111,8 @@ enum Command {
         #[arg(long)]
         dlog_table: Option<PathBuf>,
         #[command(flatten)]
+        tls: TlsArgs,
+        #[command(flatten)]
         eval: EvalArgs,
         #[command(flatten)]
         model: ModelArgs,
@@ -145,6 +147,9 @@ enum Command {
     /// ciphertext; the service decrypts the first layer's outputs, runs the other layers in
     /// the clear and returns the class and the probabilities. Concurrent queries are
     /// decrypted together in batches. Stops cleanly on SIGTERM or Ctrl-C.
+    ///
+    /// Serves TLS with its own certificate (see --cert), which clients pin; connects to the
+    /// authority over TLS (see --ca). --insecure-plaintext makes both clear-text TCP.
     Serve {
         /// The model file (from `trainer train` or `simulate`).
         #[arg(long, default_value = "model.bin")]
@@ -165,6 +170,18 @@ enum Command {
         /// and written there (mode 0600) if it does not exist.
         #[arg(long, value_name = "FILE", default_value = "serve.token")]
         client_token_file: PathBuf,
+        /// The service's TLS certificate [default: the client token file with extension
+        /// .pem, generated with its key at the first start if missing].
+        #[arg(long, value_name = "FILE", requires = "key")]
+        cert: Option<PathBuf>,
+        /// The private key of --cert, refused if group or others can read it [default: the
+        /// client token file with extension .key, mode 0600].
+        #[arg(long, value_name = "FILE", requires = "cert")]
+        key: Option<PathBuf>,
+        // --ca: the authority's certificate; --insecure-plaintext: clear-text TCP both to the
+        // authority and for the service's own clients.
+        #[command(flatten)]
+        tls: TlsArgs,
         /// Bits of the quantized first-layer rows (the training's --bits).
         #[arg(long, default_value_t = 8)]
         bits: u32,
@@ -273,6 +290,50 @@ fn client_token(path: &Path) -> Result<String> {
     Ok(t)
 }
 
+/// The transports of `trainer serve`: to the authority, and for its own clients.
+struct ServeTls {
+    client: cryptonn::protocol::ClientConfig,
+    server: cryptonn::net::Transport,
+}
+
+/// The service's certificate and key: `--cert`/`--key`, or the pair beside the client token
+/// file, generated at the first start (key mode 0600).
+fn service_tls(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_token_file: &Path,
+    plaintext: bool,
+) -> Result<cryptonn::net::Transport> {
+    if plaintext {
+        if cert.is_some() {
+            anyhow::bail!("--cert and --insecure-plaintext contradict each other");
+        }
+        eprintln!("prediction service: WARNING: serving clear-text TCP (--insecure-plaintext)");
+        return Ok(cryptonn::net::Transport::Plaintext);
+    }
+    let (cert, key) = match (cert, key) {
+        (Some(c), Some(k)) => (c, k),
+        _ => {
+            let (c, k) = (
+                client_token_file.with_extension("pem"),
+                client_token_file.with_extension("key"),
+            );
+            if !c.exists() && !k.exists() {
+                let fp = cryptonn::tls::write_pair(&c, &k, &cryptonn::tls::default_names())
+                    .context("generating the service's TLS certificate")?;
+                eprintln!(
+                    "prediction service: wrote a new TLS certificate {} (SHA-256 {fp}) and its \
+                     key {}; clients pin the certificate (client predict --server-ca)",
+                    c.display(),
+                    k.display()
+                );
+            }
+            (c, k)
+        }
+    };
+    cryptonn::cli::server_transport(&cert, &key, false)
+}
+
 /// `trainer serve`: starts the prediction service and runs it until SIGTERM or SIGINT.
 #[allow(clippy::too_many_arguments)]
 fn serve(
@@ -284,13 +345,15 @@ fn serve(
     opts: cryptonn::inference::ServiceOptions,
     dlog_table: Option<&Path>,
     net: &cryptonn::cli::NetArgs,
+    tls: &ServeTls,
 ) -> Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let m = Model::load(model).with_context(|| format!("loading {}", model.display()))?;
     let verbose = opts.verbose;
     let settings = net.settings(client_token(client_token_file)?)?;
-    let mut auth = cryptonn::protocol::AuthorityClient::connect(authority, token)
-        .with_context(|| format!("connecting to the authority at {authority}"))?;
+    let mut auth =
+        cryptonn::protocol::AuthorityClient::connect_with(authority, token, tls.client.clone())
+            .with_context(|| format!("connecting to the authority at {authority}"))?;
     let dlog = trainer::dlog_table(dlog_table)?;
     let service = cryptonn::inference::PredictionService::start(m, &mut auth, dlog, opts)
         .context("starting the prediction service")?;
@@ -313,6 +376,7 @@ fn serve(
     let settings = cryptonn::net::Settings {
         frame_limit: service.frame_limit(),
         verbose,
+        transport: tls.server.clone(),
         ..settings
     };
     let server = service.spawn(listener, settings)?;
@@ -349,12 +413,14 @@ fn main() -> Result<()> {
             token,
             token_file,
             dlog_table,
+            tls,
             eval,
             model,
         } => {
             let setup = SecureSetup {
                 data: data.clone(),
                 authority,
+                transport: tls.authority(token_file.as_deref())?,
                 token: resolve_token(token, token_file.as_deref())?,
                 dlog_table,
             };
@@ -464,6 +530,9 @@ fn main() -> Result<()> {
             batch_wait_ms,
             dlog_table,
             net,
+            cert,
+            key,
+            tls,
             verbose,
         } => {
             let batch_wait = std::time::Duration::try_from_secs_f64(batch_wait_ms / 1e3)
@@ -475,6 +544,13 @@ fn main() -> Result<()> {
                 batch_wait,
                 verbose,
             };
+            let serve_tls = ServeTls {
+                client: cryptonn::protocol::ClientConfig {
+                    transport: tls.authority(token_file.as_deref())?,
+                    ..cryptonn::protocol::ClientConfig::default()
+                },
+                server: service_tls(cert, key, &client_token_file, tls.insecure_plaintext)?,
+            };
             let token = resolve_token(token, token_file.as_deref())?;
             serve(
                 &model,
@@ -485,6 +561,7 @@ fn main() -> Result<()> {
                 opts,
                 dlog_table.as_deref(),
                 &net,
+                &serve_tls,
             )?;
         }
         Command::Evaluate { model, data, bits } => {

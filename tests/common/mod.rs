@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
@@ -49,6 +49,42 @@ pub struct Served {
     pub addr: String,
     /// The callers' token.
     pub token: String,
+    /// The server's TLS certificate, which callers pin; `None` for a clear-text server
+    /// (`--insecure-plaintext`).
+    pub ca: Option<PathBuf>,
+}
+
+impl Served {
+    /// The flags that make a caller reach this server: `--ca FILE` (`flag`, for the
+    /// prediction service `--server-ca`) or `--insecure-plaintext`.
+    pub fn tls_flags(&self, flag: &str) -> Vec<String> {
+        match &self.ca {
+            Some(c) => vec![flag.to_string(), c.display().to_string()],
+            None => vec!["--insecure-plaintext".to_string()],
+        }
+    }
+
+    /// The flags that make a caller reach this authority (`--ca FILE` or
+    /// `--insecure-plaintext`).
+    pub fn tls_args(&self) -> Vec<String> {
+        self.tls_flags("--ca")
+    }
+
+    /// A library client's configuration for this server: TLS pinned to its certificate, or
+    /// clear text.
+    pub fn config(&self) -> cryptonn::protocol::ClientConfig {
+        cryptonn::protocol::ClientConfig {
+            transport: match &self.ca {
+                Some(c) => cryptonn::protocol::ClientTransport::pinned(c).expect("certificate"),
+                None => cryptonn::protocol::ClientTransport::Plaintext,
+            },
+            ..cryptonn::protocol::ClientConfig::default()
+        }
+    }
+}
+
+fn plaintext(flags: &[&str]) -> bool {
+    flags.contains(&"--insecure-plaintext")
 }
 
 impl Drop for Served {
@@ -92,7 +128,13 @@ pub fn serve(dir: &Path, extra: &[&str]) -> Served {
         .expect("token")
         .trim()
         .to_string();
-    Served { child, addr, token }
+    let ca = (!plaintext(extra)).then(|| dir.join("cert.pem"));
+    Served {
+        child,
+        addr,
+        token,
+        ca,
+    }
 }
 
 /// `authority init` with `init` flags into `dir`, then [`serve`].
@@ -106,13 +148,20 @@ pub fn start_authority(dir: &Path, init: &[&str]) -> Served {
 }
 
 /// A running `trainer serve` for `model`, keyed by the authority `a`, on a free loopback port;
-/// its clients' token is written to `dir/serve.token`. Its standard error is kept (see
-/// [`stop_service`]).
+/// its clients' token is written to `dir/serve.token` (and its TLS certificate to
+/// `dir/serve.pem`, unless `extra` has `--insecure-plaintext`, which `a` then needs too).
+/// Its standard error is kept (see [`stop_service`]).
 pub fn start_service(model: &Path, a: &Served, dir: &Path, extra: &[&str]) -> Served {
     let token_file = dir.join("serve.token");
     let mut child = Command::new(TRAINER)
         .args(["serve", "--listen", "127.0.0.1:0", "--authority", &a.addr])
-        .args(["--token", &a.token, "--model"])
+        .args(["--token", &a.token])
+        .args(if plaintext(extra) {
+            Vec::new()
+        } else {
+            a.tls_args()
+        })
+        .arg("--model")
         .arg(model)
         .arg("--client-token-file")
         .arg(&token_file)
@@ -145,7 +194,13 @@ pub fn start_service(model: &Path, a: &Served, dir: &Path, extra: &[&str]) -> Se
         .expect("service token")
         .trim()
         .to_string();
-    Served { child, addr, token }
+    let ca = (!plaintext(extra)).then(|| token_file.with_extension("pem"));
+    Served {
+        child,
+        addr,
+        token,
+        ca,
+    }
 }
 
 /// Stops a process started by [`start_service`] in `dir` with SIGTERM, waits for it, and

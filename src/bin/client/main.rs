@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use cryptonn::cli::{warn_clamped, DataArgs};
+use cryptonn::cli::{warn_clamped, DataArgs, TlsArgs};
 use cryptonn::client::encrypt_dataset;
 use cryptonn::protocol::{resolve_token, AuthorityClient};
 use std::path::PathBuf;
@@ -50,6 +50,8 @@ enum Command {
         #[arg(long)]
         token_file: Option<PathBuf>,
         #[command(flatten)]
+        tls: TlsArgs,
+        #[command(flatten)]
         data: DataArgs,
         /// Add Gaussian noise of this standard deviation (in encoded units, grey levels for
         /// images) to every value before encrypting, with fresh randomness. A weak mitigation:
@@ -71,6 +73,9 @@ enum Command {
     /// with --parallel queries in flight and writes one line per input to --out: its index,
     /// the predicted class and every class's probability. The data's labels, when it has
     /// them, give the accuracy; they are never sent.
+    ///
+    /// Both connections use TLS, pinned to the authority's certificate (--ca) and to the
+    /// service's (--server-ca); --insecure-plaintext makes both clear-text TCP.
     Predict {
         /// Prediction service address.
         #[arg(long, default_value = "127.0.0.1:7800")]
@@ -81,6 +86,10 @@ enum Command {
         /// File holding the prediction service's token (`trainer serve --client-token-file`).
         #[arg(long, default_value = "serve.token")]
         server_token_file: PathBuf,
+        /// The prediction service's TLS certificate, the only one trusted for it. Default:
+        /// the --server-token-file with extension .pem (where `trainer serve` writes it).
+        #[arg(long, value_name = "FILE")]
+        server_ca: Option<PathBuf>,
         /// Authority address.
         #[arg(long, default_value = "127.0.0.1:7700")]
         authority: String,
@@ -90,6 +99,9 @@ enum Command {
         /// File holding the bearer token.
         #[arg(long)]
         token_file: Option<PathBuf>,
+        // --ca: the authority's certificate; --insecure-plaintext: clear text to both.
+        #[command(flatten)]
+        tls: TlsArgs,
         #[command(flatten)]
         data: DataArgs,
         /// Queries in flight at once (one connection each).
@@ -111,14 +123,24 @@ fn main() -> Result<()> {
             server,
             server_token,
             server_token_file,
+            server_ca,
             authority,
             token,
             token_file,
+            tls,
             data,
             parallel,
             out,
             quiet,
         } => predict::run(&predict::Args {
+            authority_transport: tls.authority(token_file.as_deref())?,
+            server_transport: cryptonn::cli::client_transport(
+                server_ca.as_deref(),
+                Some(&server_token_file.with_extension("pem")),
+                tls.insecure_plaintext,
+                "the prediction service",
+                "--server-ca",
+            )?,
             server,
             server_token: resolve_token(server_token, Some(&server_token_file))
                 .context("the prediction service's token")?,
@@ -133,13 +155,18 @@ fn main() -> Result<()> {
             authority,
             token: t,
             token_file,
+            tls,
             data,
             input_noise,
             out,
             quiet,
         } => {
+            let config = cryptonn::protocol::ClientConfig {
+                transport: tls.authority(token_file.as_deref())?,
+                ..cryptonn::protocol::ClientConfig::default()
+            };
             let token = resolve_token(t, token_file.as_deref())?;
-            let mut conn = AuthorityClient::connect(&authority, &token)
+            let mut conn = AuthorityClient::connect_with(&authority, &token, config)
                 .with_context(|| format!("connecting to the authority at {authority}"))?;
             let params = conn.params().context("fetching the public parameters")?;
             let default_encoding = PathBuf::from(format!("{}.encoding.json", out.display()));

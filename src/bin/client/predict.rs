@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use cryptonn::cli::DataArgs;
 use cryptonn::inference::{self, Answers, PredictionClient, Queries};
-use cryptonn::protocol::{AuthorityClient, ClientConfig};
+use cryptonn::protocol::{AuthorityClient, ClientConfig, ClientTransport};
 use nn::data::{Dataset, DatasetInfo};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,14 +18,24 @@ pub struct Args {
     pub parallel: usize,
     pub out: PathBuf,
     pub progress: bool,
+    pub authority_transport: ClientTransport,
+    pub server_transport: ClientTransport,
 }
 
 /// Fetches the parameters, checks the service, encrypts, sends, writes and summarises.
 pub fn run(args: &Args) -> Result<()> {
-    let params = AuthorityClient::connect(&args.authority, &args.token)
+    let to_authority = ClientConfig {
+        transport: args.authority_transport.clone(),
+        ..ClientConfig::default()
+    };
+    let to_server = ClientConfig {
+        transport: args.server_transport.clone(),
+        ..ClientConfig::default()
+    };
+    let params = AuthorityClient::connect_with(&args.authority, &args.token, to_authority)
         .and_then(|mut c| c.params())
         .with_context(|| format!("fetching the public parameters from {}", args.authority))?;
-    let info = PredictionClient::connect(&args.server, &args.server_token)
+    let info = PredictionClient::connect_with(&args.server, &args.server_token, to_server.clone())
         .and_then(|mut c| c.info())
         .with_context(|| format!("asking the prediction service at {}", args.server))?;
     if info.params != params.fingerprint() {
@@ -48,7 +58,7 @@ pub fn run(args: &Args) -> Result<()> {
     let answers = inference::run_queries(
         &args.server,
         &args.server_token,
-        &ClientConfig::default(),
+        &to_server,
         &queries,
         args.parallel,
         args.progress,
