@@ -149,6 +149,7 @@ pub fn run(args: &QueryLeakageArgs) -> Result<Summary> {
         pct(all.within_1),
         format!("{:.1}", all.psnr),
     ]);
+    let by_size = by_nonzero_pixels(&data.test, &estimates)?;
     Ok(Summary {
         name: "query-leakage".into(),
         description: format!(
@@ -156,10 +157,60 @@ pub fn run(args: &QueryLeakageArgs) -> Result<Summary> {
             q.model().spec(),
             data.source
         ),
-        tables: vec![t],
+        tables: vec![t, by_size],
         figures: Vec::new(),
         csv: vec!["query_leakage.csv".into()],
         seconds: started.elapsed().as_secs_f64(),
         command: "cargo run --release -p experiments -- query-leakage".into(),
     })
+}
+
+/// Upper ends of the non-zero-pixel classes of [`by_nonzero_pixels`].
+const SIZE_CLASSES: [usize; 5] = [100, 130, 160, 200, usize::MAX];
+
+/// The attack's results by the images' number of non-zero pixels: sparse digits need fewer
+/// equations.
+fn by_nonzero_pixels(test: &nn::Dataset, estimates: &[Option<Vec<u8>>]) -> Result<Table> {
+    let mut t = Table::new(
+        "By the image's non-zero pixels",
+        &[
+            "non-zero pixels",
+            "images",
+            "recovered exactly",
+            "median PSNR (dB)",
+        ],
+    );
+    let mut lo = 0;
+    for hi in SIZE_CLASSES {
+        let members: Vec<usize> = (0..estimates.len())
+            .filter(|&i| {
+                let nz = test.values.row(i).iter().filter(|&&v| v != 0).count();
+                (lo..hi).contains(&nz)
+            })
+            .collect();
+        if !members.is_empty() {
+            let mut psnr: Vec<f64> = members
+                .iter()
+                .map(|&i| score(&[i], &|_| estimates[i].clone(), test, test).psnr)
+                .filter(|v| v.is_finite())
+                .collect();
+            psnr.sort_by(f64::total_cmp);
+            let s = score(&members, &|i| estimates[i].clone(), test, test);
+            let range = if hi == usize::MAX {
+                format!("{lo} or more")
+            } else {
+                format!("{lo}-{}", hi - 1)
+            };
+            t.row(vec![
+                range,
+                members.len().to_string(),
+                pct(s.exact),
+                psnr.get(psnr.len() / 2)
+                    .map_or(String::new(), |v| format!("{v:.1}")),
+            ]);
+        }
+        lo = hi;
+    }
+    t.note("An exactly recovered image counts as 100 dB.");
+    Ok(t)
 }

@@ -418,3 +418,38 @@ fn leakage_on_a_few_steps_recovers_what_the_rank_allows() {
         assert!(img.width() >= 400 && img.height() >= 100, "{grid}");
     }
 }
+
+/// The prediction service's attack solves every attacked query's program, and the CSV's
+/// exact, within-one and PSNR columns agree with each other.
+#[test]
+fn query_leakage_solves_each_query_and_writes_its_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&[
+        "query-leakage",
+        "--quiet",
+        "--train-limit",
+        "640",
+        "--test-limit",
+        "6",
+        "--images",
+        "6",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("128 equations, 784 unknowns"), "{stdout}");
+    let (headers, rows) = read_csv(&dir.path().join("query_leakage.csv"));
+    assert_eq!(headers[0], "image");
+    assert_eq!(rows.len(), 6);
+    for r in &rows {
+        assert_eq!(r["solved"], "1");
+        let exact: f64 = r["recovered_exact"].parse().unwrap();
+        let within: f64 = r["recovered_within_1"].parse().unwrap();
+        assert!(exact <= within);
+        if exact == 1.0 {
+            assert_eq!(r["psnr_db"], "100.00");
+        } else {
+            assert!(r["psnr_db"].parse::<f64>().unwrap() < 100.0);
+        }
+    }
+}
