@@ -423,7 +423,7 @@ fn leakage_on_a_few_steps_recovers_what_the_rank_allows() {
 /// exact, within-one and PSNR columns agree with each other.
 #[test]
 fn query_leakage_solves_each_query_and_writes_its_csv() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("tmp");
     let out = run(&[
         "query-leakage",
         "--quiet",
@@ -434,7 +434,7 @@ fn query_leakage_solves_each_query_and_writes_its_csv() {
         "--images",
         "6",
         "--out",
-        dir.path().to_str().unwrap(),
+        dir.path().to_str().expect("utf-8 path"),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("128 equations, 784 unknowns"), "{stdout}");
@@ -443,13 +443,13 @@ fn query_leakage_solves_each_query_and_writes_its_csv() {
     assert_eq!(rows.len(), 6);
     for r in &rows {
         assert_eq!(r["solved"], "1");
-        let exact: f64 = r["recovered_exact"].parse().unwrap();
-        let within: f64 = r["recovered_within_1"].parse().unwrap();
+        let exact: f64 = r["recovered_exact"].parse().expect("number");
+        let within: f64 = r["recovered_within_1"].parse().expect("number");
         assert!(exact <= within);
         if exact == 1.0 {
             assert_eq!(r["psnr_db"], "100.00");
         } else {
-            assert!(r["psnr_db"].parse::<f64>().unwrap() < 100.0);
+            assert!(r["psnr_db"].parse::<f64>().expect("number") < 100.0);
         }
     }
 }
