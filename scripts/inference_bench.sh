@@ -45,7 +45,8 @@ echo "== model: one epoch on full MNIST (simulated; bit-identical to encrypted t
 # BITS-bit keys; sets $svc_addr.
 serve() {
   if [ -n "${svc:-}" ]; then kill "$svc"; wait "$svc" 2>/dev/null || true; fi
-  start "$work/serve$1-$2.out" env ${1:+RAYON_NUM_THREADS=$1} "$bin/trainer" serve \
+  # One thread: the whole service pinned to core 0 (decoding included), the client to core 1.
+  start "$work/serve$1-$2.out" ${1:+taskset -c 0} env ${1:+RAYON_NUM_THREADS=$1} "$bin/trainer" serve \
     --model "$work/model.bin" "${tok[@]}" --listen 127.0.0.1:0 --bits "$2" \
     --client-token-file "$work/serve.token" --dlog-table "$work/dlog.bin"
   svc=$pid
@@ -64,6 +65,8 @@ for bits in 8 4; do
   echo "== $bits-bit keys, all cores: idle service, one query at a time (1,000 images)"
   predict --parallel 1 --limit 1000 --out "$work/idle-$bits.csv"
   serve 1 $bits
-  echo "== $bits-bit keys, one decryption thread: 2,000 images, 8 queries in flight"
-  predict --parallel 8 --limit 2000 --out "$work/one-core-$bits.csv"
+  echo "== $bits-bit keys, the service on one core: 2,000 images, 8 queries in flight"
+  taskset -c 1 "$bin/client" predict --quiet --server "$svc_addr" \
+    --server-token-file "$work/serve.token" "${tok[@]}" --data "$CRYPTONN_MNIST_DIR" \
+    --parallel 8 --limit 2000 --out "$work/one-core-$bits.csv"
 done
