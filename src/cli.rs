@@ -269,6 +269,54 @@ impl EvalArgs {
     }
 }
 
+/// How a role reaches the authority: its address, the bearer token and the transport. The
+/// same flags in every binary that calls it.
+#[derive(Args, Debug, Clone)]
+pub struct AuthorityArgs {
+    /// Authority address.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub authority: String,
+    /// Bearer token for the authority (or the file named by --token-file).
+    #[arg(long, env = "CRYPTONN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// How to reach it: TLS pinned to --ca, or clear text with --insecure-plaintext.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+impl AuthorityArgs {
+    /// The token from `--token` (or `CRYPTONN_TOKEN`), else from `--token-file`.
+    pub fn token(&self) -> anyhow::Result<String> {
+        Ok(crate::protocol::resolve_token(
+            self.token.clone(),
+            self.token_file.as_deref(),
+        )?)
+    }
+
+    /// The client configuration for the authority: default timeouts, TLS as
+    /// [`TlsArgs::authority`] says.
+    pub fn client_config(&self) -> anyhow::Result<crate::protocol::ClientConfig> {
+        Ok(crate::protocol::ClientConfig {
+            transport: self.tls.authority(self.token_file.as_deref())?,
+            ..crate::protocol::ClientConfig::default()
+        })
+    }
+
+    /// Connects to the authority.
+    pub fn connect(&self) -> anyhow::Result<crate::protocol::AuthorityClient> {
+        use anyhow::Context;
+        crate::protocol::AuthorityClient::connect_with(
+            &self.authority,
+            &self.token()?,
+            self.client_config()?,
+        )
+        .with_context(|| format!("connecting to the authority at {}", self.authority))
+    }
+}
+
 /// How a caller reaches the authority: TLS pinned to its certificate (the default), or clear
 /// text when told so.
 #[derive(Args, Debug, Clone, Default)]

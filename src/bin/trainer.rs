@@ -7,8 +7,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cryptonn::authority::Policy;
-use cryptonn::cli::{warn_clamped, DataArgs, EvalArgs, TlsArgs};
-use cryptonn::protocol::resolve_token;
+use cryptonn::cli::{warn_clamped, AuthorityArgs, DataArgs, EvalArgs};
 use cryptonn::secure::Timings;
 use cryptonn::trainer::{self, SecureSetup, TrainConfig};
 use nn::activation::Activation;
@@ -98,20 +97,11 @@ enum Command {
         /// The encrypted dataset.
         #[arg(long, default_value = "train.enc")]
         data: PathBuf,
-        /// Authority address.
-        #[arg(long, default_value = "127.0.0.1:7700")]
-        authority: String,
-        /// Bearer token for the authority.
-        #[arg(long, env = "CRYPTONN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// File holding the bearer token.
-        #[arg(long)]
-        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        authority: AuthorityArgs,
         /// Cache file for the discrete-log table (built once, about 1 s, 32 MiB).
         #[arg(long)]
         dlog_table: Option<PathBuf>,
-        #[command(flatten)]
-        tls: TlsArgs,
         #[command(flatten)]
         eval: EvalArgs,
         #[command(flatten)]
@@ -154,15 +144,8 @@ enum Command {
         /// The model file (from `trainer train` or `simulate`).
         #[arg(long, default_value = "model.bin")]
         model: PathBuf,
-        /// Authority address.
-        #[arg(long, default_value = "127.0.0.1:7700")]
-        authority: String,
-        /// Bearer token for the authority.
-        #[arg(long, env = "CRYPTONN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// File holding the bearer token.
-        #[arg(long)]
-        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        authority: AuthorityArgs,
         /// Address to listen on; port 0 picks a free port.
         #[arg(long, default_value = "127.0.0.1:7800")]
         listen: String,
@@ -180,8 +163,6 @@ enum Command {
         key: Option<PathBuf>,
         // --ca: the authority's certificate; --insecure-plaintext: clear-text TCP both to the
         // authority and for the service's own clients.
-        #[command(flatten)]
-        tls: TlsArgs,
         /// Bits of the quantized first-layer rows (the training's --bits).
         #[arg(long, default_value_t = 8)]
         bits: u32,
@@ -410,18 +391,15 @@ fn main() -> Result<()> {
         Command::Train {
             data,
             authority,
-            token,
-            token_file,
             dlog_table,
-            tls,
             eval,
             model,
         } => {
             let setup = SecureSetup {
                 data: data.clone(),
-                authority,
-                transport: tls.authority(token_file.as_deref())?,
-                token: resolve_token(token, token_file.as_deref())?,
+                transport: authority.tls.authority(authority.token_file.as_deref())?,
+                token: authority.token()?,
+                authority: authority.authority,
                 dlog_table,
             };
             // One opening of the encrypted file: its header describes the data.
@@ -521,8 +499,6 @@ fn main() -> Result<()> {
         Command::Serve {
             model,
             authority,
-            token,
-            token_file,
             listen,
             client_token_file,
             bits,
@@ -532,7 +508,6 @@ fn main() -> Result<()> {
             net,
             cert,
             key,
-            tls,
             verbose,
         } => {
             let batch_wait = std::time::Duration::try_from_secs_f64(batch_wait_ms / 1e3)
@@ -545,16 +520,18 @@ fn main() -> Result<()> {
                 verbose,
             };
             let serve_tls = ServeTls {
-                client: cryptonn::protocol::ClientConfig {
-                    transport: tls.authority(token_file.as_deref())?,
-                    ..cryptonn::protocol::ClientConfig::default()
-                },
-                server: service_tls(cert, key, &client_token_file, tls.insecure_plaintext)?,
+                client: authority.client_config()?,
+                server: service_tls(
+                    cert,
+                    key,
+                    &client_token_file,
+                    authority.tls.insecure_plaintext,
+                )?,
             };
-            let token = resolve_token(token, token_file.as_deref())?;
+            let token = authority.token()?;
             serve(
                 &model,
-                &authority,
+                &authority.authority,
                 &token,
                 &listen,
                 &client_token_file,

@@ -4,9 +4,9 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use cryptonn::cli::{warn_clamped, DataArgs, TlsArgs};
+use cryptonn::cli::{warn_clamped, AuthorityArgs, DataArgs};
 use cryptonn::client::encrypt_dataset;
-use cryptonn::protocol::{resolve_token, AuthorityClient};
+use cryptonn::protocol::resolve_token;
 use std::path::PathBuf;
 
 mod predict;
@@ -40,17 +40,8 @@ enum Command {
     /// authority's parameters (features, classes, bound) is refused before any encryption.
     /// The file is written atomically.
     Encrypt {
-        /// Authority address.
-        #[arg(long, default_value = "127.0.0.1:7700")]
-        authority: String,
-        /// Bearer token for the authority (or the file named by --token-file).
-        #[arg(long, env = "CRYPTONN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// File holding the bearer token.
-        #[arg(long)]
-        token_file: Option<PathBuf>,
         #[command(flatten)]
-        tls: TlsArgs,
+        authority: AuthorityArgs,
         #[command(flatten)]
         data: DataArgs,
         /// Add Gaussian noise of this standard deviation (in encoded units, grey levels for
@@ -90,18 +81,8 @@ enum Command {
         /// the --server-token-file with extension .pem (where `trainer serve` writes it).
         #[arg(long, value_name = "FILE")]
         server_ca: Option<PathBuf>,
-        /// Authority address.
-        #[arg(long, default_value = "127.0.0.1:7700")]
-        authority: String,
-        /// Bearer token for the authority (or the file named by --token-file).
-        #[arg(long, env = "CRYPTONN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// File holding the bearer token.
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-        // --ca: the authority's certificate; --insecure-plaintext: clear text to both.
         #[command(flatten)]
-        tls: TlsArgs,
+        authority: AuthorityArgs,
         #[command(flatten)]
         data: DataArgs,
         /// Queries in flight at once (one connection each).
@@ -125,27 +106,24 @@ fn main() -> Result<()> {
             server_token_file,
             server_ca,
             authority,
-            token,
-            token_file,
-            tls,
             data,
             parallel,
             out,
             quiet,
         } => predict::run(&predict::Args {
-            authority_transport: tls.authority(token_file.as_deref())?,
+            authority_transport: authority.tls.authority(authority.token_file.as_deref())?,
             server_transport: cryptonn::cli::client_transport(
                 server_ca.as_deref(),
                 Some(&server_token_file.with_extension("pem")),
-                tls.insecure_plaintext,
+                authority.tls.insecure_plaintext,
                 "the prediction service",
                 "--server-ca",
             )?,
             server,
             server_token: resolve_token(server_token, Some(&server_token_file))
                 .context("the prediction service's token")?,
-            authority,
-            token: resolve_token(token, token_file.as_deref())?,
+            token: authority.token()?,
+            authority: authority.authority,
             data,
             parallel,
             out,
@@ -153,21 +131,12 @@ fn main() -> Result<()> {
         }),
         Command::Encrypt {
             authority,
-            token: t,
-            token_file,
-            tls,
             data,
             input_noise,
             out,
             quiet,
         } => {
-            let config = cryptonn::protocol::ClientConfig {
-                transport: tls.authority(token_file.as_deref())?,
-                ..cryptonn::protocol::ClientConfig::default()
-            };
-            let token = resolve_token(t, token_file.as_deref())?;
-            let mut conn = AuthorityClient::connect_with(&authority, &token, config)
-                .with_context(|| format!("connecting to the authority at {authority}"))?;
+            let mut conn = authority.connect()?;
             let params = conn.params().context("fetching the public parameters")?;
             let default_encoding = PathBuf::from(format!("{}.encoding.json", out.display()));
             let loaded = data
