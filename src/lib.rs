@@ -39,5 +39,21 @@ pub fn progress_bar(show: bool, len: u64, what: &str) -> indicatif::ProgressBar 
     pb
 }
 
+/// The permission bits of `path` when group or others may access it (Unix; elsewhere always
+/// `None`): the one rule for every secret file (master keys, tokens, TLS keys).
+pub(crate) fn loose_permissions(path: &std::path::Path) -> std::io::Result<Option<u32>> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode() & 0o7777;
+        Ok((mode & 0o077 != 0).then_some(mode))
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::metadata(path)?;
+        Ok(None)
+    }
+}
+
 /// The group every role uses.
 pub type Curve = fe::Ristretto;

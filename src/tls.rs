@@ -142,21 +142,13 @@ fn read_small(path: &Path) -> Result<Vec<u8>, TlsError> {
 
 /// Refuses a private key file that group or others may access (Unix only).
 pub fn check_key_mode(path: &Path) -> Result<(), TlsError> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(TlsError::InsecurePermissions {
-                path: path.to_path_buf(),
-                mode,
-            });
-        }
+    match crate::loose_permissions(path).map_err(|e| io_err(path, e))? {
+        Some(mode) => Err(TlsError::InsecurePermissions {
+            path: path.to_path_buf(),
+            mode,
+        }),
+        None => Ok(()),
     }
-    #[cfg(not(unix))]
-    let _ = path;
-    Ok(())
 }
 
 /// Reads the first certificate of a PEM file.

@@ -269,7 +269,7 @@ fn header_frame(version: u16, token: &str) -> Vec<u8> {
 
 #[test]
 fn garbage_frames_get_an_error_and_a_closed_connection() {
-    let s = start_with("garbage", |c| c.frame_limit = 1 << 20);
+    let s = start_with("garbage", |c| c.net.frame_limit = 1 << 20);
     // A caller that keeps its connection across the others' garbage.
     let mut steady = AuthorityClient::connect(&s.addr, &s.token).unwrap();
     steady.params().unwrap();
@@ -360,8 +360,8 @@ fn garbage_frames_get_an_error_and_a_closed_connection() {
 #[test]
 fn idle_connections_are_closed() {
     let s = start_with("idle", |c| {
-        c.auth_timeout = Duration::from_millis(300);
-        c.idle_timeout = Duration::from_millis(600);
+        c.net.auth_timeout = Duration::from_millis(300);
+        c.net.idle_timeout = Duration::from_millis(600);
     });
     // Never authenticates: told so, then closed, after the authentication deadline.
     let mut t = raw(&s);
@@ -399,9 +399,9 @@ fn idle_connections_do_not_lock_callers_out() {
     // Far more idle connections than slots, with a deadline longer than the test: the
     // oldest unauthenticated connection makes room for each newer one.
     let s = start_with("lockout", |c| {
-        c.max_connections = 4;
-        c.max_pending = 8;
-        c.auth_timeout = Duration::from_secs(30);
+        c.net.max_connections = 4;
+        c.net.max_pending = 8;
+        c.net.auth_timeout = Duration::from_secs(30);
     });
     let idle: Vec<TcpStream> = (0..80).map(|_| raw(&s)).collect();
     let mut c = AuthorityClient::connect(&s.addr, &s.token).unwrap();
@@ -437,7 +437,7 @@ fn idle_connections_do_not_lock_callers_out() {
 
 #[test]
 fn connection_cap() {
-    let s = start_with("cap", |c| c.max_connections = 2);
+    let s = start_with("cap", |c| c.net.max_connections = 2);
     let mut a = AuthorityClient::connect(&s.addr, &s.token).unwrap();
     let mut b = AuthorityClient::connect(&s.addr, &s.token).unwrap();
     a.params().unwrap();
@@ -646,7 +646,7 @@ fn audit_log_records_issued_keys_and_refusals() {
 #[test]
 fn unauthenticated_garbage_is_summarised_not_logged_line_by_line() {
     let s = start_with("garbage-audit", |c| {
-        c.frame_limit = 1 << 16;
+        c.net.frame_limit = 1 << 16;
         c.audit_limits.summary_every = 150;
     });
     let mut seed = 0x2545_F491_4F6C_DD1Du64;

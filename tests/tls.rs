@@ -50,9 +50,9 @@ fn serve(name: &str, tls: bool, auth_timeout: Duration) -> Server {
     let dir = tmpdir(name);
     let token = init(&dir);
     let mut config = ServerConfig::new(token.clone(), dir.join(authority::AUDIT_FILE));
-    config.auth_timeout = auth_timeout;
+    config.net.auth_timeout = auth_timeout;
     if tls {
-        config.transport = Transport::Tls(authority::load_tls(&dir).unwrap());
+        config.net.transport = Transport::Tls(authority::load_tls(&dir).unwrap());
     }
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let handle = authority::spawn(listener, authority::load(&dir).unwrap(), config).unwrap();

@@ -39,7 +39,7 @@ pub use audit::{AuditEntry, AuditLimits, AuditLog, Failure, KeyKind, Outcome};
 pub use policy::Policy;
 
 use crate::net::{self, Service};
-use crate::protocol::{self, PublicParams, Request, Response, MAX_FRAME};
+use crate::protocol::{self, PublicParams, Request, Response};
 use crate::Curve;
 use bincode::Options;
 use curv::elliptic::curves::Point;
@@ -53,7 +53,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use thiserror::Error;
 use zeroize::Zeroizing;
 
@@ -380,21 +380,13 @@ fn zeroizing(v: Vec<u8>) -> Zeroizing<Vec<u8>> {
 
 /// Refuses a secret file that group or others may access (Unix only).
 fn check_secret_mode(path: &Path) -> Result<(), AuthorityError> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(AuthorityError::InsecurePermissions {
-                path: path.to_path_buf(),
-                mode,
-            });
-        }
+    match crate::loose_permissions(path).map_err(|e| io_err(path, e))? {
+        Some(mode) => Err(AuthorityError::InsecurePermissions {
+            path: path.to_path_buf(),
+            mode,
+        }),
+        None => Ok(()),
     }
-    #[cfg(not(unix))]
-    let _ = path;
-    Ok(())
 }
 
 /// Reads a whole file of at most [`MAX_KEY_FILE`] bytes.
@@ -497,52 +489,29 @@ pub fn load(dir: &Path) -> Result<Authority, AuthorityError> {
     })
 }
 
-/// How a server runs.
+/// How a server runs: the network layer's settings and the authority's own.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// The token every request must carry.
-    pub token: String,
+    /// The token, transport, limits and timeouts of the [network layer](net::Settings)
+    /// (TLS or clear text: clear text by default, as in [`net::Settings::new`]; `authority
+    /// serve` uses TLS unless told `--insecure-plaintext`).
+    pub net: net::Settings,
     /// The key policy (its lengths are set from the authority's parameters).
     pub policy: Policy,
     /// The audit log file (appended to; created with mode 0600).
     pub audit: PathBuf,
     /// Rotation and failure-summary limits of the audit log.
     pub audit_limits: AuditLimits,
-    /// Largest accepted request frame, in bytes (default and at most [`MAX_FRAME`]).
-    pub frame_limit: usize,
-    /// A connection that sends nothing for this long is closed (default 60 s).
-    pub idle_timeout: Duration,
-    /// A new connection must send the header of its first request, with the right token,
-    /// within this time (default [`DEFAULT_AUTH_TIMEOUT`]) or is closed.
-    pub auth_timeout: Duration,
-    /// Most authenticated connections served at once (default 64); more are answered with
-    /// [`Response::Busy`].
-    pub max_connections: usize,
-    /// Most connections waiting to authenticate (default [`DEFAULT_MAX_PENDING`]); a new
-    /// connection beyond it closes the oldest waiting one.
-    pub max_pending: usize,
-    /// Print one line per request on stderr.
-    pub verbose: bool,
-    /// TLS with the authority's certificate, or clear text (default, as in
-    /// [`net::Settings::new`]; `authority serve` uses TLS unless told `--insecure-plaintext`).
-    pub transport: net::Transport,
 }
 
 impl ServerConfig {
     /// The default configuration with the given token and audit file.
     pub fn new(token: impl Into<String>, audit: impl Into<PathBuf>) -> Self {
         ServerConfig {
-            token: token.into(),
+            net: net::Settings::new(token),
             policy: Policy::default(),
             audit: audit.into(),
             audit_limits: AuditLimits::default(),
-            frame_limit: MAX_FRAME,
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            auth_timeout: DEFAULT_AUTH_TIMEOUT,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_pending: DEFAULT_MAX_PENDING,
-            verbose: false,
-            transport: net::Transport::Plaintext,
         }
     }
 }
@@ -619,7 +588,7 @@ fn prepare(
     authority: Authority,
     config: ServerConfig,
 ) -> Result<(AuthorityService, net::Settings), AuthorityError> {
-    validate_token(&config.token)?;
+    validate_token(&config.net.token)?;
     let row_len = authority.params.dataset.row_len();
     let col_len = authority.batch_size();
     let policy = config.policy.with_lengths(row_len, col_len);
@@ -628,17 +597,7 @@ fn prepare(
         .audit_limits
         .validate()
         .map_err(AuthorityError::InvalidArgument)?;
-    let settings = net::Settings {
-        token: config.token,
-        frame_limit: config.frame_limit,
-        idle_timeout: config.idle_timeout,
-        auth_timeout: config.auth_timeout,
-        max_connections: config.max_connections,
-        max_pending: config.max_pending,
-        verbose: config.verbose,
-        transport: config.transport,
-    };
-    settings.validate()?;
+    config.net.validate()?;
     let audit = AuditLog::open_with(&config.audit, config.audit_limits.clone())
         .map_err(|e| io_err(&config.audit, e))?;
     Ok((
@@ -646,9 +605,9 @@ fn prepare(
             authority,
             policy,
             audit,
-            verbose: config.verbose,
+            verbose: config.net.verbose,
         },
-        settings,
+        config.net,
     ))
 }
 

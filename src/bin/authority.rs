@@ -245,14 +245,12 @@ fn serve(args: &ServeArgs) -> Result<()> {
         summary_interval: Duration::from_secs(args.failure_summary_secs),
         summary_every: args.failure_summary_every,
     };
-    let net = args.net.settings(config.token.clone())?;
-    config.idle_timeout = net.idle_timeout;
-    config.frame_limit = args.max_frame;
-    config.max_connections = net.max_connections;
-    config.max_pending = net.max_pending;
-    config.auth_timeout = net.auth_timeout;
-    config.verbose = !args.quiet;
-    config.transport = cryptonn::cli::server_transport(
+    config.net = cryptonn::net::Settings {
+        frame_limit: args.max_frame,
+        verbose: !args.quiet,
+        ..args.net.settings(config.net.token.clone())?
+    };
+    config.net.transport = cryptonn::cli::server_transport(
         &args
             .cert
             .clone()
