@@ -406,18 +406,20 @@ impl Core {
     fn run_batches(&self) {
         while let Some(batch) = self.next_batch() {
             let started = Instant::now();
-            let answers = self.answer(&batch);
+            let (cts, replies): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|j| (j.ct, j.reply)).unzip();
+            let answers = self.answer(&cts);
             self.counters.batches.fetch_add(1, Ordering::Relaxed);
             if self.options.verbose {
                 eprintln!(
                     "prediction service: batch of {} in {:.1} ms",
-                    batch.len(),
+                    cts.len(),
                     started.elapsed().as_secs_f64() * 1e3
                 );
             }
-            for (job, answer) in batch.into_iter().zip(answers) {
+            for (reply, answer) in replies.into_iter().zip(answers) {
                 // The caller may have gone (its connection closed): nothing to do then.
-                let _ = job.reply.send(answer);
+                let _ = reply.send(answer);
             }
         }
         // Stopped: answer what is still queued.
@@ -465,11 +467,10 @@ impl Core {
     }
 
     /// Decrypts a batch and runs the rest of the network on every query that decrypted.
-    fn answer(&self, batch: &[Job]) -> Vec<Result<Prediction, String>> {
-        let cts: Vec<FeipCiphertext<Curve>> = batch.iter().map(|j| j.ct.clone()).collect();
+    fn answer(&self, cts: &[FeipCiphertext<Curve>]) -> Vec<Result<Prediction, String>> {
         let stats = fe::feip::DecryptStats::default();
         self.decryptor
-            .decrypt_each(&cts, &self.dlog, &stats)
+            .decrypt_each(cts, &self.dlog, &stats)
             .into_iter()
             .map(|z| {
                 let z = z.map_err(|e| {

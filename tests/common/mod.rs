@@ -103,6 +103,20 @@ impl Drop for Served {
     }
 }
 
+/// The address a server prints as "listening on ADDR" among its first lines of standard
+/// output, or `None` if it ends first.
+fn listening_address(child: &mut Child) -> Option<String> {
+    let stdout = child.stdout.take()?;
+    BufReader::new(stdout)
+        .lines()
+        .take(50)
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.strip_prefix("listening on ")
+                .map(|a| a.trim().to_string())
+        })
+}
+
 /// Serves the key directory `dir` on a free loopback port, with `extra` serve flags.
 pub fn serve(dir: &Path, extra: &[&str]) -> Served {
     let mut child = Command::new(AUTHORITY)
@@ -114,16 +128,7 @@ pub fn serve(dir: &Path, extra: &[&str]) -> Served {
         .stderr(Stdio::null())
         .spawn()
         .expect("authority starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let addr = BufReader::new(stdout)
-        .lines()
-        .take(50)
-        .map_while(Result::ok)
-        .find_map(|l| {
-            l.strip_prefix("listening on ")
-                .map(|a| a.trim().to_string())
-        })
-        .expect("the authority prints its address");
+    let addr = listening_address(&mut child).expect("the authority prints its address");
     let token = std::fs::read_to_string(dir.join("token"))
         .expect("token")
         .trim()
@@ -173,16 +178,7 @@ pub fn start_service(model: &Path, a: &Served, dir: &Path, extra: &[&str]) -> Se
         .stderr(std::fs::File::create(dir.join("serve.err")).expect("stderr file"))
         .spawn()
         .expect("trainer serve starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let addr = BufReader::new(stdout)
-        .lines()
-        .take(50)
-        .map_while(Result::ok)
-        .find_map(|l| {
-            l.strip_prefix("listening on ")
-                .map(|a| a.trim().to_string())
-        });
-    let Some(addr) = addr else {
+    let Some(addr) = listening_address(&mut child) else {
         let _ = child.kill();
         let _ = child.wait();
         panic!(
