@@ -171,6 +171,9 @@ impl<P: IntegerProducts> IntegerProducts for KeyPolicyFilter<P> {
     fn input_bound(&self) -> u32 {
         self.inner.input_bound()
     }
+    fn patches(&self) -> Option<&nn::layers::Geometry> {
+        self.inner.patches()
+    }
 }
 
 /// The secure first layer: encrypted batches from a [`Reader`], keys from a [`KeyService`].

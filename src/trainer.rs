@@ -59,8 +59,9 @@ pub enum TrainerError {
 /// Settings of a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
-    /// Network layout: hidden widths only (`128-32`) or every width from input to output
-    /// (`784-128-32-10`), checked against the data ([`ModelSpec::for_data`]).
+    /// Network layout: hidden widths only (`128-32`), every width from input to output
+    /// (`784-128-32-10`), or image layers first (`lenet5`), checked against the data
+    /// ([`ModelSpec::for_info`]).
     pub spec: String,
     /// Hidden activation.
     pub activation: Activation,
@@ -110,17 +111,12 @@ impl TrainConfig {
 
     /// The architecture for data described by `info`.
     pub fn model_spec(&self, info: &DatasetInfo) -> Result<ModelSpec, TrainerError> {
-        Ok(ModelSpec::for_data(
-            &self.spec,
-            self.activation,
-            info.features,
-            info.classes,
-        )?)
+        Ok(ModelSpec::for_info(&self.spec, self.activation, info)?)
     }
 
     /// A fresh model for data described by `info`.
     pub fn model(&self, info: &DatasetInfo) -> Result<Model, TrainerError> {
-        Ok(Model::new(self.model_spec(info)?, self.seed).with_data(info.clone())?)
+        Ok(Model::new(self.model_spec(info)?, self.seed)?.with_data(info.clone())?)
     }
 
     /// The settings a checkpoint records, as (flag, value) pairs; `data` names the training
@@ -251,7 +247,9 @@ pub fn run_float(
         identity: data_identity(&train),
         policy: Policy::default(),
     };
+    let geometry = cfg.model_spec(&train.info)?.first_geometry();
     let layer = PlainFloat::from_dataset(train, batch_size, true)
+        .and_then(|l| l.with_patches(geometry.as_ref()))
         .map_err(|e| TrainerError::Config(e.to_string()))?;
     run_layer(layer, &data, cfg, test, None, None, on_epoch)
 }

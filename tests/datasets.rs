@@ -264,3 +264,72 @@ fn client_input_noise_is_validated_and_encrypts() {
     let h = cryptonn::dataset::Reader::open(&out).expect("a valid file");
     assert_eq!(h.header().num_samples, 32);
 }
+
+/// `trainer simulate` on a convolutional network: trained through the first-layer seam over
+/// the images' patches, written to a model file that `trainer evaluate` scores, resumed from
+/// a checkpoint bit for bit; a convolution on data without an image shape is refused.
+#[test]
+fn a_convolutional_network_trains_in_simulation_and_resumes_bit_for_bit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = dir.path();
+    let sim = |out: &Path, extra: &[&str]| {
+        let mut c = Command::new(TRAINER);
+        c.args([
+            "simulate",
+            "--quiet",
+            "--batch-size",
+            "32",
+            "--x-bound",
+            "16",
+        ])
+        .args(["--spec", "conv3x4p1-maxpool2-16", "--activation", "relu"])
+        .args(["--limit", "320", "--epochs", "2", "--seed", "5"])
+        .arg("--data")
+        .arg(fixture("nn/data/digits-8x8"))
+        .arg("--out")
+        .arg(out)
+        .args(extra);
+        c
+    };
+    let whole = w.join("whole.bin");
+    let printed = String::from_utf8_lossy(&run(&mut sim(&whole, &[])).stdout).into_owned();
+    assert!(
+        printed.contains("1x8x8-conv3x4p1-maxpool2-64-16-10"),
+        "{printed}"
+    );
+    let ck = w.join("ckpt.bin");
+    let ck_arg = ck.to_str().expect("path");
+    let resumed = w.join("resumed.bin");
+    run(&mut sim(
+        &resumed,
+        &["--checkpoint", ck_arg, "--stop-after", "7"],
+    ));
+    run(&mut sim(&resumed, &["--checkpoint", ck_arg]));
+    assert_eq!(
+        std::fs::read(&whole).expect("whole"),
+        std::fs::read(&resumed).expect("resumed"),
+        "a resumed run equals the uninterrupted one"
+    );
+    let score = run(Command::new(TRAINER)
+        .args(["evaluate", "--model"])
+        .arg(&whole)
+        .arg("--data")
+        .arg(fixture("nn/data/digits-8x8")));
+    let score = String::from_utf8_lossy(&score.stdout);
+    let acc: f64 = score
+        .split("test accuracy ")
+        .nth(1)
+        .and_then(|s| s.split('%').next())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no accuracy in {score}"));
+    assert!(acc > 40.0, "{score}");
+    // A table has no image shape for a convolution to read.
+    let e = fails(
+        Command::new(TRAINER)
+            .args(["simulate", "--quiet", "--spec", "lenet5", "--data"])
+            .arg(fixture("nn/data/breast-cancer/wdbc.csv"))
+            .arg("--out")
+            .arg(w.join("never.bin")),
+    );
+    assert!(e.contains("image data"), "{e}");
+}

@@ -773,7 +773,7 @@ fn dlog_table() {
 
 fn model_and_checkpoint() {
     let spec = ModelSpec::parse("3-4-2", Activation::Relu).unwrap();
-    let model = Model::new(spec, 7).with_data(info()).unwrap();
+    let model = Model::new(spec, 7).unwrap().with_data(info()).unwrap();
     let mut optimizer = Optimizer::adam(0.01);
     let mut trained = model.clone();
     let grads = Gradients {

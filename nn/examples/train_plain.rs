@@ -103,7 +103,7 @@ struct Args {
 }
 
 fn run<F: FirstLayer>(args: &Args, fl: &mut F, test: &nn::Dataset, spec: ModelSpec) -> Result<()> {
-    let mut model = Model::new(spec, args.seed);
+    let mut model = Model::new(spec, args.seed)?;
     let lr = args.lr.unwrap_or(match (args.optimizer, args.act) {
         (Opt::Adam, Activation::Relu) => 1e-3,
         (Opt::Adam, _) => 3e-3,
@@ -185,7 +185,7 @@ fn main() -> Result<()> {
         train.len(),
         test.len(),
         spec,
-        Model::new(spec.clone(), 0).num_params(),
+        Model::new(spec.clone(), 0)?.num_params(),
         if args.quantize == 0 {
             "plain f32".to_string()
         } else {

@@ -111,7 +111,7 @@ mod tests {
     fn confusion_by_hand() {
         // One-layer model 2-2: logits = x W^T with W = I, so the brighter pixel wins.
         let spec = ModelSpec::parse("2-2", Activation::Relu).unwrap();
-        let mut m = Model::new(spec, 0);
+        let mut m = Model::new(spec, 0).unwrap();
         m.layers_mut()[0].w = array![[1.0, 0.0], [0.0, 1.0]];
         m.layers_mut()[0].b = array![0.0, 0.0];
         let images = array![[200u8, 10], [5, 100], [90, 30], [0, 255]];

@@ -16,6 +16,25 @@
 //!
 //! The training loop sees only these three results ([`FirstLayer`]), never `X` or `Y`.
 //!
+//! # A convolution as the first layer
+//!
+//! When the first layer is a convolution of `H` kernels over patches of `K` values at `P`
+//! positions ([`crate::layers::Geometry`]), its products are the same two matrix products over
+//! the batch's patch matrix instead of `X`: `X_p` of shape `(B*P, K + 1)`, row `b*P + pos`
+//! the patch of sample `b` at position `pos` (im2col, padding zeros included) followed by the
+//! sample's bias feature. `W1 = [kernels | bias]` has shape `(H, K + 1)` and
+//!
+//! ```text
+//! forward      Z       = X_p W1^T                (B*P, H),    row b*P + pos
+//! backward     grad W1 = delta^T X_p             (H, K + 1),  delta of shape (B*P, H)
+//! ```
+//!
+//! Every entry of `Z` is an inner product of one sample with the kernel placed at one
+//! position, so a secure implementation can decrypt it from the sample's ciphertext; the
+//! gradient sums over positions and samples. A dense first layer is the case `P = 1`,
+//! `X_p = X`. An implementation says which case it computes with `patches()`, and the training
+//! loop checks it against the model.
+//!
 //! # Quantization
 //!
 //! The secure scheme computes exact integer products ([`IntegerProducts`]), so [`Quantized`]
@@ -56,6 +75,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Batches, DataError, Dataset};
+use crate::layers::Geometry;
 
 /// Scale of encrypted one-hot labels: a label entry is encrypted as 0 or `LABEL_SCALE`.
 pub const LABEL_SCALE: i64 = 4096;
@@ -135,6 +155,16 @@ pub trait FirstLayer {
     /// A hint that the training loop will use batch `batch` after the current one, so that an
     /// implementation reading batches from storage can start loading it. Default: nothing.
     fn prefetch(&mut self, _batch: usize) {}
+    /// The convolution whose patches the products run over, `None` for a dense first layer
+    /// (see the module doc). Default: dense.
+    fn patches(&self) -> Option<&Geometry> {
+        None
+    }
+}
+
+/// Product rows per sample: the positions of `patches`, 1 for a dense layer.
+pub fn rows_per_sample(patches: Option<&Geometry>) -> usize {
+    patches.map_or(1, Geometry::positions)
 }
 
 /// Integer-level first layer: exact integer products, where the secure implementation plugs in.
@@ -165,6 +195,10 @@ pub trait IntegerProducts {
     /// A hint that the training loop will use batch `batch` after the current one, so that an
     /// implementation reading batches from storage can start loading it. Default: nothing.
     fn prefetch(&mut self, _batch: usize) {}
+    /// As [`FirstLayer::patches`]: the convolution computed, `None` for a dense layer.
+    fn patches(&self) -> Option<&Geometry> {
+        None
+    }
 }
 
 /// How a scaled float becomes an integer.
@@ -514,6 +548,11 @@ impl<P: IntegerProducts> Quantized<P> {
         }
         Ok(self.inner.batch_len(batch))
     }
+
+    /// Product rows of batch `batch` (samples times positions).
+    fn existing_rows(&self, batch: usize) -> Result<usize, SeamError> {
+        Ok(self.existing_batch(batch)? * rows_per_sample(self.inner.patches()))
+    }
 }
 
 fn check_shape(
@@ -533,7 +572,7 @@ fn check_shape(
 
 impl<P: IntegerProducts> FirstLayer for Quantized<P> {
     fn forward(&mut self, batch: usize, w1: ArrayView2<f32>) -> Result<Array2<f32>, SeamError> {
-        let b = self.existing_batch(batch)?;
+        let b = self.existing_rows(batch)?;
         let stream = self.next_stream();
         let wq = self.q.quantize_weights(w1, stream)?;
         let z_int = self.inner.forward_int(batch, wq.values.view())?;
@@ -543,7 +582,7 @@ impl<P: IntegerProducts> FirstLayer for Quantized<P> {
     }
 
     fn backward(&mut self, batch: usize, delta: ArrayView2<f32>) -> Result<Array2<f32>, SeamError> {
-        let b = self.existing_batch(batch)?;
+        let b = self.existing_rows(batch)?;
         check_shape("delta", (b, delta.ncols()), delta.dim())?;
         let stream = self.next_stream();
         let dq = self.q.quantize_deltas(delta, stream)?;
@@ -578,6 +617,10 @@ impl<P: IntegerProducts> FirstLayer for Quantized<P> {
 
     fn batch_len(&self, batch: usize) -> usize {
         self.inner.batch_len(batch)
+    }
+
+    fn patches(&self) -> Option<&Geometry> {
+        self.inner.patches()
     }
 }
 
@@ -651,6 +694,8 @@ struct PlainBatches {
     data: Dataset,
     batches: Batches,
     classes: usize,
+    /// The first convolution and its gather table, when the products run over patches.
+    patches: Option<(Geometry, Vec<usize>)>,
 }
 
 impl PlainBatches {
@@ -668,7 +713,49 @@ impl PlainBatches {
             data,
             batches,
             classes,
+            patches: None,
         })
+    }
+
+    fn set_patches(&mut self, geometry: Geometry) -> Result<(), DataError> {
+        if geometry.input().features() != self.data.features() {
+            return Err(DataError::Invalid(format!(
+                "a convolution over {} inputs for data of {} features",
+                geometry.input().features(),
+                self.data.features()
+            )));
+        }
+        self.patches = Some((geometry, geometry.table()));
+        Ok(())
+    }
+
+    /// The product rows of a batch: `X_int` with the bias column, or its patch matrix `X_p`
+    /// (see the module doc).
+    fn rows_int(&self, range: Range<usize>) -> Array2<i64> {
+        let x = self.x_int(range);
+        match &self.patches {
+            Some((g, table)) => g.patches_with_bias(table, x.view()),
+            None => x,
+        }
+    }
+
+    /// The convolution, if the products run over patches.
+    fn geometry(&self) -> Option<&Geometry> {
+        self.patches.as_ref().map(|(g, _)| g)
+    }
+
+    /// Columns of a product row: `K + 1` for patches, `n + 1` for samples.
+    fn row_len(&self) -> usize {
+        match &self.patches {
+            Some((g, _)) => g.patch_len() + 1,
+            None => self.data.features() + 1,
+        }
+    }
+
+    /// [`PlainBatches::rows_int`] as floats `/ X`.
+    fn rows_float(&self, range: Range<usize>) -> Array2<f32> {
+        let x = self.data.info.x_bound as f32;
+        self.rows_int(range).mapv(|p| p as f32 / x)
     }
 
     fn range(&self, batch: usize) -> Result<Range<usize>, SeamError> {
@@ -681,12 +768,6 @@ impl PlainBatches {
     /// `X_int` of the batch as i64 with the bias column.
     fn x_int(&self, range: Range<usize>) -> Array2<i64> {
         self.data.augmented(range)
-    }
-
-    /// `X_int / X` of the batch, with the bias column 1.0.
-    fn x_float(&self, range: Range<usize>) -> Array2<f32> {
-        let x = self.data.info.x_bound as f32;
-        self.data.augmented(range).mapv(|p| p as f32 / x)
     }
 }
 
@@ -727,6 +808,16 @@ macro_rules! plain_source_impl {
             pub fn batches(&self) -> &Batches {
                 &self.src.batches
             }
+
+            /// The same first layer computing a convolution of `geometry` (from
+            /// [`crate::Model::first_geometry`]) over the samples' patches; fails if the
+            /// convolution does not read the data's features.
+            pub fn with_patches(mut self, geometry: Option<&Geometry>) -> Result<Self, DataError> {
+                if let Some(g) = geometry {
+                    self.src.set_patches(*g)?;
+                }
+                Ok(self)
+            }
         }
     };
 }
@@ -740,9 +831,9 @@ impl IntegerProducts for PlainIntegers {
         w_q: ArrayView2<i64>,
     ) -> Result<Array2<i64>, SeamError> {
         let range = self.src.range(batch)?;
-        let n = self.src.data.features() + 1;
+        let n = self.src.row_len();
         check_shape("quantized weights", (w_q.nrows(), n), w_q.dim())?;
-        let x = self.src.x_int(range);
+        let x = self.src.rows_int(range);
         exact_int_matmul(x.view(), w_q.t())
     }
 
@@ -752,12 +843,12 @@ impl IntegerProducts for PlainIntegers {
         delta_q: ArrayView2<i64>,
     ) -> Result<Array2<i64>, SeamError> {
         let range = self.src.range(batch)?;
+        let x = self.src.rows_int(range);
         check_shape(
             "quantized deltas",
-            (range.len(), delta_q.ncols()),
+            (x.nrows(), delta_q.ncols()),
             delta_q.dim(),
         )?;
-        let x = self.src.x_int(range);
         exact_int_matmul(delta_q.t(), x.view())
     }
 
@@ -801,6 +892,10 @@ impl IntegerProducts for PlainIntegers {
     fn input_bound(&self) -> u32 {
         self.src.data.info.x_bound
     }
+
+    fn patches(&self) -> Option<&Geometry> {
+        self.src.geometry()
+    }
 }
 
 /// Plain [`FirstLayer`] in f32 without quantization: the unquantized baseline.
@@ -814,15 +909,16 @@ plain_source_impl!(PlainFloat, "Plain float first layer");
 impl FirstLayer for PlainFloat {
     fn forward(&mut self, batch: usize, w1: ArrayView2<f32>) -> Result<Array2<f32>, SeamError> {
         let range = self.src.range(batch)?;
-        let n = self.src.data.features() + 1;
+        let n = self.src.row_len();
         check_shape("first-layer weights", (w1.nrows(), n), w1.dim())?;
-        Ok(self.src.x_float(range).dot(&w1.t()))
+        Ok(self.src.rows_float(range).dot(&w1.t()))
     }
 
     fn backward(&mut self, batch: usize, delta: ArrayView2<f32>) -> Result<Array2<f32>, SeamError> {
         let range = self.src.range(batch)?;
-        check_shape("delta", (range.len(), delta.ncols()), delta.dim())?;
-        Ok(delta.t().dot(&self.src.x_float(range)))
+        let x = self.src.rows_float(range);
+        check_shape("delta", (x.nrows(), delta.ncols()), delta.dim())?;
+        Ok(delta.t().dot(&x))
     }
 
     fn output_error(&mut self, batch: usize, a: ArrayView2<f32>) -> Result<Array2<f32>, SeamError> {
@@ -842,6 +938,10 @@ impl FirstLayer for PlainFloat {
 
     fn batch_len(&self, batch: usize) -> usize {
         self.src.batches.batch_len(batch)
+    }
+
+    fn patches(&self) -> Option<&Geometry> {
+        self.src.geometry()
     }
 }
 

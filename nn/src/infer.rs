@@ -38,6 +38,13 @@ pub enum InferError {
     /// The data does not fit the model.
     #[error("the data does not fit the model: {0}")]
     Data(String),
+    /// The model's first layer is a convolution, which inference over encrypted inputs does
+    /// not compute yet.
+    #[error(
+        "the model's first layer is a convolution ({0}): inference over encrypted inputs \
+         serves dense first layers only so far; score it in the clear with trainer evaluate"
+    )]
+    Convolution(String),
 }
 
 /// One prediction: the most probable class and every class's probability.
@@ -63,6 +70,9 @@ impl QuantizedModel {
     /// rows with nearest rounding.
     pub fn new(model: Model, bits: u32) -> Result<Self, InferError> {
         model.validate()?;
+        if model.spec().is_conv() {
+            return Err(InferError::Convolution(model.spec().to_string()));
+        }
         let info = model.data().cloned().ok_or(InferError::NoData)?;
         let quantizer = Quantizer::new(bits);
         quantizer.validate()?;
@@ -163,7 +173,9 @@ mod tests {
     fn model() -> (Model, Dataset) {
         let info = DatasetInfo::new(6, 15, 3).expect("info");
         let spec = ModelSpec::parse("6-5-4-3", Activation::Relu).expect("spec");
-        let m = Model::new(spec, 3).with_data(info.clone()).expect("data");
+        let m = Model::new(spec, 3)
+            .and_then(|m| m.with_data(info.clone()))
+            .expect("data");
         let values = Array2::from_shape_fn((7, 6), |(b, i)| ((b * 7 + i * 3) % 16) as u16);
         let d = Dataset::new(values, vec![0, 1, 2, 0, 1, 2, 0], info).expect("dataset");
         (m, d)
@@ -212,7 +224,7 @@ mod tests {
         )
         .expect("dataset");
         assert!(matches!(q.predict_plain(&other), Err(InferError::Data(_))));
-        let bare = Model::new(m.spec().clone(), 1);
+        let bare = Model::new(m.spec().clone(), 1).expect("model");
         assert!(matches!(
             QuantizedModel::new(bare, 8),
             Err(InferError::NoData)

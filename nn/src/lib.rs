@@ -15,8 +15,10 @@
 //! Modules:
 //! - [`activation`], [`loss`], [`init`], [`layer`]: building blocks;
 //! - [`layers`]: image layers (convolution, max and average pooling, flatten) over batches
-//!   `(B, C*H*W)`, the [`layers::Layer`] enum and the proposal of the image model's spec;
-//! - [`model`]: the sequential model configured from a spec such as `784-128-32-10`;
+//!   `(B, C*H*W)` and the [`layers::Layer`] enum;
+//! - [`spec`]: architectures as strings (`784-128-32-10`, `128-32`, `lenet5`,
+//!   `conv5x6p2-maxpool2-...`);
+//! - [`model`]: the sequential model configured from a spec;
 //! - [`optim`]: SGD (momentum, weight decay, schedules) and Adam, with serializable state;
 //! - [`data`]: the dataset description, datasets, fixed batch partitions, the loaders (IDX,
 //!   CIFAR-10, CSV) and the client's encoding of real values;
@@ -37,6 +39,7 @@ pub mod layers;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod spec;
 pub mod train;
 
 pub use activation::Activation;

@@ -1,25 +1,29 @@
-//! The sequential model: a stack of dense layers configured from a spec string.
+//! The sequential model, configured from a spec string ([`crate::spec`]): optional image
+//! layers ([`crate::layers`]), then dense layers.
 //!
-//! A spec `n_0-n_1-...-n_L` (for example `784-128-32-10`) describes `L` dense layers, layer `k`
-//! mapping `n_{k-1}` to `n_k` features. Every layer but the last is followed by the hidden
-//! activation; the last one produces logits `z_L` and the output is `softmax(z_L)`, trained with
-//! cross-entropy:
+//! A dense spec `n_0-n_1-...-n_L` (for example `784-128-32-10`) describes `L` dense layers,
+//! layer `k` mapping `n_{k-1}` to `n_k` features. Every layer but the last is followed by the
+//! hidden activation; the last one produces logits `z_L` and the output is `softmax(z_L)`,
+//! trained with cross-entropy:
 //!
 //! ```text
 //! z_1 = x W_1^T + b_1,   a_k = f(z_k),   z_{k+1} = a_k W_{k+1}^T + b_{k+1},   p = softmax(z_L)
 //! ```
 //!
-//! The first layer is also available as one matrix `W1 = [W_1 | b_1]` of shape
-//! `(n_1, n_0 + 1)` whose last column is the bias; the seam ([`crate::first_layer`]) works on
-//! that matrix with inputs carrying a constant extra feature 1.
+//! With image layers, `x` first runs through them (every convolution followed by the hidden
+//! activation, a flatten at the end) and the dense layers read the flattened result.
+//!
+//! The first layer (the first dense layer, or the first convolution) is also available as one
+//! matrix `W1 = [W | b]` of shape `(rows, inputs + 1)` whose last column is the bias: the
+//! units' weights, or the kernels in patch order. The seam ([`crate::first_layer`]) works on
+//! that matrix with inputs (or patches) carrying a constant extra feature 1.
 //!
 //! Models are saved as an 8-byte magic, a little-endian `u32` format version and the bincode
 //! encoding of [`Model`].
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
-use ndarray::{concatenate, Array2, ArrayView2, Axis};
+use ndarray::{concatenate, Array1, Array2, ArrayView2, Axis};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::de::DeserializeOwned;
@@ -29,12 +33,17 @@ use crate::activation::Activation;
 use crate::data::DatasetInfo;
 use crate::init::Init;
 use crate::layer::{Dense, DenseGrad};
+use crate::layers::{
+    self, check_stack, forward_stack, Conv2d, Elementwise, Flatten, Geometry, Layer, LayerError,
+};
 use crate::loss::softmax;
+pub use crate::spec::{FeatureSpec, ModelSpec};
 
 /// File magic of a saved model.
 pub const MODEL_MAGIC: [u8; 8] = *b"CNNMODEL";
-/// Current format version of a saved model.
-pub const MODEL_VERSION: u32 = 2;
+/// Current format version of a saved model (3: image layers). Version 2 files (dense
+/// models) are still read.
+pub const MODEL_VERSION: u32 = 3;
 
 /// Errors of model construction, validation and (de)serialization.
 #[derive(Debug, thiserror::Error)]
@@ -92,138 +101,68 @@ pub enum ModelError {
     /// The decoded model is internally inconsistent.
     #[error("inconsistent model: {0}")]
     Inconsistent(String),
+    /// An image layer rejected its input or parameters.
+    #[error(transparent)]
+    Layer(#[from] LayerError),
 }
 
-/// Architecture of a model: layer sizes and hidden activation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModelSpec {
-    /// Layer widths from input to output, at least two entries, all positive.
-    pub sizes: Vec<usize>,
-    /// Activation of every hidden layer.
-    pub activation: Activation,
-}
-
-impl ModelSpec {
-    /// Parses `"784-128-32-10"` (widths separated by `-`) with the given hidden activation.
-    pub fn parse(spec: &str, activation: Activation) -> Result<Self, ModelError> {
-        let err = |reason: String| ModelError::Spec {
-            spec: spec.to_string(),
-            reason,
-        };
-        let mut sizes = Vec::new();
-        for part in spec.trim().split('-') {
-            let n: usize = part
-                .trim()
-                .parse()
-                .map_err(|_| err(format!("{part:?} is not a positive integer")))?;
-            if n == 0 {
-                return Err(err("layer widths must be positive".into()));
-            }
-            sizes.push(n);
-        }
-        if sizes.len() < 2 {
-            return Err(err("need at least an input and an output width".into()));
-        }
-        Ok(ModelSpec { sizes, activation })
-    }
-
-    /// The architecture for data with `features` inputs and `classes` outputs: `spec` lists
-    /// either the hidden widths only (`"128-32"`, or `""` for none), or every width from
-    /// input to output (`"784-128-32-10"`, recognised by its first width being `features`),
-    /// which must then end with `classes`.
-    pub fn for_data(
-        spec: &str,
-        activation: Activation,
-        features: usize,
-        classes: usize,
-    ) -> Result<Self, ModelError> {
-        if spec.trim().is_empty() {
-            return Ok(ModelSpec {
-                sizes: vec![features, classes],
-                activation,
-            });
-        }
-        let widths = ModelSpec::parse(&format!("{spec}-1"), activation)?.sizes;
-        let widths = &widths[..widths.len() - 1];
-        if widths.len() >= 2 && widths[0] == features {
-            if widths[widths.len() - 1] != classes {
-                return Err(ModelError::Spec {
-                    spec: spec.to_string(),
-                    reason: format!(
-                        "a full spec must end with the data's {classes} classes, not {} \
-                         (or give the hidden widths only, such as 128-32)",
-                        widths[widths.len() - 1]
-                    ),
-                });
-            }
-            return Ok(ModelSpec {
-                sizes: widths.to_vec(),
-                activation,
-            });
-        }
-        let mut sizes = vec![features];
-        sizes.extend_from_slice(widths);
-        sizes.push(classes);
-        Ok(ModelSpec { sizes, activation })
-    }
-
-    /// Number of input features `n_0`.
-    pub fn n_in(&self) -> usize {
-        self.sizes.first().copied().unwrap_or(0)
-    }
-
-    /// Number of output classes `n_L`.
-    pub fn n_out(&self) -> usize {
-        self.sizes.last().copied().unwrap_or(0)
-    }
-
-    /// Width `n_1` of the first layer (the rows of W1).
-    pub fn first_width(&self) -> usize {
-        self.sizes.get(1).copied().unwrap_or(0)
-    }
-
-    /// Number of dense layers `L`.
-    pub fn num_layers(&self) -> usize {
-        self.sizes.len().saturating_sub(1)
-    }
-}
-
-impl fmt::Display for ModelSpec {
-    /// Formats as `784-128-32-10/relu`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let sizes: Vec<String> = self.sizes.iter().map(|s| s.to_string()).collect();
-        write!(f, "{}/{}", sizes.join("-"), self.activation)
-    }
-}
-
-/// Gradients for every layer of a model, in layer order.
+/// Gradients for every layer with parameters, in layer order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Gradients {
-    /// One entry per dense layer.
+    /// One entry per layer with parameters: the convolutions in order, then the dense
+    /// layers (a convolution's kernels have the dense shape `(O, C*r*r)`).
     pub layers: Vec<DenseGrad>,
 }
 
-/// A sequential network: dense layers, hidden activation, softmax output.
+/// The weights and bias of one layer with parameters, for an optimizer.
+pub struct ParamsMut<'a> {
+    /// Weights, `(outputs, inputs)` (kernels `(O, C*r*r)` for a convolution).
+    pub w: &'a mut Array2<f32>,
+    /// Bias.
+    pub b: &'a mut Array1<f32>,
+}
+
+/// A sequential network: optional image layers, dense layers, hidden activation, softmax
+/// output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Model {
     spec: ModelSpec,
+    /// The image layers of `spec.features`, each convolution followed by its activation, and
+    /// a flatten at the end; empty for a dense network.
+    features: Vec<Layer>,
     layers: Vec<Dense>,
     /// The description of the data the model was made for (inputs, bound, classes).
     data: Option<DatasetInfo>,
 }
 
+/// A version-2 model file: dense layers only.
+#[derive(Deserialize)]
+struct ModelV2 {
+    spec: SpecV2,
+    layers: Vec<Dense>,
+    data: Option<DatasetInfo>,
+}
+
+#[derive(Deserialize)]
+struct SpecV2 {
+    sizes: Vec<usize>,
+    activation: Activation,
+}
+
 impl Model {
     /// A freshly initialized model: He init for ReLU hidden layers, Xavier otherwise and for
-    /// the output layer; zero biases; weights drawn from ChaCha8 seeded with `seed`.
-    pub fn new(spec: ModelSpec, seed: u64) -> Self {
+    /// the output layer; zero biases; weights drawn from ChaCha8 seeded with `seed` (image
+    /// layers first). Fails if the spec's image layers do not fit its input.
+    pub fn new(spec: ModelSpec, seed: u64) -> Result<Self, ModelError> {
         let init = Init::for_activation(spec.activation);
         Self::with_init(spec, init, seed)
     }
 
-    /// Like [`Model::new`] with an explicit scheme for the hidden layers (the output layer
-    /// always uses Xavier).
-    pub fn with_init(spec: ModelSpec, hidden_init: Init, seed: u64) -> Self {
+    /// Like [`Model::new`] with an explicit scheme for the hidden layers and kernels (the
+    /// output layer always uses Xavier).
+    pub fn with_init(spec: ModelSpec, hidden_init: Init, seed: u64) -> Result<Self, ModelError> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let features = build_features(&spec, hidden_init, &mut rng)?;
         let l = spec.num_layers();
         let layers = (0..l)
             .map(|k| {
@@ -235,17 +174,21 @@ impl Model {
                 Dense::new(init.weights(spec.sizes[k + 1], spec.sizes[k], &mut rng))
             })
             .collect();
-        Model {
+        let m = Model {
             spec,
+            features,
             layers,
             data: None,
-        }
+        };
+        m.validate()?;
+        Ok(m)
     }
 
-    /// Builds a model from explicit layers, checking them against the spec.
+    /// Builds a dense model from explicit layers, checking them against the spec.
     pub fn from_layers(spec: ModelSpec, layers: Vec<Dense>) -> Result<Self, ModelError> {
         let m = Model {
             spec,
+            features: Vec::new(),
             layers,
             data: None,
         };
@@ -271,30 +214,80 @@ impl Model {
         &self.spec
     }
 
+    /// The image layers (empty for a dense network).
+    pub fn features(&self) -> &[Layer] {
+        &self.features
+    }
+
     /// The dense layers, first to last.
     pub fn layers(&self) -> &[Dense] {
         &self.layers
     }
 
-    /// Mutable access to the layers (shapes must be kept).
+    /// Mutable access to the dense layers (shapes must be kept).
     pub fn layers_mut(&mut self) -> &mut [Dense] {
         &mut self.layers
     }
 
-    /// Total number of trainable parameters.
-    pub fn num_params(&self) -> usize {
-        self.layers.iter().map(|l| l.w.len() + l.b.len()).sum()
+    /// The weights and bias of every layer with parameters, in the order of [`Gradients`].
+    pub fn params_mut(&mut self) -> Vec<ParamsMut<'_>> {
+        let convs = self.features.iter_mut().filter_map(|l| match l {
+            Layer::Conv(c) => Some(ParamsMut {
+                w: &mut c.w,
+                b: &mut c.b,
+            }),
+            _ => None,
+        });
+        let dense = self.layers.iter_mut().map(|l| ParamsMut {
+            w: &mut l.w,
+            b: &mut l.b,
+        });
+        convs.chain(dense).collect()
     }
 
-    /// The first layer as one matrix `[W_1 | b_1]` of shape `(n_1, n_0 + 1)`, bias last.
-    pub fn first_layer_matrix(&self) -> Array2<f32> {
-        match self.layers.first() {
-            Some(l) => {
-                let b = l.b.view().insert_axis(Axis(1));
-                concatenate(Axis(1), &[l.w.view(), b]).unwrap_or_else(|_| l.w.clone())
-            }
-            None => Array2::zeros((0, 1)),
+    /// Total number of trainable parameters.
+    pub fn num_params(&self) -> usize {
+        let features: usize = self.features.iter().map(Layer::num_params).sum();
+        features
+            + self
+                .layers
+                .iter()
+                .map(|l| l.w.len() + l.b.len())
+                .sum::<usize>()
+    }
+
+    /// The first convolution, when the first layer is one.
+    fn first_conv(&self) -> Option<&Conv2d> {
+        match self.features.first() {
+            Some(Layer::Conv(c)) => Some(c),
+            _ => None,
         }
+    }
+
+    /// Where the first layer's kernels land on the input, when it is a convolution: the
+    /// seam then computes one product per (sample, position) ([`crate::first_layer`]).
+    pub fn first_geometry(&self) -> Option<&Geometry> {
+        self.first_conv().map(Conv2d::geometry)
+    }
+
+    /// Values of the first layer's output per sample: its units, or kernels times positions.
+    pub fn first_outputs(&self) -> usize {
+        match self.first_conv() {
+            Some(c) => c.output_shape().features(),
+            None => self.spec.first_width(),
+        }
+    }
+
+    /// The first layer as one matrix `[W | b]` of shape `(rows, inputs + 1)`, bias last: the
+    /// first dense layer's units, or the first convolution's kernels.
+    pub fn first_layer_matrix(&self) -> Array2<f32> {
+        let (w, b) = match (self.first_conv(), self.layers.first()) {
+            (Some(c), _) => (&c.w, &c.b),
+            (None, Some(l)) => (&l.w, &l.b),
+            (None, None) => return Array2::zeros((0, 1)),
+        };
+        concatenate(Axis(1), &[w.view(), b.view().insert_axis(Axis(1))])
+            .unwrap_or_else(|_| w.clone())
     }
 
     /// Logits `z_L` for normalized inputs `x` of shape (B, n_0), computed in the clear.
@@ -306,29 +299,46 @@ impl Model {
                 got: x.shape().to_vec(),
             });
         }
+        if !self.features.is_empty() {
+            let (flat, _) = forward_stack(&self.features, x)?;
+            return Ok(self.dense_from(0, flat));
+        }
         match self.layers.first() {
             Some(first) => self.logits_after_first(first.forward(x).view()),
             None => Ok(x.to_owned()),
         }
     }
 
-    /// Logits `z_L` from the first layer's pre-activations `z_1 = x W_1^T + b_1` of shape
-    /// (B, n_1): the rest of the network, in the clear. Inference over encrypted inputs
-    /// decrypts `z_1` and calls this.
+    /// Logits `z_L` from the first layer's pre-activations `z_1` of shape
+    /// (B, [`Model::first_outputs`]) (a convolution's channel-major): the rest of the network,
+    /// in the clear. Inference over encrypted inputs decrypts `z_1` and calls this.
     pub fn logits_after_first(&self, z1: ArrayView2<f32>) -> Result<Array2<f32>, ModelError> {
-        if z1.ncols() != self.spec.first_width() {
+        if z1.ncols() != self.first_outputs() {
             return Err(ModelError::Shape {
                 what: "first-layer pre-activations",
-                expected: vec![z1.nrows(), self.spec.first_width()],
+                expected: vec![z1.nrows(), self.first_outputs()],
                 got: z1.shape().to_vec(),
             });
         }
-        let act = self.spec.activation;
-        let mut h = z1.to_owned();
-        for layer in self.layers.iter().skip(1) {
-            h = layer.forward(act.forward(h.view()).view());
+        if !self.features.is_empty() {
+            let (flat, _) = forward_stack(&self.features[1..], z1)?;
+            return Ok(self.dense_from(0, flat));
         }
-        Ok(h)
+        if self.layers.len() < 2 {
+            return Ok(z1.to_owned());
+        }
+        Ok(self.dense_from(1, self.spec.activation.forward(z1)))
+    }
+
+    /// The dense layers from `from` on, applied to their input `a`.
+    fn dense_from(&self, from: usize, mut a: Array2<f32>) -> Array2<f32> {
+        let act = self.spec.activation;
+        let last = self.layers.len().saturating_sub(1);
+        for (k, layer) in self.layers.iter().enumerate().skip(from) {
+            let z = layer.forward(a.view());
+            a = if k < last { act.forward(z.view()) } else { z };
+        }
+        a
     }
 
     /// Class probabilities `softmax(z_L)` for normalized inputs `x` (B, n_0).
@@ -349,6 +359,7 @@ impl Model {
                 self.spec
             )));
         }
+        self.validate_features()?;
         if let Some(d) = &self.data {
             if d.features != self.spec.n_in() || d.classes != self.spec.n_out() {
                 return Err(ModelError::Inconsistent(format!(
@@ -379,6 +390,42 @@ impl Model {
         Ok(())
     }
 
+    /// The image layers are those the spec describes, fit the input and end in `sizes[0]`
+    /// flat features, with finite kernels.
+    fn validate_features(&self) -> Result<(), ModelError> {
+        let bad = |what: String| Err(ModelError::Inconsistent(what));
+        let Some(input) = self.spec.input.filter(|_| self.spec.is_conv()) else {
+            if !self.features.is_empty() || !self.spec.features.is_empty() {
+                return bad("image layers without an input shape".into());
+            }
+            return Ok(());
+        };
+        let expected = expected_kinds(&self.spec);
+        let kinds: Vec<String> = self.features.iter().map(describe).collect();
+        if kinds != expected {
+            return bad(format!(
+                "image layers {kinds:?} do not match the spec {} ({expected:?})",
+                self.spec
+            ));
+        }
+        let out = check_stack(input, &self.features)?;
+        if out.features() != self.spec.sizes[0] {
+            return bad(format!(
+                "the image layers end in {} features, the dense layers read {}",
+                out.features(),
+                self.spec.sizes[0]
+            ));
+        }
+        for (i, l) in self.features.iter().enumerate() {
+            if let Layer::Conv(c) = l {
+                if !c.w.iter().chain(c.b.iter()).all(|v| v.is_finite()) {
+                    return bad(format!("image layer {i} has non-finite parameters"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Encodes the model as magic + version + bincode.
     pub fn to_bytes(&self) -> Result<Vec<u8>, ModelError> {
         encode_versioned(&MODEL_MAGIC, MODEL_VERSION, "model", self)
@@ -386,7 +433,17 @@ impl Model {
 
     /// Decodes and validates a model written by [`Model::to_bytes`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ModelError> {
-        let m: Model = decode_versioned(&MODEL_MAGIC, MODEL_VERSION, "model", bytes)?;
+        let m: Model = if bytes.get(8..12) == Some(&2u32.to_le_bytes()[..]) {
+            let old: ModelV2 = decode_versioned(&MODEL_MAGIC, 2, "model", bytes)?;
+            Model {
+                spec: ModelSpec::dense(old.spec.sizes, old.spec.activation),
+                features: Vec::new(),
+                layers: old.layers,
+                data: old.data,
+            }
+        } else {
+            decode_versioned(&MODEL_MAGIC, MODEL_VERSION, "model", bytes)?
+        };
         m.validate()?;
         Ok(m)
     }
@@ -399,6 +456,70 @@ impl Model {
     /// Reads a model from `path`.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ModelError> {
         Self::from_bytes(&read_file(path.as_ref())?)
+    }
+}
+
+/// The image layers of `spec`, initialized from `init` (every convolution followed by the
+/// activation, a flatten at the end).
+fn build_features(
+    spec: &ModelSpec,
+    init: Init,
+    rng: &mut ChaCha8Rng,
+) -> Result<Vec<Layer>, ModelError> {
+    let Some(mut shape) = spec.input.filter(|_| spec.is_conv()) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for f in &spec.features {
+        match *f {
+            FeatureSpec::Conv { kernels, window } => {
+                let conv = Conv2d::new(shape, kernels, window, init, rng)?;
+                shape = conv.output_shape();
+                out.push(Layer::Conv(conv));
+                out.push(Layer::Activation(Elementwise::new(spec.activation, shape)));
+            }
+            FeatureSpec::MaxPool { window } => {
+                let pool = layers::MaxPool2d::new(shape, window.size, window.stride)?;
+                shape = pool.output_shape();
+                out.push(Layer::MaxPool(pool));
+            }
+            FeatureSpec::AvgPool { window } => {
+                let pool = layers::AvgPool2d::new(shape, window.size, window.stride)?;
+                shape = pool.output_shape();
+                out.push(Layer::AvgPool(pool));
+            }
+        }
+    }
+    out.push(Layer::Flatten(Flatten::new(shape)));
+    Ok(out)
+}
+
+/// What [`describe`] gives for the layers [`build_features`] makes from `spec`.
+fn expected_kinds(spec: &ModelSpec) -> Vec<String> {
+    let mut out = Vec::new();
+    for f in &spec.features {
+        out.push(f.to_string());
+        if matches!(f, FeatureSpec::Conv { .. }) {
+            out.push(spec.activation.to_string());
+        }
+    }
+    out.push("flatten".into());
+    out
+}
+
+/// A layer as its spec token (`conv5x6p2`, `maxpool2`, `relu`, `flatten`, `dense`).
+fn describe(layer: &Layer) -> String {
+    match layer {
+        Layer::Conv(c) => FeatureSpec::Conv {
+            kernels: c.output_shape().channels(),
+            window: c.geometry().window(),
+        }
+        .to_string(),
+        Layer::MaxPool(p) => FeatureSpec::MaxPool { window: p.window() }.to_string(),
+        Layer::AvgPool(p) => FeatureSpec::AvgPool { window: p.window() }.to_string(),
+        Layer::Activation(a) => a.activation.to_string(),
+        Layer::Flatten(_) => "flatten".into(),
+        Layer::Dense(_) => "dense".into(),
     }
 }
 
@@ -471,30 +592,9 @@ mod tests {
     use ndarray::array;
 
     #[test]
-    fn parse_specs() {
-        let s = ModelSpec::parse("784-128-32-10", Activation::Sigmoid).unwrap();
-        assert_eq!(s.sizes, vec![784, 128, 32, 10]);
-        assert_eq!(
-            (s.n_in(), s.first_width(), s.n_out(), s.num_layers()),
-            (784, 128, 10, 3)
-        );
-        assert_eq!(s.to_string(), "784-128-32-10/sigmoid");
-        let f = |t: &str| ModelSpec::for_data(t, Activation::Sigmoid, 30, 2).map(|s| s.sizes);
-        assert_eq!(f("128-32").unwrap(), vec![30, 128, 32, 2]);
-        assert_eq!(f("30-16-2").unwrap(), vec![30, 16, 2]);
-        assert_eq!(f("").unwrap(), vec![30, 2]);
-        assert_eq!(f("64").unwrap(), vec![30, 64, 2]);
-        assert!(f("30-16-3").unwrap_err().to_string().contains("2 classes"));
-        assert!(f("16-x").is_err());
-        for bad in ["", "784", "784-0-10", "784-x-10", "784--10", "-784-10"] {
-            assert!(ModelSpec::parse(bad, Activation::Relu).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
     fn first_layer_matrix_has_bias_last() {
         let spec = ModelSpec::parse("2-2-2", Activation::Tanh).unwrap();
-        let mut m = Model::new(spec, 1);
+        let mut m = Model::new(spec, 1).unwrap();
         m.layers_mut()[0].w = array![[1.0, 2.0], [3.0, 4.0]];
         m.layers_mut()[0].b = array![5.0, 6.0];
         assert_eq!(
@@ -506,7 +606,7 @@ mod tests {
     #[test]
     fn save_load_round_trip_and_errors() {
         let spec = ModelSpec::parse("6-5-3", Activation::Relu).unwrap();
-        let m = Model::new(spec, 3);
+        let m = Model::new(spec, 3).unwrap();
         let bytes = m.to_bytes().unwrap();
         assert_eq!(Model::from_bytes(&bytes).unwrap(), m);
 
@@ -539,9 +639,79 @@ mod tests {
     }
 
     #[test]
+    fn version_2_files_still_load() {
+        #[derive(Serialize)]
+        struct OldSpec {
+            sizes: Vec<usize>,
+            activation: Activation,
+        }
+        #[derive(Serialize)]
+        struct Old {
+            spec: OldSpec,
+            layers: Vec<Dense>,
+            data: Option<DatasetInfo>,
+        }
+        let m = Model::new(ModelSpec::parse("6-5-3", Activation::Tanh).unwrap(), 4).unwrap();
+        let old = Old {
+            spec: OldSpec {
+                sizes: m.spec().sizes.clone(),
+                activation: m.spec().activation,
+            },
+            layers: m.layers().to_vec(),
+            data: None,
+        };
+        let bytes = encode_versioned(&MODEL_MAGIC, 2, "model", &old).unwrap();
+        assert_eq!(Model::from_bytes(&bytes).unwrap(), m);
+        // A version-3 payload labelled version 2 does not decode as one.
+        let mut relabelled = m.to_bytes().unwrap();
+        relabelled[8..12].copy_from_slice(&2u32.to_le_bytes());
+        assert!(Model::from_bytes(&relabelled).is_err());
+    }
+
+    #[test]
+    fn image_layers_must_match_their_spec() {
+        let info = DatasetInfo::new(36, 255, 3)
+            .unwrap()
+            .with_image(crate::data::ImageShape {
+                channels: 1,
+                height: 6,
+                width: 6,
+            })
+            .unwrap();
+        let spec = ModelSpec::for_info("conv3x2p1-maxpool2-4", Activation::Relu, &info).unwrap();
+        let m = Model::new(spec, 1).unwrap().with_data(info).unwrap();
+        assert_eq!(m.first_outputs(), 2 * 36);
+        assert_eq!(m.first_layer_matrix().dim(), (2, 10));
+        assert_eq!(m.num_params(), 2 * 10 + (18 * 4 + 4) + (4 * 3 + 3));
+        // A file whose spec claims other image layers than it holds is refused.
+        let mut other = m.clone();
+        other.spec.features[1] = FeatureSpec::AvgPool {
+            window: layers::Window::new(2, 2, 0),
+        };
+        assert!(matches!(
+            Model::from_bytes(&other.to_bytes().unwrap()),
+            Err(ModelError::Inconsistent(_))
+        ));
+        let mut dropped = m.clone();
+        dropped.features.pop();
+        assert!(dropped.validate().is_err());
+        let mut nan = m;
+        if let Some(Layer::Conv(c)) = nan.features.first_mut() {
+            c.w[[0, 0]] = f32::NAN;
+        }
+        assert!(nan.validate().is_err());
+    }
+
+    #[test]
     fn same_seed_same_weights() {
         let spec = ModelSpec::parse("10-8-4", Activation::Sigmoid).unwrap();
-        assert_eq!(Model::new(spec.clone(), 5), Model::new(spec.clone(), 5));
-        assert_ne!(Model::new(spec.clone(), 5), Model::new(spec, 6));
+        assert_eq!(
+            Model::new(spec.clone(), 5).unwrap(),
+            Model::new(spec.clone(), 5).unwrap()
+        );
+        assert_ne!(
+            Model::new(spec.clone(), 5).unwrap(),
+            Model::new(spec, 6).unwrap()
+        );
     }
 }

@@ -177,7 +177,7 @@ impl Optimizer {
 
     /// Applies one update to `model` with `grads`; shapes must match the model's layers.
     pub fn step(&mut self, model: &mut Model, grads: &Gradients) -> Result<(), ModelError> {
-        let layers = model.layers_mut();
+        let mut layers = model.params_mut();
         if grads.layers.len() != layers.len() {
             return Err(ModelError::Shape {
                 what: "gradient layers",
@@ -223,22 +223,13 @@ impl Optimizer {
         self.steps += 1;
         let t = self.steps;
         for ((layer, g), m) in layers.iter_mut().zip(&grads.layers).zip(&mut self.state) {
-            update(
-                self.method,
-                lr,
-                wd,
-                t,
-                &mut layer.w,
-                &g.dw,
-                &mut m.mw,
-                &mut m.sw,
-            );
+            update(self.method, lr, wd, t, layer.w, &g.dw, &mut m.mw, &mut m.sw);
             update(
                 self.method,
                 lr,
                 0.0,
                 t,
-                &mut layer.b,
+                layer.b,
                 &g.db,
                 &mut m.mb,
                 &mut m.sb,
@@ -295,7 +286,7 @@ mod tests {
 
     fn tiny() -> Model {
         let spec = ModelSpec::parse("2-1", Activation::Relu).unwrap();
-        let mut m = Model::new(spec, 0);
+        let mut m = Model::new(spec, 0).unwrap();
         m.layers_mut()[0].w = array![[1.0, -2.0]];
         m.layers_mut()[0].b = array![0.5];
         m

@@ -24,7 +24,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use ndarray::{Array2, Axis, Slice};
+use ndarray::{Array2, ArrayView2, Axis, Slice};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -32,16 +32,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{DataError, Dataset};
 pub use crate::eval::{evaluate, Evaluation};
-use crate::first_layer::{FirstLayer, SeamError};
+use crate::first_layer::{rows_per_sample, FirstLayer, SeamError};
 use crate::layer::DenseGrad;
+use crate::layers::{
+    backward_stack, channels_to_positions, forward_stack, positions_to_channels, Cache,
+};
 use crate::loss::{argmax_rows, log_softmax, softmax};
 use crate::model::{decode_versioned, encode_versioned, read_file, Gradients, Model, ModelError};
 use crate::optim::Optimizer;
 
 /// File magic of a training checkpoint.
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"CNNCKPT\0";
-/// Current format version of a training checkpoint (2: the run's configuration).
-pub const CHECKPOINT_VERSION: u32 = 2;
+/// Current format version of a training checkpoint (2: the run's configuration; 3: models
+/// with image layers).
+pub const CHECKPOINT_VERSION: u32 = 3;
 
 /// Errors of training and evaluation.
 #[derive(Debug, thiserror::Error)]
@@ -407,42 +411,53 @@ pub fn compute_gradients<F: FirstLayer + ?Sized>(
     first_layer: &mut F,
     batch: usize,
 ) -> Result<(Gradients, StepStats), TrainError> {
-    let spec = model.spec();
-    let act = spec.activation;
-    let layers = model.layers();
-    let n_layers = layers.len();
     let bsz = first_layer.batch_len(batch);
     if bsz == 0 {
         return Err(TrainError::State(format!(
             "batch {batch} is empty or missing"
         )));
     }
+    if first_layer.patches() != model.first_geometry() {
+        return Err(TrainError::State(
+            "the first layer's products do not fit the model's first layer (a convolution \
+             needs a first layer over its patches, a dense layer one over the samples)"
+                .into(),
+        ));
+    }
+    let rows = bsz * rows_per_sample(model.first_geometry());
     let w1 = model.first_layer_matrix();
     let z1 = first_layer.forward(batch, w1.view())?;
-    check("first-layer output", (bsz, spec.first_width()), z1.dim())?;
-
-    // zs[k] = Z_{k+1}, acts[k] = f(zs[k]) for hidden layers.
-    let mut zs: Vec<Array2<f32>> = Vec::with_capacity(n_layers);
-    let mut acts: Vec<Array2<f32>> = Vec::with_capacity(n_layers.saturating_sub(1));
-    zs.push(z1);
-    for layer in &layers[1..] {
-        let a = act.forward(zs[zs.len() - 1].view());
-        zs.push(layer.forward(a.view()));
-        acts.push(a);
-    }
-    let logits = &zs[n_layers - 1];
+    check("first-layer output", (rows, w1.nrows()), z1.dim())?;
+    let pass = Pass::forward(model, z1, bsz)?;
+    let logits = pass.logits();
     let p = softmax(logits.view());
     let e = first_layer.output_error(batch, p.view())?;
     check("output error", p.dim(), e.dim())?;
+    let stats = step_stats(logits.view(), p.view(), e.view());
 
-    // Loss and accuracy from Y = round(P - E).
-    let logp = log_softmax(logits.view());
-    let preds = argmax_rows(p.view());
+    let (g1, mut grads) = pass.backward(model, e.mapv(|v| v / bsz as f32))?;
+    let g1 = first_layer.backward(batch, g1.view())?;
+    let k = w1.ncols() - 1;
+    check("first-layer gradient", w1.dim(), g1.dim())?;
+    grads.insert(
+        0,
+        DenseGrad {
+            dw: g1.slice_axis(Axis(1), Slice::from(..k)).to_owned(),
+            db: g1.index_axis(Axis(1), k).to_owned(),
+        },
+    );
+    Ok((Gradients { layers: grads }, stats))
+}
+
+/// Loss and accuracy counts of a batch from `Y = round(P - E)`.
+fn step_stats(logits: ArrayView2<f32>, p: ArrayView2<f32>, e: ArrayView2<f32>) -> StepStats {
+    let logp = log_softmax(logits);
+    let preds = argmax_rows(p);
     let mut stats = StepStats {
-        samples: bsz as u64,
+        samples: p.nrows() as u64,
         ..StepStats::default()
     };
-    for b in 0..bsz {
+    for b in 0..p.nrows() {
         let mut label = None;
         let mut ones = 0;
         for k in 0..p.ncols() {
@@ -459,29 +474,100 @@ pub fn compute_gradients<F: FirstLayer + ?Sized>(
             stats.correct += 1;
         }
     }
+    stats
+}
 
-    // Back-propagation through the clear layers.
-    let mut grads: Vec<DenseGrad> = Vec::with_capacity(n_layers);
-    let mut delta = e.mapv(|v| v / bsz as f32);
-    for k in (1..n_layers).rev() {
-        let input = &acts[k - 1];
-        grads.push(layers[k].param_grad(input.view(), delta.view()));
-        let up = layers[k].input_grad(delta.view());
-        delta = act.backward(zs[k - 1].view(), input.view(), up.view());
+/// The clear part of a forward pass from the first layer's output, kept for the backward
+/// pass: the image layers' caches (after the first convolution) and every dense layer's
+/// input and output.
+struct Pass {
+    /// The first layer's output `z_1` (B, first outputs), channel-major for a convolution.
+    z1: Array2<f32>,
+    /// Caches of the image layers after the first convolution.
+    caches: Vec<Cache>,
+    /// Index of the first dense layer computed here (1 for a dense network, whose first
+    /// layer is the seam's, else 0).
+    start: usize,
+    /// Input of every dense layer from `start` on.
+    inputs: Vec<Array2<f32>>,
+    /// Output (pre-activation) of every dense layer from `start` on.
+    outputs: Vec<Array2<f32>>,
+}
+
+impl Pass {
+    /// Runs the network from the seam's `z1` (B*P, H) on a batch of `bsz` samples.
+    fn forward(model: &Model, z1: Array2<f32>, bsz: usize) -> Result<Self, TrainError> {
+        let act = model.spec().activation;
+        let (z1, caches, mut a, start) = if let Some(g) = model.first_geometry() {
+            let z1 = positions_to_channels(z1, bsz, g.positions()).map_err(ModelError::from)?;
+            let (flat, caches) =
+                forward_stack(&model.features()[1..], z1.view()).map_err(ModelError::from)?;
+            (z1, caches, flat, 0)
+        } else {
+            let a = act.forward(z1.view());
+            (z1, Vec::new(), a, 1)
+        };
+        let layers = model.layers();
+        let (mut inputs, mut outputs) = (Vec::new(), Vec::new());
+        for (k, layer) in layers.iter().enumerate().skip(start) {
+            let z = layer.forward(a.view());
+            let next = if k + 1 < layers.len() {
+                act.forward(z.view())
+            } else {
+                Array2::zeros((0, 0))
+            };
+            inputs.push(std::mem::replace(&mut a, next));
+            outputs.push(z);
+        }
+        Ok(Pass {
+            z1,
+            caches,
+            start,
+            inputs,
+            outputs,
+        })
     }
-    let g1 = first_layer.backward(batch, delta.view())?;
-    let n_in = spec.n_in();
-    check(
-        "first-layer gradient",
-        (spec.first_width(), n_in + 1),
-        g1.dim(),
-    )?;
-    grads.push(DenseGrad {
-        dw: g1.slice_axis(Axis(1), Slice::from(..n_in)).to_owned(),
-        db: g1.index_axis(Axis(1), n_in).to_owned(),
-    });
-    grads.reverse();
-    Ok((Gradients { layers: grads }, stats))
+
+    /// The logits `z_L`.
+    fn logits(&self) -> &Array2<f32> {
+        self.outputs.last().unwrap_or(&self.z1)
+    }
+
+    /// Back-propagates `d = dL/dz_L`: the gradient with respect to the seam's output
+    /// (B*P, H), and the gradients of every layer with parameters after the first.
+    fn backward(
+        self,
+        model: &Model,
+        mut d: Array2<f32>,
+    ) -> Result<(Array2<f32>, Vec<DenseGrad>), TrainError> {
+        let act = model.spec().activation;
+        let layers = model.layers();
+        let mut dense = Vec::with_capacity(self.outputs.len());
+        for (i, input) in self.inputs.iter().enumerate().rev() {
+            let layer = &layers[self.start + i];
+            dense.push(layer.param_grad(input.view(), d.view()));
+            let up = layer.input_grad(d.view());
+            d = match i.checked_sub(1) {
+                Some(prev) => act.backward(self.outputs[prev].view(), input.view(), up.view()),
+                None => up,
+            };
+        }
+        dense.reverse();
+        if model.first_geometry().is_none() {
+            // d is the gradient of a_1 = f(z_1) (or of z_L = z_1 without dense layers).
+            if let Some(a1) = self.inputs.first() {
+                d = act.backward(self.z1.view(), a1.view(), d.view());
+            }
+            return Ok((d, dense));
+        }
+        let (dz1, grads) = backward_stack(&model.features()[1..], &self.caches, d.view())
+            .map_err(ModelError::from)?;
+        let mut out: Vec<DenseGrad> = grads.into_iter().flatten().collect();
+        out.extend(dense);
+        let kernels = model.spec().first_width();
+        let dz1 = channels_to_positions(dz1.view(), kernels).map_err(ModelError::from)?;
+        Ok((dz1, out))
+    }
 }
 
 fn check(

@@ -19,7 +19,7 @@ fn loss(model: &Model, data: &Dataset) -> f64 {
 fn check_model(spec: &str, act: Activation, seed: u64) {
     let data = common::synthetic(7, 2, 3, 3, seed);
     let spec = ModelSpec::parse(spec, act).unwrap();
-    let mut model = Model::new(spec, seed);
+    let mut model = Model::new(spec, seed).unwrap();
     // Non-zero biases keep ReLU pre-activations away from the kink at exactly 0 (a sample
     // whose hidden units are all off would otherwise sit on it with a zero bias).
     for layer in model.layers_mut() {

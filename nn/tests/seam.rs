@@ -10,7 +10,7 @@ use nn::{Activation, Model, ModelSpec, Optimizer, PlainFloat};
 
 fn train_some<F: FirstLayer>(fl: &mut F, seed: u64) -> Model {
     let spec = ModelSpec::parse("12-6-5-4", Activation::Sigmoid).unwrap();
-    let mut model = Model::new(spec, seed);
+    let mut model = Model::new(spec, seed).unwrap();
     let mut opt = Optimizer::adam(0.01);
     for epoch in 0..3 {
         train_epoch(&mut model, fl, &mut opt, epoch, seed, false).unwrap();
@@ -48,7 +48,7 @@ fn plain_and_naive_integers_give_bit_identical_weights() {
 fn fine_quantization_approaches_the_float_gradients() {
     let data = common::synthetic(16, 3, 4, 4, 8);
     let spec = ModelSpec::parse("12-6-4", Activation::Tanh).unwrap();
-    let model = Model::new(spec, 2);
+    let model = Model::new(spec, 2).unwrap();
     let mut f = PlainFloat::from_dataset(data.clone(), 16, false).unwrap();
     let (gf, sf) = compute_gradients(&model, &mut f, 0).unwrap();
     let mut q = Quantized::new(
@@ -103,7 +103,7 @@ fn backend_errors_surface_as_seam_errors() {
         }
     }
     let spec = ModelSpec::parse("4-3-2", Activation::Relu).unwrap();
-    let mut model = Model::new(spec, 0);
+    let mut model = Model::new(spec, 0).unwrap();
     let err = train_epoch(
         &mut model,
         &mut Failing,

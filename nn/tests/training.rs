@@ -16,7 +16,7 @@ fn xor() -> Dataset {
 fn tiny_networks_learn_xor() {
     for act in Activation::ALL {
         let spec = ModelSpec::parse("2-8-2", act).unwrap();
-        let mut model = Model::new(spec, 4);
+        let mut model = Model::new(spec, 4).unwrap();
         let mut fl = PlainFloat::from_dataset(xor(), 4, false).unwrap();
         let mut opt = Optimizer::adam(0.05);
         let cfg = FitConfig {
@@ -36,7 +36,7 @@ fn sgd_with_momentum_learns_a_separable_set() {
     let train = common::synthetic(600, 4, 4, 5, 1);
     let test = common::synthetic(200, 4, 4, 5, 2);
     let spec = ModelSpec::parse("16-12-5", Activation::Relu).unwrap();
-    let mut model = Model::new(spec, 1);
+    let mut model = Model::new(spec, 1).unwrap();
     let mut fl = PlainFloat::from_dataset(train, 20, false).unwrap();
     let mut opt = Optimizer::sgd(0.2, 0.9)
         .with_weight_decay(1e-4)
@@ -57,7 +57,7 @@ fn sgd_with_momentum_learns_a_separable_set() {
 fn run(seed: u64) -> (Model, Vec<nn::EpochMetrics>) {
     let train = common::synthetic(100, 3, 3, 3, 7);
     let spec = ModelSpec::parse("9-7-3", Activation::Tanh).unwrap();
-    let mut model = Model::new(spec, seed);
+    let mut model = Model::new(spec, seed).unwrap();
     let mut fl = PlainFloat::from_dataset(train, 16, false).unwrap();
     let mut opt = Optimizer::adam(0.01);
     let cfg = FitConfig {
@@ -100,7 +100,7 @@ fn run_with_checkpoints(kill_at: Option<(usize, usize)>, dir: &std::path::Path) 
         .unwrap()
     };
     let spec = ModelSpec::parse("9-6-3", Activation::Relu).unwrap();
-    let mut model = Model::new(spec, 1);
+    let mut model = Model::new(spec, 1).unwrap();
     let mut opt = Optimizer::sgd(0.1, 0.9).with_schedule(Schedule::Cosine {
         total_epochs: 2,
         min_lr: 0.01,
@@ -164,7 +164,7 @@ fn resuming_from_a_checkpoint_is_bit_identical() {
 fn checkpoint_files_are_versioned() {
     let spec = ModelSpec::parse("4-3-2", Activation::Relu).unwrap();
     let ck = Checkpoint {
-        model: Model::new(spec, 0),
+        model: Model::new(spec, 0).unwrap(),
         optimizer: Optimizer::adam(0.1),
         state: EpochState::new(2, 5, 1, true),
         history: vec![],
@@ -208,7 +208,7 @@ fn embedded_subset_has_the_documented_sizes() {
 fn embedded_subset_reaches_ninety_percent() {
     let (train, test) = mnist::embedded().unwrap();
     let spec = ModelSpec::parse("784-128-32-10", Activation::Relu).unwrap();
-    let mut model = Model::new(spec, 1);
+    let mut model = Model::new(spec, 1).unwrap();
     let mut fl = PlainFloat::from_dataset(train, 64, false).unwrap();
     let mut opt = Optimizer::adam(1e-3).with_schedule(Schedule::Cosine {
         total_epochs: 10,

@@ -2,7 +2,8 @@
 //! also the experimenter's tools: `simulate` (the same training on plaintext with the same
 //! integer products, for cheap curves) and `evaluate` (a saved model on a plaintext test set).
 //! The input width and the classes come from the data (the encrypted file's header, or the
-//! plaintext data's description); `--spec` gives the hidden widths.
+//! plaintext data's description); `--spec` gives the hidden widths, or image layers such as
+//! `lenet5`.
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -35,8 +36,12 @@ struct Cli {
 /// Model and training settings shared by `train` and `simulate`.
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// Hidden layer widths, such as 128-32 (the input width and the classes come from the
-    /// data); a full layout such as 784-128-32-10 is accepted and checked against the data.
+    /// The network: hidden layer widths, such as 128-32 (the input width and the classes
+    /// come from the data; a full layout such as 784-128-32-10 is checked against it), or
+    /// image layers first for image data: lenet5, or tokens such as
+    /// conv5x6p2-maxpool2-conv5x16-maxpool2-conv5x120-84 (conv<r>x<kernels>[s<stride>][p<pad>],
+    /// maxpool<r>[s<stride>], avgpool<r>[s<stride>], then hidden widths). A convolutional
+    /// first layer trains in `simulate` only so far.
     #[arg(long, default_value = "128-32")]
     spec: String,
     /// Hidden activation: sigmoid, relu or tanh.
@@ -410,12 +415,16 @@ fn main() -> Result<()> {
                 .map(|a| test_set(&a, &run_data.info))
                 .transpose()?;
             let cfg = model.config();
-            println!(
-                "training {} on {} ({})",
-                cfg.model_spec(&run_data.info)?,
-                data.display(),
-                run_data.info
-            );
+            let spec = cfg.model_spec(&run_data.info)?;
+            if spec.is_conv() {
+                anyhow::bail!(
+                    "{spec} has a convolutional first layer, which runs over encrypted data \
+                     in neither trainer train nor trainer serve yet: its keys and key policy \
+                     are still to be built; trainer simulate trains it with the same quantized \
+                     products"
+                );
+            }
+            println!("training {spec} on {} ({})", data.display(), run_data.info);
             let metrics = model.metrics.clone();
             let r = trainer::run(
                 products,
@@ -469,11 +478,17 @@ fn main() -> Result<()> {
                     on_epoch(m)
                 })
             } else {
+                let geometry = cfg.model_spec(&train.info)?.first_geometry();
+                // A convolution's row keys are its kernels (with the bias): the row rule
+                // applies to their length, not to the image's.
+                let row_len = geometry
+                    .as_ref()
+                    .map_or(train.info.row_len(), |g| g.patch_len() + 1);
                 let policy = match &policy {
                     Some(p) => Policy::from_file(p).map_err(anyhow::Error::msg)?,
                     None => Policy::default(),
                 }
-                .with_lengths(train.info.row_len(), batch_size);
+                .with_lengths(row_len, batch_size);
                 let run_data = trainer::RunData {
                     info: train.info.clone(),
                     identity: trainer::data_identity(&train),
@@ -481,6 +496,7 @@ fn main() -> Result<()> {
                 };
                 let products =
                     nn::first_layer::PlainIntegers::from_dataset(train, batch_size, true)
+                        .and_then(|p| p.with_patches(geometry.as_ref()))
                         .context("partitioning the data")?;
                 trainer::run(
                     products,

@@ -164,7 +164,7 @@ impl Conv2d {
 }
 
 /// `(B*P, O)` with row `b*P + pos` to `(B, O*P)` with column `o*P + pos`.
-fn positions_to_channels(
+pub(crate) fn positions_to_channels(
     y: Array2<f32>,
     batch: usize,
     p: usize,
@@ -179,7 +179,10 @@ fn positions_to_channels(
 }
 
 /// The inverse of [`positions_to_channels`]: `(B, O*P)` to `(B*P, O)`.
-fn channels_to_positions(dy: ArrayView2<f32>, o: usize) -> Result<Array2<f32>, LayerError> {
+pub(crate) fn channels_to_positions(
+    dy: ArrayView2<f32>,
+    o: usize,
+) -> Result<Array2<f32>, LayerError> {
     let (batch, p) = (dy.nrows(), dy.ncols() / o);
     let d = dy.to_shape((batch, o, p))?;
     let d = d.view().permuted_axes([0, 2, 1]);

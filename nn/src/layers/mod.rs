@@ -73,31 +73,11 @@
 //! [`Flatten`] is the identity on `(B, C*H*W)`: it only marks that the image shape ends.
 //! [`Elementwise`] applies an [`crate::Activation`] to every value (after a convolution).
 //!
-//! # Proposal: the sequential model over [`Layer`]s
+//! # In a model
 //!
-//! Not integrated into [`crate::Model`] yet. The proposed design:
-//!
-//! - `Model` holds `input: ImageShape` and `layers: Vec<Layer>` checked by [`check_stack`]
-//!   and ending in a dense layer whose outputs are the classes; the training loop's chain of
-//!   `A_k = f(Z_k)` becomes [`forward_stack`] / [`backward_stack`], and a [`Cache`] per
-//!   layer replaces the stored `Z_k`, `A_k`. Gradients are one `Option<DenseGrad>` per layer
-//!   (convolution kernels have the dense shape `(O, C*r*r)`), so SGD and Adam keep working on
-//!   `(w, b)` pairs. The first-layer seam keeps its meaning: the first layer is a dense or a
-//!   convolution layer whose two products go through the seam.
-//! - A spec string is a `-`-separated list read left to right from the data's input shape,
-//!   each token one layer, its input shape the previous output:
-//!   - `conv<r>x<O>[s<stride>][p<pad>]`, for example `conv5x6p2` (5x5, 6 kernels, padding 2,
-//!     stride 1) or `conv3x32s2p1`, followed by the hidden activation;
-//!   - `maxpool<r>[s<stride>]`, `avgpool<r>[s<stride>]` (stride defaults to `r`);
-//!   - `flatten`, and then plain widths `84-10` for dense layers (the activation after every
-//!     dense layer but the last, as today); a width right after an image layer implies the
-//!     flatten;
-//!   - named architectures expand to such a string: `lenet5` is
-//!     `conv5x6p2-maxpool2-conv5x16-maxpool2-conv5x120-flatten-84-10`.
-//!
-//!   Today's dense specs (`784-128-32-10`, hidden widths only) keep their meaning, since a spec
-//!   of widths only has no image token. The model file stores the layers (serde) with a format
-//!   version bump, and `Display` prints the expanded spec.
+//! [`crate::Model`] runs a stack of these layers before its dense layers, as described by a
+//! spec string ([`crate::spec`]); when the first layer is a convolution, its two products go
+//! through the first-layer seam over the patch matrix ([`crate::first_layer`]).
 //!
 //! [`lenet5_features`] builds the convolutional part of LeNet-5 (shapes in its tests:
 //! `1x28x28 -> 6x28x28 -> 6x14x14 -> 16x10x10 -> 16x5x5 -> 120x1x1`).
@@ -114,6 +94,7 @@ mod tests;
 
 use ndarray::Array2;
 
+pub(crate) use conv::{channels_to_positions, positions_to_channels};
 pub use conv::{Conv2d, ConvCache};
 pub use flatten::{Elementwise, ElementwiseCache, Flatten};
 pub use patches::Geometry;

@@ -115,6 +115,28 @@ impl Geometry {
         )?)
     }
 
+    /// The first layer's patch matrix of integer samples `x` (B, C*H*W + 1) whose last
+    /// column is the bias feature: shape `(B*P, K + 1)`, row `b*P + pos` the patch followed
+    /// by sample `b`'s bias feature (see [`crate::first_layer`]). `table` is
+    /// [`Geometry::table`]; `x` must have `C*H*W + 1` columns.
+    pub(crate) fn patches_with_bias(&self, table: &[usize], x: ArrayView2<i64>) -> Array2<i64> {
+        let (p, k) = (self.positions(), self.patch_len());
+        let n = self.input.features();
+        let mut out = Array2::zeros((x.nrows() * p, k + 1));
+        for (b, sample) in x.rows().into_iter().enumerate() {
+            for pos in 0..p {
+                let mut row = out.row_mut(b * p + pos);
+                for (col, &src) in table[pos * k..(pos + 1) * k].iter().enumerate() {
+                    if src != PAD {
+                        row[col] = sample[src];
+                    }
+                }
+                row[k] = sample[n];
+            }
+        }
+        out
+    }
+
     /// The adjoint of [`Geometry::im2col`]: adds every patch entry of `cols` (B*P, K) back
     /// onto the pixel it was read from; padding entries are dropped. Shape `(B, C*H*W)`.
     pub fn col2im(

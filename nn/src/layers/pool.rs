@@ -70,6 +70,11 @@ pub struct MaxPoolCache {
 }
 
 impl MaxPool2d {
+    /// The pooling window (side and stride, no padding).
+    pub fn window(&self) -> Window {
+        self.pool.plane.window()
+    }
+
     /// Max pooling over images `input` with square windows of side `size` and step `stride`.
     pub fn new(input: ImageShape, size: usize, stride: usize) -> Result<Self, LayerError> {
         Ok(MaxPool2d {
@@ -164,6 +169,11 @@ pub struct AvgPoolCache {
 }
 
 impl AvgPool2d {
+    /// The pooling window (side and stride, no padding).
+    pub fn window(&self) -> Window {
+        self.pool.plane.window()
+    }
+
     /// Average pooling over images `input` with square windows of side `size`, step `stride`.
     pub fn new(input: ImageShape, size: usize, stride: usize) -> Result<Self, LayerError> {
         Ok(AvgPool2d {
