@@ -63,6 +63,7 @@ impl DataArgs {
             Some(p) => {
                 let opts = LoadOptions {
                     label_column: self.label_column.clone(),
+                    allow_unlabelled: false,
                 };
                 let loader = data::raw::open(p, self.format, &opts)
                     .with_context(|| format!("opening {}", p.display()))?;
