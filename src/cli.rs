@@ -5,25 +5,31 @@
 //! overrides). Without `--data`, the embedded MNIST subset. Raw values become integers
 //! `0..=X` through an [`Encoding`] fitted on the training data: read from `--encoding FILE`
 //! when the file exists (so test and query data are encoded like the training data), else
-//! fitted and written there.
+//! fitted and written there. The encoding file also names a table's label column, so that
+//! query data without it is read as inputs without labels ([`DataArgs::load_inputs`]).
 
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use nn::data::{self, Dataset, EncodeReport, Encoding, Format, LoadOptions, RawSet};
+use nn::data::{self, Dataset, DatasetInfo, EncodeReport, Encoding, Format, Inputs};
+use nn::data::{LoadOptions, RawSet};
 
 /// The data flags of every role.
 #[derive(Args, Debug, Clone, Default)]
 pub struct DataArgs {
     /// The data: an IDX directory (MNIST-style file names, any image size), a CIFAR-10
     /// binary directory, or a .csv table with a header row. Default: the embedded MNIST
-    /// subset (6,000 training and 1,000 test images).
+    /// subset (6,000 training and 1,000 test images). `client predict` also takes data
+    /// without labels: a table without the label column that the --encoding file names (or
+    /// --label-column), IDX images (a directory or one ...images-idx3-ubyte[.gz] file)
+    /// without a label file.
     #[arg(long, value_name = "PATH", env = "CRYPTONN_MNIST_DIR")]
     pub data: Option<PathBuf>,
     /// The format of --data (idx, cifar10 or csv), when detection is not wanted.
     #[arg(long, value_name = "FORMAT")]
     pub format: Option<Format>,
-    /// The CSV column holding the labels (default: the last column).
+    /// The CSV column holding the labels (default: the one the --encoding file names, else
+    /// the last column).
     #[arg(long, value_name = "NAME")]
     pub label_column: Option<String>,
     /// The encoding file (JSON): read if it exists (to encode test or query data like the
@@ -34,6 +40,16 @@ pub struct DataArgs {
     /// the test or query data for `evaluate` and `predict`.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+}
+
+/// Loaded and encoded data, its labels optional ([`Loaded`] has them).
+#[derive(Debug, Clone)]
+struct Parts {
+    train: Inputs,
+    test: Option<Inputs>,
+    encoding: Encoding,
+    clamped: EncodeReport,
+    source: String,
 }
 
 /// Loaded and encoded data.
@@ -54,6 +70,14 @@ pub struct Loaded {
 impl DataArgs {
     /// Reads the raw training and test parts.
     pub fn read_raw(&self) -> anyhow::Result<(RawSet, Option<RawSet>, String)> {
+        self.read_with(&LoadOptions {
+            label_column: self.label_column.clone(),
+            allow_unlabelled: false,
+        })
+    }
+
+    /// Reads the raw training and test parts with the loader options `opts`.
+    fn read_with(&self, opts: &LoadOptions) -> anyhow::Result<(RawSet, Option<RawSet>, String)> {
         use anyhow::Context;
         Ok(match &self.data {
             None => {
@@ -61,10 +85,7 @@ impl DataArgs {
                 (train, Some(test), "embedded MNIST subset".to_string())
             }
             Some(p) => {
-                let opts = LoadOptions {
-                    label_column: self.label_column.clone(),
-                };
-                let loader = data::raw::open(p, self.format, &opts)
+                let loader = data::raw::open(p, self.format, opts)
                     .with_context(|| format!("opening {}", p.display()))?;
                 let (train, test) = loader
                     .read()
@@ -87,22 +108,35 @@ impl DataArgs {
         &self,
         x_bound: u32,
         default_encoding: Option<&Path>,
-        expected: Option<&nn::data::DatasetInfo>,
+        expected: Option<&DatasetInfo>,
     ) -> anyhow::Result<Loaded> {
         use anyhow::Context;
-        let (train, test, source) = self.read_raw()?;
-        let train = match self.limit {
-            Some(n) => train.take(n),
-            None => train,
+        let p = self.load_parts(x_bound, default_encoding, expected, None)?;
+        let test = match p.test {
+            Some(t) => Some(t.into_dataset().context("the test data")?),
+            None => None,
         };
-        if let Some(e) = expected {
-            let info = train.info(x_bound)?;
-            info.check_fits(e).map_err(|err| {
-                anyhow::anyhow!("{err} (the data: {info}; the authority's parameters: {e})")
-            })?;
-        }
+        Ok(Loaded {
+            train: p.train.into_dataset().context("the training data")?,
+            test,
+            encoding: p.encoding,
+            clamped: p.clamped,
+            source: p.source,
+        })
+    }
+
+    /// [`DataArgs::load`], labels optional when `model` is given: data without labels is
+    /// read too and takes the classes of `model`.
+    fn load_parts(
+        &self,
+        x_bound: u32,
+        default_encoding: Option<&Path>,
+        expected: Option<&DatasetInfo>,
+        model: Option<&DatasetInfo>,
+    ) -> anyhow::Result<Parts> {
+        use anyhow::Context;
         let path = self.encoding.as_deref().or(default_encoding);
-        let encoding = match path {
+        let existing = match path {
             Some(p) if p.exists() => {
                 let e = Encoding::load(p)?;
                 if e.x_bound != x_bound {
@@ -113,9 +147,41 @@ impl DataArgs {
                         e.x_bound
                     );
                 }
-                e
+                Some(e)
             }
-            _ => {
+            _ => None,
+        };
+        let opts = LoadOptions {
+            label_column: self
+                .label_column
+                .clone()
+                .or_else(|| existing.as_ref().and_then(|e| e.label_column.clone())),
+            allow_unlabelled: model.is_some(),
+        };
+        let (mut train, mut test, source) = self.read_with(&opts)?;
+        if let Some(m) = model {
+            let names: Vec<String> = (0..m.classes)
+                .map(|k| m.class_name(k).into_owned())
+                .collect();
+            for part in std::iter::once(&mut train).chain(test.as_mut()) {
+                if !part.is_labelled() {
+                    part.align_classes(&names)?;
+                }
+            }
+        }
+        let train = match self.limit {
+            Some(n) => train.take(n),
+            None => train,
+        };
+        if let Some(e) = expected {
+            let info = train.info(x_bound)?;
+            info.check_fits(e).map_err(|err| {
+                anyhow::anyhow!("{err} (the data: {info}; the authority's parameters: {e})")
+            })?;
+        }
+        let encoding = match existing {
+            Some(e) => e,
+            None => {
                 let mut fit_on = train.clone();
                 if let Some(t) = &test {
                     // Every class of either part gets a fixed index.
@@ -130,11 +196,11 @@ impl DataArgs {
             }
         };
         let (train, mut report) = encoding
-            .apply(&train)
+            .encode(&train)
             .context("encoding the training data")?;
         let test = match test {
             Some(t) => {
-                let (d, r) = encoding.apply(&t).context("encoding the test data")?;
+                let (d, r) = encoding.encode(&t).context("encoding the test data")?;
                 report.clamped += r.clamped;
                 if report.worst_column.is_none() {
                     report.worst_column = r.worst_column;
@@ -143,7 +209,7 @@ impl DataArgs {
             }
             None => None,
         };
-        Ok(Loaded {
+        Ok(Parts {
             train,
             test,
             encoding,
@@ -158,9 +224,27 @@ impl DataArgs {
     /// directory), or all of it when it has none (a CSV table), at most `--limit` samples,
     /// encoded with the bound of `info` and checked against it. Values that need an encoding
     /// are refused without `--encoding`, so that the set is encoded like the training data.
-    pub fn load_eval(&self, info: &nn::data::DatasetInfo) -> anyhow::Result<Dataset> {
+    /// The data must have labels.
+    pub fn load_eval(&self, info: &DatasetInfo) -> anyhow::Result<Dataset> {
         use anyhow::Context;
-        let loaded = self.load(info.x_bound, None, None)?;
+        self.eval_parts(info, false)?
+            .into_dataset()
+            .context("the evaluation data")
+    }
+
+    /// The inputs to predict with a model described by `info`: as [`DataArgs::load_eval`],
+    /// labels optional. A table without its label column (named by `--label-column`, else by
+    /// the `--encoding` file) and IDX images without a label file are inputs without labels,
+    /// their classes those of `info`.
+    pub fn load_inputs(&self, info: &DatasetInfo) -> anyhow::Result<Inputs> {
+        self.eval_parts(info, true)
+    }
+
+    /// The evaluation set of [`DataArgs::load_eval`], labels optional if `allow_unlabelled`.
+    fn eval_parts(&self, info: &DatasetInfo, allow_unlabelled: bool) -> anyhow::Result<Inputs> {
+        use anyhow::Context;
+        let model = allow_unlabelled.then_some(info);
+        let loaded = self.load_parts(info.x_bound, None, None, model)?;
         if self.encoding.is_none()
             && loaded
                 .encoding

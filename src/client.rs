@@ -13,7 +13,7 @@ use crate::protocol::PublicParams;
 use crate::Curve;
 use fe::febo::FeboEncryptor;
 use fe::feip::FeipEncryptor;
-use nn::data::Dataset;
+use nn::data::{Dataset, DatasetInfo};
 use nn::first_layer::LABEL_SCALE;
 use std::path::Path;
 use std::time::Instant;
@@ -48,13 +48,13 @@ pub struct EncryptSummary {
     pub seconds: f64,
 }
 
-/// Checks that `data` fits `params` (features, bound, classes, and names where both have
-/// them), with an error that gives both sides.
-pub fn check_fits(data: &Dataset, params: &PublicParams) -> Result<(), ClientError> {
-    data.info.check_fits(&params.dataset).map_err(|e| {
+/// Checks that data described by `info` fits `params` (features, bound, classes, and names
+/// where both have them), with an error that gives both sides.
+pub fn check_fits(info: &DatasetInfo, params: &PublicParams) -> Result<(), ClientError> {
+    info.check_fits(&params.dataset).map_err(|e| {
         ClientError::Input(format!(
-            "{e} (the data: {}; the authority's parameters: {})",
-            data.info, params.dataset
+            "{e} (the data: {info}; the authority's parameters: {})",
+            params.dataset
         ))
     })
 }
@@ -68,7 +68,7 @@ pub fn encrypt_dataset(
     progress: bool,
 ) -> Result<EncryptSummary, ClientError> {
     let started = Instant::now();
-    check_fits(data, params)?;
+    check_fits(&data.info, params)?;
     let classes = data.info.classes;
     let row_len = data.info.row_len();
     let bs = params.batch_size();

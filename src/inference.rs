@@ -27,7 +27,7 @@
 //!
 //! # The client
 //!
-//! [`encrypt_queries`] encrypts a dataset's samples as queries (fixed-base tables, all
+//! [`encrypt_queries`] encrypts inputs (labelled or not) as queries (fixed-base tables, all
 //! cores), [`run_queries`] sends them with `K` in flight and records each answer's latency.
 
 use crate::net::{self, Failure, Service, Settings};
@@ -36,7 +36,7 @@ use crate::Curve;
 use fe::dlog::DlogTable;
 use fe::feip::{FeipCiphertext, FeipDecryptor, FeipEncryptor};
 use fe::Encode;
-use nn::data::{Dataset, DatasetInfo};
+use nn::data::{DatasetInfo, Inputs};
 use nn::infer::{Prediction, QuantizedModel};
 use nn::model::Model;
 use serde::{Deserialize, Serialize};
@@ -550,13 +550,15 @@ pub struct Queries {
 /// Samples encrypted per call of the encryptor (bounds memory and feeds the progress bar).
 const ENCRYPT_CHUNK: usize = 256;
 
-/// Encrypts every sample of `data` as a query under `params` (all cores).
+/// Encrypts every sample of `data` as a query under `params` (all cores); labels, if any,
+/// are not used.
 pub fn encrypt_queries(
-    data: &Dataset,
+    data: &Inputs,
     params: &PublicParams,
     progress: bool,
 ) -> Result<Queries, InferenceError> {
-    crate::client::check_fits(data, params).map_err(|e| InferenceError::Mismatch(e.to_string()))?;
+    crate::client::check_fits(&data.info, params)
+        .map_err(|e| InferenceError::Mismatch(e.to_string()))?;
     let started = Instant::now();
     let enc = FeipEncryptor::new(&params.row);
     let table_seconds = started.elapsed().as_secs_f64();

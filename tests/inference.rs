@@ -58,6 +58,18 @@ impl Setup {
     }
 
     fn predict(&self, s: &Served, limit: usize, parallel: usize, out: &str) -> Command {
+        self.predict_on(s, &wdbc(), limit, parallel, out)
+    }
+
+    /// `client predict` on the table `data`, encoded with the client's encoding.
+    fn predict_on(
+        &self,
+        s: &Served,
+        data: &Path,
+        limit: usize,
+        parallel: usize,
+        out: &str,
+    ) -> Command {
         let mut c = Command::new(CLIENT);
         c.args([
             "predict",
@@ -76,7 +88,7 @@ impl Setup {
         .args(self.authority.tls_args())
         .args(s.tls_flags("--server-ca"))
         .arg("--data")
-        .arg(wdbc())
+        .arg(data)
         .arg("--encoding")
         .arg(self.path("enc.json"))
         .args([
@@ -172,6 +184,61 @@ fn served_predictions_equal_plain_quantized_inference_and_clients_run_concurrent
         .collect();
     assert_eq!(inference.len(), 1, "{audit}");
     assert!(inference[0].contains("\"count\":12"), "{}", inference[0]);
+}
+
+/// Writes the first `rows` rows of the breast-cancer table to `out` without the columns
+/// `drop`.
+fn wdbc_without(out: &Path, drop: &[&str], rows: usize) {
+    let mut r = csv::Reader::from_path(wdbc()).expect("wdbc");
+    let header = r.headers().expect("header").clone();
+    let keep: Vec<usize> = (0..header.len())
+        .filter(|&j| !drop.contains(&&header[j]))
+        .collect();
+    assert_eq!(keep.len(), header.len() - drop.len(), "{drop:?}");
+    let mut w = csv::Writer::from_path(out).expect("create");
+    w.write_record(keep.iter().map(|&j| &header[j]))
+        .expect("write");
+    for rec in r.records().take(rows) {
+        let rec = rec.expect("record");
+        w.write_record(keep.iter().map(|&j| &rec[j]))
+            .expect("write");
+    }
+    w.flush().expect("flush");
+}
+
+#[test]
+fn a_table_without_labels_gets_the_same_predictions_and_no_accuracy() {
+    let s = Setup::new();
+    let queries = s.path("queries.csv");
+    wdbc_without(&queries, &["diagnosis"], 20);
+    let service = s.serve();
+    let labelled = run(&mut s.predict(&service, 8, 2, "labelled.csv"));
+    let unlabelled = run(&mut s.predict_on(&service, &queries, 8, 2, "unlabelled.csv"));
+    let want = read_predictions(&s.path("labelled.csv"));
+    let got = read_predictions(&s.path("unlabelled.csv"));
+    assert_eq!(got.len(), 8);
+    let classes = |p: &[Vec<String>]| p.iter().map(|r| r[0].clone()).collect::<Vec<_>>();
+    assert_eq!(classes(&got), classes(&want));
+    assert_eq!(got, want, "the probabilities differ too");
+    let accuracy = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .any(|l| l.starts_with("accuracy"))
+    };
+    assert!(accuracy(&labelled));
+    assert!(!accuracy(&unlabelled));
+    let stdout = String::from_utf8_lossy(&unlabelled.stdout);
+    assert!(stdout.contains("the data has no labels"), "{stdout}");
+    assert!(stdout.contains("8 predictions"), "{stdout}");
+
+    // A missing feature column is still an error that names it, before any query.
+    let broken = s.path("broken.csv");
+    wdbc_without(&broken, &["diagnosis", "mean texture"], 20);
+    let err = fails(&mut s.predict_on(&service, &broken, 8, 2, "broken-out.csv"));
+    assert!(err.contains("mean texture"), "{err}");
+    assert!(!s.path("broken-out.csv").exists());
+    let log = stop_service(service, s.dir.path());
+    assert!(log.contains("after 16 predictions"), "{log}");
 }
 
 /// Sends `bytes` on a new TLS connection (pinned to `ca`) and reads one answer frame.

@@ -124,8 +124,9 @@ pub fn parse_files(files: &[PathBuf], names: &[String]) -> Result<RawSet, DataEr
     })?;
     Ok(RawSet {
         values: RawValues::Bytes(values),
-        labels,
+        labels: Some(labels),
         class_names: names.to_vec(),
+        label_column: None,
         feature_names: (0..features).map(|i| format!("pixel{i}")).collect(),
         image: Some(SHAPE),
     })
@@ -186,7 +187,7 @@ mod tests {
         assert!(is_cifar_dir(dir.path()));
         assert_eq!(Format::detect(dir.path()).unwrap(), Format::Cifar10);
         let (train, test) = read_dir(dir.path()).unwrap();
-        assert_eq!(train.labels, vec![0, 3, 9, 1]);
+        assert_eq!(train.labels, Some(vec![0, 3, 9, 1]));
         assert_eq!(train.class_names[9], "truck");
         assert_eq!(train.image, Some(SHAPE));
         assert_eq!(train.values.get(1, 0), 7.0);

@@ -6,6 +6,10 @@
 //! integer labels in numeric order; the names are kept with the description. A missing or
 //! non-numeric cell is an error that names the row (1-based, header = row 1) and the column;
 //! an empty table, a table without feature columns and a table with a single class are errors.
+//!
+//! A table whose header lacks the named label column is an error, unless data without labels
+//! is allowed (inputs to predict): every column is then a feature column, and the rows have
+//! no labels.
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +28,8 @@ pub struct CsvFile {
     pub path: PathBuf,
     /// The label column's name (default: the last column).
     pub label_column: Option<String>,
+    /// Whether a header without the named label column is read as rows without labels.
+    pub allow_unlabelled: bool,
 }
 
 impl Loader for CsvFile {
@@ -31,12 +37,17 @@ impl Loader for CsvFile {
         Format::Csv
     }
     fn read(&self) -> Result<(RawSet, Option<RawSet>), DataError> {
-        Ok((read_csv(&self.path, self.label_column.as_deref())?, None))
+        let label = self.label_column.as_deref();
+        Ok((read_csv(&self.path, label, self.allow_unlabelled)?, None))
     }
 }
 
 /// Reads the table at `path` (see the [module documentation](self)).
-pub fn read_csv(path: &Path, label_column: Option<&str>) -> Result<RawSet, DataError> {
+pub fn read_csv(
+    path: &Path,
+    label_column: Option<&str>,
+    allow_unlabelled: bool,
+) -> Result<RawSet, DataError> {
     let io = |source| DataError::Io {
         path: path.to_path_buf(),
         source,
@@ -49,7 +60,12 @@ pub fn read_csv(path: &Path, label_column: Option<&str>) -> Result<RawSet, DataE
         });
     }
     let bytes = std::fs::read(path).map_err(io)?;
-    parse_csv(&path.display().to_string(), &bytes, label_column)
+    parse_csv(
+        &path.display().to_string(),
+        &bytes,
+        label_column,
+        allow_unlabelled,
+    )
 }
 
 fn format_err(what: impl Into<String>, reason: impl Into<String>) -> DataError {
@@ -59,11 +75,13 @@ fn format_err(what: impl Into<String>, reason: impl Into<String>) -> DataError {
     }
 }
 
-/// Parses CSV bytes; `what` names the table in errors.
+/// Parses CSV bytes; `what` names the table in errors. With `allow_unlabelled`, a header
+/// without the column named `label_column` gives rows without labels.
 pub fn parse_csv(
     what: &str,
     bytes: &[u8],
     label_column: Option<&str>,
+    allow_unlabelled: bool,
 ) -> Result<RawSet, DataError> {
     let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
     let mut rdr = ::csv::ReaderBuilder::new()
@@ -80,15 +98,19 @@ pub fn parse_csv(
         return Err(format_err(what, "the table is empty (no header row)"));
     }
     let label = match label_column {
-        Some(name) => header.iter().position(|h| h == name).ok_or_else(|| {
-            format_err(
-                what,
-                format!("no column named {name:?}; the columns are {header:?}"),
-            )
-        })?,
-        None => header.len() - 1,
+        Some(name) => match header.iter().position(|h| h == name) {
+            Some(j) => Some(j),
+            None if allow_unlabelled => None,
+            None => {
+                return Err(format_err(
+                    what,
+                    format!("no column named {name:?}; the columns are {header:?}"),
+                ))
+            }
+        },
+        None => Some(header.len() - 1),
     };
-    if header.len() < 2 {
+    if label.is_some() && header.len() < 2 {
         return Err(format_err(
             what,
             "the table needs at least one feature column besides the labels",
@@ -96,6 +118,7 @@ pub fn parse_csv(
     }
     let mut values: Vec<f64> = Vec::new();
     let mut label_text: Vec<String> = Vec::new();
+    let mut n = 0;
     for (i, rec) in rdr.records().enumerate() {
         let row = i + 2;
         let rec = rec.map_err(|e| format_err(format!("{what}, row {row}"), e.to_string()))?;
@@ -112,9 +135,10 @@ pub fn parse_csv(
                 ),
             ));
         }
+        n += 1;
         for (j, cell) in rec.iter().enumerate() {
             let cell = cell.trim();
-            if j == label {
+            if Some(j) == label {
                 if cell.is_empty() {
                     return Err(cell_err(what, row, &header[j], "the label is missing"));
                 }
@@ -137,9 +161,27 @@ pub fn parse_csv(
             }
         }
     }
-    if label_text.is_empty() {
+    if n == 0 {
         return Err(format_err(what, "the table has a header but no data rows"));
     }
+    let feature_names: Vec<String> = header
+        .iter()
+        .enumerate()
+        .filter(|&(j, _)| Some(j) != label)
+        .map(|(_, h)| h.clone())
+        .collect();
+    let values = Array2::from_shape_vec((n, feature_names.len()), values)
+        .map_err(|e| format_err(what, e.to_string()))?;
+    let Some(label) = label else {
+        return Ok(RawSet {
+            values: RawValues::Reals(values),
+            labels: None,
+            class_names: Vec::new(),
+            label_column: None,
+            feature_names,
+            image: None,
+        });
+    };
     let mut classes: Vec<String> = label_text.clone();
     classes.sort();
     classes.dedup();
@@ -168,20 +210,11 @@ pub fn parse_csv(
         .iter()
         .map(|t| classes.iter().position(|c| c == t).unwrap_or(0) as u8)
         .collect();
-    let features = header.len() - 1;
-    let n = labels.len();
-    let values = Array2::from_shape_vec((n, features), values)
-        .map_err(|e| format_err(what, e.to_string()))?;
-    let feature_names = header
-        .iter()
-        .enumerate()
-        .filter(|&(j, _)| j != label)
-        .map(|(_, h)| h.clone())
-        .collect();
     Ok(RawSet {
         values: RawValues::Reals(values),
-        labels,
+        labels: Some(labels),
         class_names: classes,
+        label_column: Some(header[label].clone()),
         feature_names,
         image: None,
     })
@@ -198,7 +231,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn parse(text: &str, label: Option<&str>) -> Result<RawSet, DataError> {
-        parse_csv("t.csv", text.as_bytes(), label)
+        parse_csv("t.csv", text.as_bytes(), label, false)
     }
 
     #[test]
@@ -207,7 +240,8 @@ mod tests {
         let r = parse(t, None).unwrap();
         assert_eq!(r.feature_names, vec!["a, first", "b"]);
         assert_eq!(r.class_names, vec!["no", "yes"]);
-        assert_eq!(r.labels, vec![1, 0, 1]);
+        assert_eq!(r.labels, Some(vec![1, 0, 1]));
+        assert_eq!(r.label_column.as_deref(), Some("kind"));
         assert_eq!(
             r.values,
             RawValues::Reals(ndarray::array![[1.5, 2.0], [-3.0, 400.0], [0.0, 0.0]])
@@ -215,7 +249,7 @@ mod tests {
         // the label column by name, not last
         let r = parse("y,x\n2,0.5\n10,1\n", Some("y")).unwrap();
         assert_eq!(r.class_names, vec!["2", "10"]); // numeric order
-        assert_eq!(r.labels, vec![0, 1]);
+        assert_eq!(r.labels, Some(vec![0, 1]));
         assert_eq!(r.feature_names, vec!["x"]);
     }
 
@@ -279,7 +313,7 @@ mod tests {
             }
             let bytes = w.into_inner().unwrap();
             let distinct: std::collections::BTreeSet<usize> = rows.iter().map(|r| r.1).collect();
-            let r = parse_csv("p.csv", &bytes, None);
+            let r = parse_csv("p.csv", &bytes, None, false);
             if distinct.len() < 2 {
                 prop_assert!(r.is_err());
                 return Ok(());
@@ -289,8 +323,9 @@ mod tests {
             let mut sorted: Vec<String> = distinct.iter().map(|&l| names[l].to_string()).collect();
             sorted.sort();
             prop_assert_eq!(&r.class_names, &sorted);
+            let labels = r.labels.clone().unwrap();
             for (i, (vals, l)) in rows.iter().enumerate() {
-                prop_assert_eq!(&r.class_names[r.labels[i] as usize], names[*l]);
+                prop_assert_eq!(&r.class_names[labels[i] as usize], names[*l]);
                 for (j, &v) in vals.iter().enumerate() {
                     prop_assert_eq!(r.values.get(i, j), v);
                 }

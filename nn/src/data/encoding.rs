@@ -20,7 +20,7 @@ use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
 use crate::data::raw::RawSet;
-use crate::data::{DataError, Dataset, ImageShape};
+use crate::data::{DataError, Dataset, ImageShape, Inputs};
 
 /// Format tag written into every encoding file.
 pub const ENCODING_FORMAT: &str = "cryptonn-encoding-1";
@@ -56,6 +56,10 @@ pub struct Encoding {
     pub class_names: Vec<String>,
     /// The image shape, for image data.
     pub image: Option<ImageShape>,
+    /// The table column that held the labels of the training data (absent for images and
+    /// in older files): data of the same table without this column has no labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_column: Option<String>,
 }
 
 /// What [`Encoding::apply`] did besides encoding.
@@ -101,12 +105,21 @@ impl Encoding {
             columns,
             class_names: train.class_names.clone(),
             image: train.image,
+            label_column: train.label_column.clone(),
         })
     }
 
     /// Encodes `raw` (the training data or other data of the same table): its columns must
-    /// be the fitted ones, its classes among the fitted ones.
+    /// be the fitted ones, its classes among the fitted ones. The samples must have labels
+    /// ([`Encoding::encode`] takes samples without).
     pub fn apply(&self, raw: &RawSet) -> Result<(Dataset, EncodeReport), DataError> {
+        let (inputs, report) = self.encode(raw)?;
+        Ok((inputs.into_dataset()?, report))
+    }
+
+    /// Encodes `raw` as [`Encoding::apply`] does, labels optional: samples without labels
+    /// take the fitted classes.
+    pub fn encode(&self, raw: &RawSet) -> Result<(Inputs, EncodeReport), DataError> {
         if raw.feature_names != self.feature_names {
             let first = raw
                 .feature_names
@@ -152,7 +165,7 @@ impl Encoding {
             clamped: clamped.iter().sum(),
             worst_column: worst,
         };
-        Ok((Dataset::new(out, raw.labels, info)?, report))
+        Ok((Inputs::new(out, raw.labels, info)?, report))
     }
 
     /// Back from an encoded value of column `j` to the middle of the real interval it stands
@@ -252,8 +265,9 @@ mod tests {
         let f = values.ncols();
         RawSet {
             values: RawValues::Reals(values),
-            labels,
+            labels: Some(labels),
             class_names: vec!["a".into(), "b".into()],
+            label_column: Some("y".into()),
             feature_names: (0..f).map(|j| format!("c{j}")).collect(),
             image: None,
         }
@@ -304,8 +318,84 @@ mod tests {
         // a test set with a subset of the classes keeps the training indices
         let mut sub = r.clone();
         sub.class_names = vec!["b".into()];
-        sub.labels = vec![0, 0];
+        sub.labels = Some(vec![0, 0]);
         assert_eq!(e.apply(&sub).unwrap().0.labels, vec![1, 1]);
+    }
+
+    /// The table `text` without its column `drop`, as CSV bytes.
+    fn without_column(text: &str, drop: &str) -> Vec<u8> {
+        let mut r = ::csv::Reader::from_reader(text.as_bytes());
+        let header = r.headers().unwrap().clone();
+        let k = header.iter().position(|h| h == drop).unwrap();
+        let keep = |rec: &::csv::StringRecord| -> Vec<String> {
+            rec.iter()
+                .enumerate()
+                .filter(|&(j, _)| j != k)
+                .map(|(_, c)| c.to_string())
+                .collect()
+        };
+        let mut w = ::csv::Writer::from_writer(Vec::new());
+        w.write_record(keep(&header)).unwrap();
+        for rec in r.records() {
+            w.write_record(keep(&rec.unwrap())).unwrap();
+        }
+        w.into_inner().unwrap()
+    }
+
+    fn wdbc() -> String {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/breast-cancer/wdbc.csv");
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    #[test]
+    fn a_table_without_its_label_column_encodes_like_the_labelled_table() {
+        use crate::data::csv::parse_csv;
+        // the shipped table (labels last) and a small one with the labels in the middle
+        let small = "a,kind,b\n1.5,yes,2\n-3,no,400\n0,yes,7\n";
+        for (text, label) in [(wdbc(), "diagnosis"), (small.to_string(), "kind")] {
+            let labelled = parse_csv("t.csv", text.as_bytes(), Some(label), false).unwrap();
+            let e = Encoding::fit(&labelled, 255).unwrap();
+            assert_eq!(e.label_column.as_deref(), Some(label));
+            let (d, _) = e.apply(&labelled).unwrap();
+            let bytes = without_column(&text, label);
+            // the label column named by the encoding is missing: rows without labels
+            let raw = parse_csv("u.csv", &bytes, e.label_column.as_deref(), true).unwrap();
+            assert_eq!((raw.labels.as_ref(), raw.len()), (None, labelled.len()));
+            assert_eq!(raw.feature_names, labelled.feature_names);
+            let (u, _) = e.encode(&raw).unwrap();
+            assert_eq!(u.labels, None);
+            assert_eq!(u.values, d.values);
+            assert_eq!(u.info, d.info);
+            assert_eq!(u.row(1), d.row(1));
+            assert!(matches!(e.apply(&raw), Err(DataError::Unlabelled(_))));
+            assert!(u.into_dataset().is_err());
+            // without permission, the missing label column is an error naming it
+            let err = parse_csv("u.csv", &bytes, Some(label), false)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("{label:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_table_without_labels_missing_a_feature_column_is_refused() {
+        use crate::data::csv::parse_csv;
+        let text = wdbc();
+        let labelled = parse_csv("t.csv", text.as_bytes(), None, false).unwrap();
+        let e = Encoding::fit(&labelled, 255).unwrap();
+        let no_labels = String::from_utf8(without_column(&text, "diagnosis")).unwrap();
+        let bytes = without_column(&no_labels, "mean texture");
+        let raw = parse_csv("u.csv", &bytes, Some("diagnosis"), true).unwrap();
+        let err = e.encode(&raw).unwrap_err().to_string();
+        assert!(
+            err.contains("29 feature columns")
+                && err.contains("fitted on 30")
+                && err.contains("mean texture"),
+            "{err}"
+        );
+        // fitting needs classes: data without labels has none to give
+        let err = Encoding::fit(&raw, 255).unwrap_err().to_string();
+        assert!(err.contains("no labels"), "{err}");
     }
 
     proptest! {

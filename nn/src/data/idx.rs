@@ -175,15 +175,32 @@ pub fn parse_labels(what: &str, bytes: &[u8]) -> Result<Vec<u8>, DataError> {
 pub fn parse_pair(what: &str, images: &[u8], labels: &[u8]) -> Result<RawSet, DataError> {
     let (img, rows, cols) = parse_images(&format!("{what} images"), images)?;
     let lab = parse_labels(&format!("{what} labels"), labels)?;
-    raw_set(img, lab, rows, cols)
+    raw_set(img, Some(lab), rows, cols)
 }
 
+/// Raw samples of images and, when there are labels, classes `0..=max label`.
 fn raw_set(
     img: Array2<u8>,
-    labels: Vec<u8>,
+    labels: Option<Vec<u8>>,
     rows: usize,
     cols: usize,
 ) -> Result<RawSet, DataError> {
+    let feature_names = (0..rows * cols).map(|i| format!("pixel{i}")).collect();
+    let image = Some(ImageShape {
+        channels: 1,
+        height: rows,
+        width: cols,
+    });
+    let Some(labels) = labels else {
+        return Ok(RawSet {
+            feature_names,
+            values: RawValues::Bytes(img),
+            labels: None,
+            class_names: Vec::new(),
+            label_column: None,
+            image,
+        });
+    };
     if img.nrows() != labels.len() {
         return Err(DataError::CountMismatch {
             images: img.nrows(),
@@ -203,22 +220,28 @@ fn raw_set(
     }
     let labels = labels.iter().map(|&l| index[usize::from(l)]).collect();
     Ok(RawSet {
-        feature_names: (0..rows * cols).map(|i| format!("pixel{i}")).collect(),
+        feature_names,
         values: RawValues::Bytes(img),
-        labels,
+        labels: Some(labels),
         class_names: values.iter().map(|v| v.to_string()).collect(),
-        image: Some(ImageShape {
-            channels: 1,
-            height: rows,
-            width: cols,
-        }),
+        label_column: None,
+        image,
     })
 }
 
 /// Reads and validates an image/label file pair.
 pub fn load_pair(images: &Path, labels: &Path) -> Result<RawSet, DataError> {
+    load_images(images, Some(labels))
+}
+
+/// Reads and validates an image file and, when given, its label file; without one the
+/// images have no labels.
+pub fn load_images(images: &Path, labels: Option<&Path>) -> Result<RawSet, DataError> {
     let (img, rows, cols) = parse_images(&images.display().to_string(), &read(images)?)?;
-    let lab = parse_labels(&labels.display().to_string(), &read(labels)?)?;
+    let lab = match labels {
+        Some(l) => Some(parse_labels(&l.display().to_string(), &read(l)?)?),
+        None => None,
+    };
     raw_set(img, lab, rows, cols)
 }
 
@@ -303,25 +326,29 @@ pub fn train_images_in(dir: &Path) -> Result<PathBuf, DataError> {
     }
 }
 
-/// Reads an IDX source: a directory ([`train_images_in`]) or a training image file, with its
-/// label file and, when present, the test pair ([`labels_for`], [`test_images_for`]).
-pub fn read_path(path: &Path) -> Result<(RawSet, Option<RawSet>), DataError> {
+/// Reads an IDX source: a directory ([`train_images_in`]) or an image file, with its label
+/// file and, when present, the test pair ([`labels_for`], [`test_images_for`]). Images
+/// without a label file are an error, or, with `allow_unlabelled`, images without labels.
+pub fn read_path(
+    path: &Path,
+    allow_unlabelled: bool,
+) -> Result<(RawSet, Option<RawSet>), DataError> {
     let images = if path.is_dir() {
         train_images_in(path)?
     } else {
         path.to_path_buf()
     };
-    let missing_labels = |p: &Path| DataError::Format {
-        what: p.display().to_string(),
-        reason: "no label file beside it (...labels-idx1-ubyte[.gz])".into(),
+    let load = |images: &Path| match labels_for(images) {
+        Some(l) => load_pair(images, &l),
+        None if allow_unlabelled => load_images(images, None),
+        None => Err(DataError::Format {
+            what: images.display().to_string(),
+            reason: "no label file beside it (...labels-idx1-ubyte[.gz])".into(),
+        }),
     };
-    let labels = labels_for(&images).ok_or_else(|| missing_labels(&images))?;
-    let train = load_pair(&images, &labels)?;
+    let train = load(&images)?;
     let test = match test_images_for(&images) {
-        Some(ti) => {
-            let tl = labels_for(&ti).ok_or_else(|| missing_labels(&ti))?;
-            Some(load_pair(&ti, &tl)?)
-        }
+        Some(ti) => Some(load(&ti)?),
         None => None,
     };
     Ok((train, test))
@@ -435,24 +462,30 @@ mod tests {
             gzip(&encode_labels(&[1, 1, 5]).unwrap()),
         )
         .unwrap();
-        let (train, test) = read_path(dir.path()).unwrap();
+        let (train, test) = read_path(dir.path(), false).unwrap();
         // labels 1 and 26 only: two classes, numbered in order
         assert_eq!(train.class_names, vec!["1", "26"]);
-        assert_eq!(train.labels, vec![1, 0, 1]);
+        assert_eq!(train.labels, Some(vec![1, 0, 1]));
         let test = test.unwrap();
         assert_eq!(test.class_names, vec!["1", "5"]);
         // naming the image file works too
-        let (t2, _) = read_path(&p("emnist-letters-train-images-idx3-ubyte.gz")).unwrap();
+        let (t2, _) = read_path(&p("emnist-letters-train-images-idx3-ubyte.gz"), false).unwrap();
         assert_eq!(t2, train);
         // a second training set makes the directory ambiguous
         std::fs::write(p("other-train-images-idx3-ubyte.gz"), &img).unwrap();
-        let e = read_path(dir.path()).unwrap_err().to_string();
+        let e = read_path(dir.path(), false).unwrap_err().to_string();
         assert!(e.contains("several"), "{e}");
         // an image file without labels
-        let e = read_path(&p("other-train-images-idx3-ubyte.gz"))
+        let e = read_path(&p("other-train-images-idx3-ubyte.gz"), false)
             .unwrap_err()
             .to_string();
         assert!(e.contains("no label file"), "{e}");
+        // ... read without labels when that is allowed
+        let (u, none) = read_path(&p("other-train-images-idx3-ubyte.gz"), true).unwrap();
+        assert!(none.is_none());
+        assert_eq!((u.labels, u.class_names.len()), (None, 0));
+        assert_eq!(u.values, train.values);
+        assert_eq!(u.image, train.image);
     }
 
     #[test]

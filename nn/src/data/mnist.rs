@@ -83,15 +83,23 @@ pub fn is_idx_dir(dir: &Path) -> bool {
 /// Reads `(train, test)` from a directory holding the four standard MNIST file names (any
 /// IDX image size: Fashion-MNIST and KMNIST use the same names), each gzip-compressed
 /// (`*.gz`) or raw (the same name without `.gz`), or other IDX names ([`idx::read_path`]).
-/// The test files are optional: `test` is `None` when neither is there.
-pub fn read_dir(dir: &Path) -> Result<(RawSet, Option<RawSet>), DataError> {
-    if find(dir, TRAIN_IMAGES).is_err() {
-        return idx::read_path(dir);
-    }
-    let train = idx::load_pair(&find(dir, TRAIN_IMAGES)?, &find(dir, TRAIN_LABELS)?)?;
-    let test = match (find(dir, TEST_IMAGES), find(dir, TEST_LABELS)) {
-        (Err(_), Err(_)) => None,
-        (i, l) => Some(idx::load_pair(&i?, &l?)?),
+/// The test files are optional: `test` is `None` when neither is there. A label file
+/// missing beside its images is an error, or, with `allow_unlabelled`, images without labels.
+pub fn read_dir(dir: &Path, allow_unlabelled: bool) -> Result<(RawSet, Option<RawSet>), DataError> {
+    let Ok(train_images) = find(dir, TRAIN_IMAGES) else {
+        return idx::read_path(dir, allow_unlabelled);
+    };
+    let labels = |name| match find(dir, name) {
+        Err(_) if allow_unlabelled => Ok(None),
+        l => l.map(Some),
+    };
+    let train = idx::load_images(&train_images, labels(TRAIN_LABELS)?.as_deref())?;
+    let test = match find(dir, TEST_IMAGES) {
+        Ok(i) => Some(idx::load_images(&i, labels(TEST_LABELS)?.as_deref())?),
+        Err(e) => match find(dir, TEST_LABELS) {
+            Ok(_) => return Err(e),
+            Err(_) => None,
+        },
     };
     Ok((train, test))
 }
@@ -100,7 +108,7 @@ pub fn read_dir(dir: &Path) -> Result<(RawSet, Option<RawSet>), DataError> {
 /// values kept as they are (bound 255) and the classes of both parts together.
 pub fn load_dir(dir: impl AsRef<Path>) -> Result<(Dataset, Dataset), DataError> {
     let dir = dir.as_ref();
-    let (train, test) = read_dir(dir)?;
+    let (train, test) = read_dir(dir, false)?;
     let test = test.ok_or(DataError::MissingFile {
         dir: dir.to_path_buf(),
         name: TEST_IMAGES,
@@ -229,6 +237,36 @@ mod tests {
         .unwrap();
         let err = load_dir(dir.path()).unwrap_err().to_string();
         assert!(err.contains(TRAIN_IMAGES), "{err}");
+    }
+
+    #[test]
+    fn a_directory_of_images_without_label_files_reads_without_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = small();
+        write_dir(dir.path(), &d, &d).unwrap();
+        std::fs::remove_file(dir.path().join(TRAIN_LABELS)).unwrap();
+        std::fs::remove_file(dir.path().join(TEST_LABELS)).unwrap();
+        assert!(matches!(
+            read_dir(dir.path(), false),
+            Err(DataError::MissingFile {
+                name: TRAIN_LABELS,
+                ..
+            })
+        ));
+        let (train, test) = read_dir(dir.path(), true).unwrap();
+        let test = test.unwrap();
+        for part in [&train, &test] {
+            assert_eq!(part.labels, None);
+            assert_eq!(part.len(), d.len());
+            assert_eq!(part.image, d.info.image);
+        }
+        // given the classes (a model's), the images encode to the labelled set's values
+        let mut t = test;
+        t.align_classes(&d.info.class_names).unwrap();
+        let e = crate::data::Encoding::fit(&t, X_BOUND).unwrap();
+        let (inputs, _) = e.encode(&t).unwrap();
+        assert_eq!(inputs.values, d.values);
+        assert_eq!(inputs.info, d.info);
     }
 
     #[test]

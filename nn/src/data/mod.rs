@@ -3,7 +3,8 @@
 //!
 //! A [`Dataset`] holds samples already encoded as integers `0..=X`, one sample per row, with
 //! the [`DatasetInfo`] that describes them ([`info`]); the float value of an encoded value
-//! `v` is `v / X`. Loaders ([`mnist`], [`idx`], ...) read files into datasets.
+//! `v` is `v / X`. Loaders ([`mnist`], [`idx`], ...) read files into datasets. [`Inputs`] are
+//! the same samples with optional labels: what a prediction service's user has to predict.
 //!
 //! A dataset of `N` samples is cut into `ceil(N / B)` consecutive batches of `B` samples, the
 //! last one possibly shorter (or dropped). This partition is fixed: an encrypted dataset is
@@ -154,6 +155,9 @@ pub enum DataError {
         /// The description's bound `X`.
         bound: u32,
     },
+    /// Labels are needed but the data has none.
+    #[error("{0} has no labels")]
+    Unlabelled(String),
     /// A file's content is not what its format requires.
     #[error("{what}: {reason}")]
     Format {
@@ -175,9 +179,26 @@ pub struct Dataset {
     pub info: DatasetInfo,
 }
 
-impl Dataset {
-    /// Builds a dataset, checking that shapes, counts, values and labels fit `info`.
-    pub fn new(values: Array2<u16>, labels: Vec<u8>, info: DatasetInfo) -> Result<Self, DataError> {
+/// Encoded samples to predict, with labels only when the data has them (an experimenter's
+/// test set has them, a prediction service's user has none): a [`Dataset`] whose labels are
+/// optional.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inputs {
+    /// Encoded values, shape (N, features).
+    pub values: Array2<u16>,
+    /// One class label per sample, below `info.classes`, or `None`.
+    pub labels: Option<Vec<u8>>,
+    /// The description: features, bound, classes, image shape.
+    pub info: DatasetInfo,
+}
+
+impl Inputs {
+    /// Builds inputs, checking that shapes, values and the labels if any fit `info`.
+    pub fn new(
+        values: Array2<u16>,
+        labels: Option<Vec<u8>>,
+        info: DatasetInfo,
+    ) -> Result<Self, DataError> {
         info.validate()?;
         if values.ncols() != info.features {
             return Err(DataError::FeatureCount {
@@ -185,11 +206,13 @@ impl Dataset {
                 expected: info.features,
             });
         }
-        if values.nrows() != labels.len() {
-            return Err(DataError::CountMismatch {
-                images: values.nrows(),
-                labels: labels.len(),
-            });
+        if let Some(labels) = &labels {
+            if values.nrows() != labels.len() {
+                return Err(DataError::CountMismatch {
+                    images: values.nrows(),
+                    labels: labels.len(),
+                });
+            }
         }
         if let Some(((index, feature), &value)) = values
             .indexed_iter()
@@ -202,13 +225,92 @@ impl Dataset {
                 bound: info.x_bound,
             });
         }
-        let d = Dataset {
+        if let Some(labels) = &labels {
+            check_labels(labels, info.classes)?;
+        }
+        Ok(Inputs {
             values,
             labels,
             info,
-        };
-        d.check_labels(d.info.classes)?;
-        Ok(d)
+        })
+    }
+
+    /// Number of samples N.
+    pub fn len(&self) -> usize {
+        self.values.nrows()
+    }
+
+    /// Whether there is no sample.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first `n` samples (all of them if `n >= len`).
+    pub fn take(mut self, n: usize) -> Inputs {
+        if n < self.len() {
+            self.values = self.values.slice_axis(Axis(0), Slice::from(..n)).to_owned();
+            if let Some(l) = &mut self.labels {
+                l.truncate(n);
+            }
+        }
+        self
+    }
+
+    /// The integer input row of sample `i`: its values and the bias input `X`.
+    pub fn row(&self, i: usize) -> Vec<i64> {
+        input_row(self.values.view(), i, self.info.x_bound)
+    }
+
+    /// The labelled dataset, or [`DataError::Unlabelled`] if the inputs have no labels.
+    pub fn into_dataset(self) -> Result<Dataset, DataError> {
+        match self.labels {
+            Some(labels) => Ok(Dataset {
+                values: self.values,
+                labels,
+                info: self.info,
+            }),
+            None => Err(DataError::Unlabelled("the data".into())),
+        }
+    }
+}
+
+impl From<Dataset> for Inputs {
+    fn from(d: Dataset) -> Inputs {
+        Inputs {
+            values: d.values,
+            labels: Some(d.labels),
+            info: d.info,
+        }
+    }
+}
+
+/// Checks that every label is below `classes`.
+fn check_labels(labels: &[u8], classes: usize) -> Result<(), DataError> {
+    match labels
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l as usize >= classes)
+    {
+        Some((index, &label)) => Err(DataError::LabelOutOfRange {
+            index,
+            label,
+            classes,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Row `i` of `values` as integers, with the bias input `x_bound` appended.
+fn input_row(values: ArrayView2<u16>, i: usize, x_bound: u32) -> Vec<i64> {
+    let mut r: Vec<i64> = values.row(i).iter().map(|&v| i64::from(v)).collect();
+    r.push(i64::from(x_bound));
+    r
+}
+
+impl Dataset {
+    /// Builds a dataset, checking that shapes, counts, values and labels fit `info`.
+    pub fn new(values: Array2<u16>, labels: Vec<u8>, info: DatasetInfo) -> Result<Self, DataError> {
+        Inputs::new(values, Some(labels), info)?.into_dataset()
     }
 
     /// A set of one-channel `height x width` images of bytes (bound 255) with labels in
@@ -245,19 +347,7 @@ impl Dataset {
 
     /// Checks that every label is below `classes`.
     pub fn check_labels(&self, classes: usize) -> Result<(), DataError> {
-        match self
-            .labels
-            .iter()
-            .enumerate()
-            .find(|(_, &l)| l as usize >= classes)
-        {
-            Some((index, &label)) => Err(DataError::LabelOutOfRange {
-                index,
-                label,
-                classes,
-            }),
-            None => Ok(()),
-        }
+        check_labels(&self.labels, classes)
     }
 
     /// Number of samples of each class `0..classes` (labels beyond are not counted).
@@ -376,9 +466,7 @@ impl Dataset {
 
     /// The integer input row of sample `i`: its values and the bias input `X`.
     pub fn row(&self, i: usize) -> Vec<i64> {
-        let mut r: Vec<i64> = self.values.row(i).iter().map(|&v| i64::from(v)).collect();
-        r.push(i64::from(self.info.x_bound));
-        r
+        input_row(self.values.view(), i, self.info.x_bound)
     }
 }
 

@@ -2,10 +2,11 @@
 //! every loader implements.
 //!
 //! Image formats read bytes ([`RawValues::Bytes`]); tables read real numbers
-//! ([`RawValues::Reals`]). Labels are class indices into `class_names`. A [`RawSet`] becomes
-//! a [`Dataset`] through an [`Encoding`](super::encoding::Encoding) fitted on the training
-//! part, or directly ([`RawSet::identity_dataset`]) when its values already are integers
-//! within the bound.
+//! ([`RawValues::Reals`]). Labels are class indices into `class_names`; data read with
+//! [`LoadOptions::allow_unlabelled`] may have none (a user's inputs to predict). A [`RawSet`]
+//! becomes a [`Dataset`] (or, labels optional, [`Inputs`](super::Inputs)) through an
+//! [`Encoding`](super::encoding::Encoding) fitted on the training part, or directly
+//! ([`RawSet::identity_dataset`]) when its values already are integers within the bound.
 
 use std::path::{Path, PathBuf};
 
@@ -48,15 +49,18 @@ impl RawValues {
     }
 }
 
-/// Raw samples with labels, as read from files.
+/// Raw samples, with their labels when the data has them, as read from files.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawSet {
     /// Feature values, shape (N, features).
     pub values: RawValues,
-    /// Class index of every sample, into `class_names`.
-    pub labels: Vec<u8>,
-    /// Class names in label order.
+    /// Class index of every sample, into `class_names`; `None` for data without labels.
+    pub labels: Option<Vec<u8>>,
+    /// Class names in label order (empty for data without labels until they are given,
+    /// by [`RawSet::align_classes`]).
     pub class_names: Vec<String>,
+    /// The table column that held the labels (tables with labels only).
+    pub label_column: Option<String>,
     /// One name per feature (a table's header, `pixelI` for images).
     pub feature_names: Vec<String>,
     /// The image shape, for image formats.
@@ -66,12 +70,17 @@ pub struct RawSet {
 impl RawSet {
     /// Number of samples.
     pub fn len(&self) -> usize {
-        self.labels.len()
+        self.values.nrows()
     }
 
     /// Whether there is no sample.
     pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
+        self.len() == 0
+    }
+
+    /// Whether the samples have labels.
+    pub fn is_labelled(&self) -> bool {
+        self.labels.is_some()
     }
 
     /// Number of features per sample.
@@ -92,17 +101,24 @@ impl RawSet {
                 RawValues::Reals(v.slice_axis(Axis(0), Slice::from(..n)).to_owned())
             }
         };
-        self.labels.truncate(n);
+        if let Some(l) = &mut self.labels {
+            l.truncate(n);
+        }
         self
     }
 
     /// Relabels the samples for the class list `names` (a training set's), by name: a test
     /// set whose classes are a subset of the training set's gets the training set's indices.
-    /// A class that `names` lacks is an error naming it.
+    /// A class that `names` lacks is an error naming it. Samples without labels simply take
+    /// the class list `names`.
     pub fn align_classes(&mut self, names: &[String]) -> Result<(), DataError> {
         if self.class_names == names {
             return Ok(());
         }
+        let Some(labels) = &mut self.labels else {
+            self.class_names = names.to_vec();
+            return Ok(());
+        };
         let map: Vec<u8> = self
             .class_names
             .iter()
@@ -120,15 +136,21 @@ impl RawSet {
                     })
             })
             .collect::<Result<_, _>>()?;
-        for l in &mut self.labels {
+        for l in labels.iter_mut() {
             *l = map[usize::from(*l)];
         }
         self.class_names = names.to_vec();
         Ok(())
     }
 
-    /// The description of these samples once encoded with values in `0..=x_bound`.
+    /// The description of these samples once encoded with values in `0..=x_bound`. Samples
+    /// without labels need their class list first ([`RawSet::align_classes`]).
     pub fn info(&self, x_bound: u32) -> Result<DatasetInfo, DataError> {
+        if self.labels.is_none() && self.class_names.is_empty() {
+            return Err(DataError::Unlabelled(
+                "the samples have no labels and no class list was given".into(),
+            ));
+        }
         let mut info = DatasetInfo::new(self.features(), x_bound, self.class_names.len())?
             .with_class_names(self.class_names.clone())?;
         if let Some(shape) = self.image {
@@ -155,7 +177,11 @@ impl RawSet {
             }
             *o = v as u16;
         }
-        Dataset::new(out, self.labels.clone(), self.info(x_bound)?)
+        let labels = self
+            .labels
+            .clone()
+            .ok_or_else(|| DataError::Unlabelled("the samples".into()))?;
+        Dataset::new(out, labels, self.info(x_bound)?)
     }
 
     /// A training and a test set, values unchanged ([`RawSet::identity_dataset`]), the test
@@ -214,6 +240,10 @@ pub enum Format {
 pub struct LoadOptions {
     /// The CSV column holding the labels (default: the last).
     pub label_column: Option<String>,
+    /// Read data without labels as samples without labels (inputs to predict) instead of
+    /// refusing it: a CSV table whose header lacks the named `label_column`, IDX images
+    /// without a label file beside them.
+    pub allow_unlabelled: bool,
 }
 
 /// A source of raw samples: one training part and, when the source has one, a test part.
@@ -295,29 +325,38 @@ impl Format {
     pub fn loader(self, path: &Path, opts: &LoadOptions) -> Box<dyn Loader> {
         let path = path.to_path_buf();
         match self {
-            Format::Idx => Box::new(IdxDir(path)),
+            Format::Idx => Box::new(IdxDir {
+                path,
+                allow_unlabelled: opts.allow_unlabelled,
+            }),
             Format::Cifar10 => Box::new(super::cifar::CifarDir(path)),
             Format::Csv => Box::new(super::csv::CsvFile {
                 path,
                 label_column: opts.label_column.clone(),
+                allow_unlabelled: opts.allow_unlabelled,
             }),
         }
     }
 }
 
-/// An IDX source: a directory (MNIST-style names) or a training image file.
+/// An IDX source: a directory (MNIST-style names) or an image file.
 #[derive(Debug, Clone)]
-pub struct IdxDir(pub PathBuf);
+pub struct IdxDir {
+    /// The directory or image file.
+    pub path: PathBuf,
+    /// Whether images without a label file are read (without labels) instead of refused.
+    pub allow_unlabelled: bool,
+}
 
 impl Loader for IdxDir {
     fn format(&self) -> Format {
         Format::Idx
     }
     fn read(&self) -> Result<(RawSet, Option<RawSet>), DataError> {
-        if self.0.is_dir() {
-            super::mnist::read_dir(&self.0)
+        if self.path.is_dir() {
+            super::mnist::read_dir(&self.path, self.allow_unlabelled)
         } else {
-            super::idx::read_path(&self.0)
+            super::idx::read_path(&self.path, self.allow_unlabelled)
         }
     }
 }

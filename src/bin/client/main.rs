@@ -62,8 +62,9 @@ enum Command {
     /// Fetches the authority's public parameters, checks that the service holds keys under
     /// them, encrypts every input as one row ciphertext (no labels, no columns), sends them
     /// with --parallel queries in flight and writes one line per input to --out: its index,
-    /// the predicted class and every class's probability. The data's labels, when it has
-    /// them, give the accuracy; they are never sent.
+    /// the predicted class and every class's probability. The data may have no labels (a
+    /// table without its label column, IDX images without a label file); when it has them
+    /// they give the accuracy, and they are never sent.
     ///
     /// Both connections use TLS, pinned to the authority's certificate (--ca) and to the
     /// service's (--server-ca); --insecure-plaintext makes both clear-text TCP.

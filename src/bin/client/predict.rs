@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use cryptonn::cli::DataArgs;
 use cryptonn::inference::{self, Answers, PredictionClient, Queries};
 use cryptonn::protocol::{AuthorityClient, ClientConfig, ClientTransport};
-use nn::data::{Dataset, DatasetInfo};
+use nn::data::{DatasetInfo, Inputs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -46,12 +46,17 @@ pub fn run(args: &Args) -> Result<()> {
             args.authority
         );
     }
-    let data = args.data.load_eval(&info.dataset)?;
+    let data = args.data.load_inputs(&info.dataset)?;
     eprintln!(
-        "querying {} ({}) with {} encrypted inputs",
+        "querying {} ({}) with {} encrypted inputs{}",
         info.model,
         info.dataset,
-        data.len()
+        data.len(),
+        if data.labels.is_some() {
+            ""
+        } else {
+            " (without labels)"
+        }
     );
     let queries = inference::encrypt_queries(&data, &params, args.progress)?;
     report_encryption(&queries);
@@ -95,8 +100,9 @@ fn quantile_ms(sorted: &[Duration], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1e3
 }
 
-/// Prints throughput, latency and accuracy; returns the number of refused queries.
-fn summarise(a: &Answers, data: &Dataset, parallel: usize) -> usize {
+/// Prints throughput, latency and, for labelled data, accuracy; returns the number of
+/// refused queries.
+fn summarise(a: &Answers, data: &Inputs, parallel: usize) -> usize {
     let mut lat: Vec<Duration> = a.answers.iter().map(|x| x.latency).collect();
     lat.sort_unstable();
     let ok = a.answers.iter().filter(|x| x.result.is_ok()).count();
@@ -108,10 +114,14 @@ fn summarise(a: &Answers, data: &Dataset, parallel: usize) -> usize {
         quantile_ms(&lat, 0.5),
         quantile_ms(&lat, 0.99)
     );
+    let Some(labels) = &data.labels else {
+        println!("no accuracy: the data has no labels");
+        return a.answers.len() - ok;
+    };
     let correct = a
         .answers
         .iter()
-        .zip(&data.labels)
+        .zip(labels)
         .filter(|(x, &l)| matches!(&x.result, Ok(p) if p.class == usize::from(l)))
         .count();
     println!(
