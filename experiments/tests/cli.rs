@@ -99,6 +99,9 @@ fn all_quick_writes_consistent_csv_plots_and_report() {
         "{stdout}"
     );
     assert!(stdout.contains("Predicted encrypted epoch"), "{stdout}");
+    // leakage: its two real FE steps and the grids, which have no SVG, linked as PNG.
+    let (_, rows) = read_csv(&out.join("leakage.csv"));
+    assert_eq!(rows.iter().filter(|r| r["source"] == "fe").count(), 2);
 
     // accuracy: per-epoch curves.
     let (h, rows) = read_csv(&out.join("accuracy_epochs.csv"));
@@ -252,6 +255,7 @@ fn all_quick_writes_consistent_csv_plots_and_report() {
         "precision",
         "timing",
         "primitives",
+        "leakage",
     ] {
         check_png(&out.join(format!("{base}.png")));
         check_svg(&out.join(format!("{base}.svg")));
@@ -266,9 +270,11 @@ fn all_quick_writes_consistent_csv_plots_and_report() {
         "## precision",
         "## timing",
         "## primitives",
+        "## leakage",
     ] {
         assert!(report.contains(section), "{section}");
     }
+    assert!(report.contains("(leakage_grid_none.png)](leakage_grid_none.png)"));
 }
 
 #[test]
