@@ -12,7 +12,7 @@
 use crate::common::{
     full_batches, model_digest, progress, CommonArgs, Stopwatch, Summary, TrainArgs,
 };
-use crate::fe_env::{self, secure_secs, timings_delta, FeEnv, Remap};
+use crate::fe_env::{self, secure_secs, timings_delta, FeEnv, Remap, Shadow};
 use crate::plot::{self, Line, LineChart, Marker, Panel, Series, COLORS};
 use crate::table::{pct, secs, write_csv, Table};
 use anyhow::{bail, Context, Result};
@@ -21,11 +21,10 @@ use cryptonn::protocol::AuthorityClient;
 use cryptonn::secure::{KeyPolicyFilter, SecureProducts, Timings};
 use cryptonn::trainer::{self, TrainConfig};
 use nn::data::Dataset;
-use nn::first_layer::FirstLayer;
 use nn::first_layer::{IntegerProducts, PlainFloat, PlainIntegers, Quantized};
 use nn::model::Model;
 use nn::optim::Optimizer;
-use nn::train::{train_step, EpochState, Flow, Hooks, Progress, RunSettings, StepStats, StepView};
+use nn::train::{EpochState, Flow, Hooks, Progress, RunSettings, StepStats, StepView};
 
 /// Options of `accuracy`.
 #[derive(Args, Debug, Clone)]
@@ -207,30 +206,6 @@ fn layer<P: IntegerProducts>(
 fn eval(model: &Model, test: &Dataset) -> Result<(f64, f64)> {
     let e = nn::eval::evaluate(model, test)?;
     Ok((e.loss, e.accuracy))
-}
-
-/// A run stepped beside the training loop's own, on the same batches: the float baseline,
-/// or the encrypted run in lockstep.
-struct Shadow<L> {
-    layer: L,
-    model: Model,
-    opt: Optimizer,
-}
-
-impl<L: FirstLayer> Shadow<L> {
-    fn new(layer: L, initial: &Model, lr: f32) -> Self {
-        Shadow {
-            layer,
-            model: initial.clone(),
-            opt: Optimizer::adam(lr),
-        }
-    }
-
-    /// One step on `batch` of `epoch`, as the training loop's.
-    fn step(&mut self, epoch: usize, batch: usize) -> Result<StepStats, nn::train::TrainError> {
-        self.opt.set_epoch(epoch);
-        train_step(&mut self.model, &mut self.layer, &mut self.opt, batch)
-    }
 }
 
 /// The hooks of run (c) on the simulation's training loop: after every step, the float
@@ -494,12 +469,7 @@ pub fn run(args: &AccuracyArgs) -> Result<Summary> {
         let encrypted: Vec<usize> = if args.encrypt_all {
             (0..nb).collect()
         } else {
-            let mut seen = vec![false; nb];
-            (0..epochs)
-                .flat_map(|e| nn::train::batch_order(nb, cfg.seed, e, true))
-                .take(fe_max)
-                .filter(|&b| !std::mem::replace(&mut seen[b], true))
-                .collect()
+            fe_env::visited_batches(nb, cfg.seed, epochs, fe_max)
         };
         eprintln!(
             "(c) FE: authority on 127.0.0.1; the client encrypts {} of the {nb} batches of {bs} \

@@ -13,7 +13,10 @@ use cryptonn::Curve;
 use fe::dlog::DlogTable;
 use ndarray::{Array2, ArrayView2};
 use nn::data::Dataset;
-use nn::first_layer::{IntegerProducts, SeamError};
+use nn::first_layer::{FirstLayer, IntegerProducts, SeamError};
+use nn::model::Model;
+use nn::optim::Optimizer;
+use nn::train::{train_step, StepStats, TrainError};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -122,6 +125,48 @@ pub fn batches_subset(data: &Dataset, batch_size: usize, batches: &[usize]) -> R
     }
     let images = ndarray::Array2::from_shape_vec((labels.len(), data.features()), images)?;
     Ok(Dataset::new(images, labels, data.info.clone())?)
+}
+
+/// The distinct batches that the first `steps` steps of a run visit (batches of the fixed
+/// partition into `num_batches`, shuffled per epoch with `seed` as the training loop does),
+/// in the order of their first visit: what the client must encrypt for those steps.
+pub fn visited_batches(num_batches: usize, seed: u64, epochs: usize, steps: usize) -> Vec<usize> {
+    let mut seen = vec![false; num_batches];
+    (0..epochs)
+        .flat_map(|e| nn::train::batch_order(num_batches, seed, e, true))
+        .take(steps)
+        .filter(|&b| b < num_batches && !std::mem::replace(&mut seen[b], true))
+        .collect()
+}
+
+/// A run stepped beside the training loop's own, on the same batches: a second first layer
+/// (the encrypted one, or the float baseline) with its own copy of the model and optimizer.
+/// The one training loop ([`nn::train::run`]) drives the simulation; a hook calls
+/// [`Shadow::step`] after each of its steps, so both runs take the same steps.
+pub struct Shadow<L> {
+    /// The shadow's first layer.
+    pub layer: L,
+    /// The shadow's model.
+    pub model: Model,
+    /// The shadow's optimizer.
+    pub opt: Optimizer,
+}
+
+impl<L: FirstLayer> Shadow<L> {
+    /// A shadow starting from `initial` with a fresh Adam optimizer of rate `lr`.
+    pub fn new(layer: L, initial: &Model, lr: f32) -> Self {
+        Shadow {
+            layer,
+            model: initial.clone(),
+            opt: Optimizer::adam(lr),
+        }
+    }
+
+    /// One step on `batch` of `epoch`, as the training loop's.
+    pub fn step(&mut self, epoch: usize, batch: usize) -> Result<StepStats, TrainError> {
+        self.opt.set_epoch(epoch);
+        train_step(&mut self.model, &mut self.layer, &mut self.opt, batch)
+    }
 }
 
 /// Integer products over an encrypted file that holds only some of the batches: batch `b` of

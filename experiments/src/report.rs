@@ -72,8 +72,10 @@ pub fn write(out: &Path, summaries: &[Summary], command: &str, clock: &Stopwatch
     for m in summaries {
         let _ = writeln!(s, "\n## {}\n\n{}\n", m.name, m.description);
         for f in m.figures.iter().filter(|f| f.ends_with(".png")) {
+            // A plot links its SVG; a picture without one (the leakage grids) links itself.
             let svg = f.trim_end_matches(".png").to_string() + ".svg";
-            let _ = writeln!(s, "[![{f}]({f})]({svg})\n");
+            let target = if m.figures.contains(&svg) { &svg } else { f };
+            let _ = writeln!(s, "[![{f}]({f})]({target})\n");
         }
         for t in &m.tables {
             let _ = writeln!(s, "{}", t.to_markdown());

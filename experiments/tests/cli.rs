@@ -99,6 +99,9 @@ fn all_quick_writes_consistent_csv_plots_and_report() {
         "{stdout}"
     );
     assert!(stdout.contains("Predicted encrypted epoch"), "{stdout}");
+    // leakage: its two real FE steps and the grids, which have no SVG, linked as PNG.
+    let (_, rows) = read_csv(&out.join("leakage.csv"));
+    assert_eq!(rows.iter().filter(|r| r["source"] == "fe").count(), 2);
 
     // accuracy: per-epoch curves.
     let (h, rows) = read_csv(&out.join("accuracy_epochs.csv"));
@@ -252,6 +255,7 @@ fn all_quick_writes_consistent_csv_plots_and_report() {
         "precision",
         "timing",
         "primitives",
+        "leakage",
     ] {
         check_png(&out.join(format!("{base}.png")));
         check_svg(&out.join(format!("{base}.svg")));
@@ -266,9 +270,11 @@ fn all_quick_writes_consistent_csv_plots_and_report() {
         "## precision",
         "## timing",
         "## primitives",
+        "## leakage",
     ] {
         assert!(report.contains(section), "{section}");
     }
+    assert!(report.contains("(leakage_grid_none.png)](leakage_grid_none.png)"));
 }
 
 #[test]
@@ -333,8 +339,9 @@ fn leakage_on_a_few_steps_recovers_what_the_rank_allows() {
     let dir = tempfile::tempdir().expect("tmp");
     let o = dir.path().to_str().expect("utf-8 path");
     // 32 units: batches of 16 give full-rank deltas (one step reveals its batch), batches
-    // of 64 do not, but two epochs of them stacked do.
-    run(&[
+    // of 64 do not, but two epochs of them stacked do. The first three steps of the
+    // unmitigated run also run with real FE (authority, encryption, keys, decryption).
+    let res = run(&[
         "leakage",
         "--quiet",
         "--out",
@@ -359,8 +366,36 @@ fn leakage_on_a_few_steps_recovers_what_the_rank_allows() {
         "1",
         "--grid",
         "2",
+        "--fe-steps",
+        "3",
     ]);
     let (headers, rows) = read_csv(&dir.path().join("leakage.csv"));
+    // The rows of the real FE steps: one per step, the step's batch of 16 recovered exactly
+    // from what was really decrypted (the run stops with an error if any decrypted integer
+    // differs from the simulation's).
+    let fe: Vec<_> = rows.iter().filter(|r| r["source"] == "fe").collect();
+    assert_eq!(
+        fe.iter().map(|r| r["step"].as_str()).collect::<Vec<_>>(),
+        ["1", "2", "3"]
+    );
+    for r in &fe {
+        assert_eq!(
+            (r["attack"].as_str(), r["mitigation"].as_str()),
+            ("backward_step", "none")
+        );
+        assert_eq!((r["images"].as_str(), r["attacked"].as_str()), ("16", "16"));
+        assert_eq!(r["recovered_exact"], "1.000000", "{r:?}");
+        assert_eq!(r["exact_vs_encrypted"], "1.000000", "{r:?}");
+        assert_eq!(r["equations"], "16.0", "the step's delta rank: {r:?}");
+    }
+    assert!(rows
+        .iter()
+        .all(|r| r["source"] == "fe" || r["source"] == "simulation"));
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        stdout.contains("recovered 48 of the 48 images of these batches exactly"),
+        "{stdout}"
+    );
     for col in [
         "attack",
         "mitigation",
@@ -383,7 +418,15 @@ fn leakage_on_a_few_steps_recovers_what_the_rank_allows() {
         r[c].parse()
             .unwrap_or_else(|_| panic!("{c} = {:?} is not a number", r[c]))
     };
-    let step = last("backward_step", "none");
+    let step = rows
+        .iter()
+        .rfind(|r| {
+            r["attack"] == "backward_step"
+                && r["mitigation"] == "none"
+                && r["source"] == "simulation"
+        })
+        .expect("a simulation row")
+        .clone();
     assert_eq!(step["step"], "32");
     assert!(num(&step, "recovered_exact") > 0.9, "{step:?}");
     assert!(num(&step, "label_accuracy") > 0.9, "{step:?}");
