@@ -39,9 +39,10 @@ struct ModelArgs {
     /// The network: hidden layer widths, such as 128-32 (the input width and the classes
     /// come from the data; a full layout such as 784-128-32-10 is checked against it), or
     /// image layers first for image data: lenet5, or tokens such as
-    /// conv5x6p2-maxpool2-conv5x16-maxpool2-conv5x120-84 (conv<r>x<kernels>[s<stride>][p<pad>],
-    /// maxpool<r>[s<stride>], avgpool<r>[s<stride>], then hidden widths). A convolutional
-    /// first layer trains in `simulate` only so far.
+    /// conv5x6p2-maxpool2-conv5x16-maxpool2-conv5x120-84 (convRxK for K kernels of side R,
+    /// with optional sS for the stride and pP for the padding; maxpoolR and avgpoolR, with
+    /// optional sS; then the hidden widths). A convolutional first layer trains in
+    /// `simulate` only so far.
     #[arg(long, default_value = "128-32")]
     spec: String,
     /// Hidden activation: sigmoid, relu or tanh.
