@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{fails, run, start_authority, Served, CLIENT, TRAINER};
+use common::{fails, run, serve_on, start_authority, Served, CLIENT, TRAINER};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -166,6 +166,22 @@ fn mismatched_data_is_refused_before_encryption() {
     assert!(e.contains("\"nope\""), "{e}");
 }
 
+/// `trainer simulate` on the 8x8 digits in batches of 32.
+fn simulate_digits() -> Command {
+    let mut c = Command::new(TRAINER);
+    c.args([
+        "simulate",
+        "--quiet",
+        "--batch-size",
+        "32",
+        "--x-bound",
+        "16",
+    ])
+    .arg("--data")
+    .arg(fixture("nn/data/digits-8x8"));
+    c
+}
+
 #[test]
 fn resuming_with_a_conflicting_flag_is_refused() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -173,21 +189,11 @@ fn resuming_with_a_conflicting_flag_is_refused() {
     let ck = w.join("ckpt.bin");
     // the base flags, each replaceable by an override
     let sim = |over: &[(&str, &str)]| {
-        let mut c = Command::new(TRAINER);
-        c.args([
-            "simulate",
-            "--quiet",
-            "--batch-size",
-            "32",
-            "--x-bound",
-            "16",
-        ])
-        .arg("--data")
-        .arg(fixture("nn/data/digits-8x8"))
-        .arg("--checkpoint")
-        .arg(&ck)
-        .arg("--out")
-        .arg(w.join("m.bin"));
+        let mut c = simulate_digits();
+        c.arg("--checkpoint")
+            .arg(&ck)
+            .arg("--out")
+            .arg(w.join("m.bin"));
         let base = [
             ("--spec", "8"),
             ("--limit", "128"),
@@ -273,22 +279,12 @@ fn a_convolutional_network_trains_in_simulation_and_resumes_bit_for_bit() {
     let dir = tempfile::tempdir().expect("tmp");
     let w = dir.path();
     let sim = |out: &Path, extra: &[&str]| {
-        let mut c = Command::new(TRAINER);
-        c.args([
-            "simulate",
-            "--quiet",
-            "--batch-size",
-            "32",
-            "--x-bound",
-            "16",
-        ])
-        .args(["--spec", "conv3x4p1-maxpool2-16", "--activation", "relu"])
-        .args(["--limit", "320", "--epochs", "2", "--seed", "5"])
-        .arg("--data")
-        .arg(fixture("nn/data/digits-8x8"))
-        .arg("--out")
-        .arg(out)
-        .args(extra);
+        let mut c = simulate_digits();
+        c.args(["--spec", "conv3x4p1-maxpool2-16", "--activation", "relu"])
+            .args(["--limit", "320", "--epochs", "2", "--seed", "5"])
+            .arg("--out")
+            .arg(out)
+            .args(extra);
         c
     };
     let whole = w.join("whole.bin");
@@ -323,6 +319,14 @@ fn a_convolutional_network_trains_in_simulation_and_resumes_bit_for_bit() {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or_else(|| panic!("no accuracy in {score}"));
     assert!(acc > 40.0, "{score}");
+    // The first convolution quantized as a prediction service would compute it.
+    let quantized = run(Command::new(TRAINER)
+        .args(["evaluate", "--bits", "8", "--model"])
+        .arg(&whole)
+        .arg("--data")
+        .arg(fixture("nn/data/digits-8x8")));
+    let quantized = String::from_utf8_lossy(&quantized.stdout);
+    assert!(quantized.contains("quantized to 8 bits"), "{quantized}");
     // A table has no image shape for a convolution to read.
     let e = fails(
         Command::new(TRAINER)
@@ -332,4 +336,92 @@ fn a_convolutional_network_trains_in_simulation_and_resumes_bit_for_bit() {
             .arg(w.join("never.bin")),
     );
     assert!(e.contains("image data"), "{e}");
+}
+
+/// The authority stops in the middle of a trainer's run and comes back on the same address:
+/// the trainer's key requests wait for it (retries with backoff), the run completes, and its
+/// weights are still the simulation's bit for bit.
+#[test]
+fn a_trainer_survives_an_authority_restart_mid_run() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = dir.path();
+    let keys = w.join("auth");
+    let init = ["--features", "64", "--classes", "10", "--x-bound", "16"];
+    let a = start_authority(&keys, &[&init[..], &["--batch-size", "8"]].concat());
+    let data = fixture("nn/data/digits-8x8");
+    let enc = w.join("train.enc");
+    run(client(&a)
+        .arg("--data")
+        .arg(&data)
+        .args(["--limit", "480", "--out"])
+        .arg(&enc));
+    let model = ["--spec", "12", "--seed", "3", "--epochs", "4"];
+    let ck = w.join("ckpt.bin");
+    let mut trainer = Command::new(TRAINER)
+        .args([
+            "train",
+            "--quiet",
+            "--authority",
+            &a.addr,
+            "--token",
+            &a.token,
+        ])
+        .args(a.tls_args())
+        .args(model)
+        .arg("--data")
+        .arg(&enc)
+        .arg("--checkpoint")
+        .arg(&ck)
+        .arg("--out")
+        .arg(w.join("secure.bin"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("trainer starts");
+    // The checkpoint is written after every step: the run is under way.
+    let started = std::time::Instant::now();
+    while !ck.exists() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "no step"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let addr = a.addr.clone();
+    drop(a);
+    assert!(
+        trainer.try_wait().expect("trainer status").is_none(),
+        "the run ended before the authority stopped: make it longer"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let back = serve_on(&keys, &addr, &[]);
+    let out = trainer.wait_with_output().expect("trainer ends");
+    assert!(
+        out.status.success(),
+        "the trainer failed across the restart: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(back);
+    run(Command::new(TRAINER)
+        .args(["simulate", "--quiet"])
+        .args(model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--encoding")
+        .arg(w.join("train.enc.encoding.json"))
+        .args([
+            "--limit",
+            "480",
+            "--batch-size",
+            "8",
+            "--x-bound",
+            "16",
+            "--out",
+        ])
+        .arg(w.join("sim.bin")));
+    assert_eq!(
+        std::fs::read(w.join("secure.bin")).expect("model"),
+        std::fs::read(w.join("sim.bin")).expect("model"),
+        "the restart changed the weights"
+    );
 }

@@ -119,8 +119,14 @@ fn listening_address(child: &mut Child) -> Option<String> {
 
 /// Serves the key directory `dir` on a free loopback port, with `extra` serve flags.
 pub fn serve(dir: &Path, extra: &[&str]) -> Served {
+    serve_on(dir, "127.0.0.1:0", extra)
+}
+
+/// Serves the key directory `dir` on `listen` (an address a stopped authority had, to
+/// restart it), with `extra` serve flags.
+pub fn serve_on(dir: &Path, listen: &str, extra: &[&str]) -> Served {
     let mut child = Command::new(AUTHORITY)
-        .args(["serve", "--listen", "127.0.0.1:0", "--quiet", "--dir"])
+        .args(["serve", "--listen", listen, "--quiet", "--dir"])
         .arg(dir)
         .args(extra)
         .env_remove("CRYPTONN_TOKEN")
