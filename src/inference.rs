@@ -249,6 +249,14 @@ impl PredictionService {
                 "max_batch must be at least 1".into(),
             ));
         }
+        if model.spec().is_conv() {
+            return Err(InferenceError::Setting(format!(
+                "{} has a convolutional first layer: the service does not ask for the keys of \
+                 placed kernels yet (the authority's policy for them is still to be built); \
+                 trainer evaluate --bits scores it with the same quantized integers",
+                model.spec()
+            )));
+        }
         let params = authority.params()?;
         let model = QuantizedModel::new(model, options.bits)?;
         check_model_fits(&model, &params)?;

@@ -10,7 +10,17 @@
 //! Z[b,j] = z_int[b,j] / (s_j X),     p = softmax(rest of the network on Z)
 //! ```
 //!
-//! with `x_int` the encoded input and its bias feature `X`. [`QuantizedModel::probabilities`]
+//! with `x_int` the encoded input and its bias feature `X`.
+//!
+//! When the first layer is a convolution of `O` kernels at `P` positions, the key vectors
+//! are the quantized kernels *placed* on the input: row `r = pos*O + o` has kernel `o`'s
+//! entries at the pixels its window covers at position `pos` (none for padding), its bias
+//! weight at the bias feature and zeros elsewhere, so that `z_int[b, r]` is the kernel's
+//! output at that position. `P*O` rows of `n + 1` entries with at most `K + 1` non-zero
+//! each; the scale of row `r` is kernel `o`'s. The plain path computes the same integers over
+//! the patches instead ([`crate::first_layer`]).
+//!
+//! [`QuantizedModel::probabilities`]
 //! takes the integers however they were obtained; [`QuantizedModel::plain_integers`]
 //! computes them from a clear input, so encrypted and plain inference with the same
 //! quantization give bit-identical probabilities.
@@ -20,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Dataset, DatasetInfo};
 use crate::first_layer::{exact_int_matmul, QuantizedMatrix, Quantizer, SeamError};
+use crate::layers::{positions_to_channels, Geometry, LayerError, PAD};
 use crate::loss::{argmax_rows, softmax};
 use crate::model::{Model, ModelError};
 
@@ -38,13 +49,6 @@ pub enum InferError {
     /// The data does not fit the model.
     #[error("the data does not fit the model: {0}")]
     Data(String),
-    /// The model's first layer is a convolution, which inference over encrypted inputs does
-    /// not compute yet.
-    #[error(
-        "the model's first layer is a convolution ({0}): inference over encrypted inputs \
-         serves dense first layers only so far; score it in the clear with trainer evaluate"
-    )]
-    Convolution(String),
 }
 
 /// One prediction: the most probable class and every class's probability.
@@ -63,6 +67,42 @@ pub struct QuantizedModel {
     info: DatasetInfo,
     quantizer: Quantizer,
     weights: QuantizedMatrix,
+    /// For a convolutional first layer: its geometry, gather table and the placed kernels.
+    conv: Option<Placed>,
+}
+
+/// The quantized kernels of a first convolution placed at every position (module doc).
+#[derive(Debug, Clone)]
+struct Placed {
+    geometry: Geometry,
+    table: Vec<usize>,
+    rows: Array2<i64>,
+}
+
+impl Placed {
+    fn new(geometry: Geometry, kernels: ArrayView2<i64>) -> Self {
+        let table = geometry.table();
+        let (p, k, o) = (geometry.positions(), geometry.patch_len(), kernels.nrows());
+        let n = geometry.input().features();
+        let mut rows = Array2::zeros((p * o, n + 1));
+        for pos in 0..p {
+            let window = &table[pos * k..(pos + 1) * k];
+            for (kernel, w) in kernels.rows().into_iter().enumerate() {
+                let mut row = rows.row_mut(pos * o + kernel);
+                for (col, &src) in window.iter().enumerate() {
+                    if src != PAD {
+                        row[src] = w[col];
+                    }
+                }
+                row[n] = w[k];
+            }
+        }
+        Placed {
+            geometry,
+            table,
+            rows,
+        }
+    }
 }
 
 impl QuantizedModel {
@@ -70,18 +110,19 @@ impl QuantizedModel {
     /// rows with nearest rounding.
     pub fn new(model: Model, bits: u32) -> Result<Self, InferError> {
         model.validate()?;
-        if model.spec().is_conv() {
-            return Err(InferError::Convolution(model.spec().to_string()));
-        }
         let info = model.data().cloned().ok_or(InferError::NoData)?;
         let quantizer = Quantizer::new(bits);
         quantizer.validate()?;
         let weights = quantizer.quantize_weights(model.first_layer_matrix().view(), 0)?;
+        let conv = model
+            .first_geometry()
+            .map(|g| Placed::new(*g, weights.values.view()));
         Ok(QuantizedModel {
             model,
             info,
             quantizer,
             weights,
+            conv,
         })
     }
 
@@ -100,16 +141,19 @@ impl QuantizedModel {
         self.quantizer.bits_weights
     }
 
-    /// The quantized rows `w_q` (H, n + 1): the vectors whose inner-product keys the service
-    /// needs.
+    /// The quantized rows (R, n + 1): the vectors whose inner-product keys the service needs,
+    /// `w_q` for a dense first layer, the placed kernels for a convolution (module doc).
     pub fn rows(&self) -> ArrayView2<'_, i64> {
-        self.weights.values.view()
+        match &self.conv {
+            Some(c) => c.rows.view(),
+            None => self.weights.values.view(),
+        }
     }
 
     /// The largest `|z_int|` any input in `0..=X` can give: what the discrete log must cover.
     pub fn forward_bound(&self) -> u64 {
-        self.quantizer
-            .forward_bound(self.info.row_len(), self.info.x_bound)
+        let len = self.weights.values.ncols();
+        self.quantizer.forward_bound(len, self.info.x_bound)
     }
 
     /// `z_int = x_int w_q^T` for clear encoded inputs `x_int` (B, n + 1), bias included.
@@ -121,14 +165,44 @@ impl QuantizedModel {
                 self.info.row_len()
             )));
         }
-        Ok(exact_int_matmul(x_int, self.weights.values.t())?)
+        let Some(c) = &self.conv else {
+            return Ok(exact_int_matmul(x_int, self.weights.values.t())?);
+        };
+        // The same integers as x_int times the placed kernels, over the patches.
+        let patches = c.geometry.patches_with_bias(&c.table, x_int);
+        let z = exact_int_matmul(patches.view(), self.weights.values.t())?;
+        let b = x_int.nrows();
+        Ok(z.into_shape_with_order((b, self.rows().nrows()))
+            .map_err(|e| ModelError::from(LayerError::from(e)))?)
     }
 
-    /// Class probabilities (B, K) from the first layer's integers `z_int` (B, H).
+    /// Class probabilities (B, K) from the first layer's integers `z_int` (B, R), R the rows
+    /// of [`QuantizedModel::rows`].
     pub fn probabilities(&self, z_int: ArrayView2<i64>) -> Result<Array2<f32>, InferError> {
-        let z =
-            self.quantizer
-                .dequantize_forward(z_int, &self.weights.scales, self.info.x_bound)?;
+        let rows = self.rows().nrows();
+        if z_int.ncols() != rows {
+            return Err(InferError::Data(format!(
+                "{} first-layer integers per input, the model's first layer has {rows} rows",
+                z_int.ncols()
+            )));
+        }
+        let (b, x) = (z_int.nrows(), self.info.x_bound);
+        let scales = &self.weights.scales;
+        let z = match &self.conv {
+            None => self.quantizer.dequantize_forward(z_int, scales, x)?,
+            Some(c) => {
+                // (B, P*O) position-major is (B*P, O): dequantize per kernel, then the
+                // channel-major layout the next layers read.
+                let o = self.weights.values.nrows();
+                let per_position = z_int
+                    .to_shape((b * c.geometry.positions(), o))
+                    .map_err(|e| ModelError::from(LayerError::from(e)))?;
+                let z = self
+                    .quantizer
+                    .dequantize_forward(per_position.view(), scales, x)?;
+                positions_to_channels(z, b, c.geometry.positions()).map_err(ModelError::from)?
+            }
+        };
         Ok(softmax(self.model.logits_after_first(z.view())?.view()))
     }
 
@@ -206,6 +280,42 @@ mod tests {
     }
 
     #[test]
+    fn a_convolution_is_served_by_its_placed_kernels() {
+        use crate::data::ImageShape as Shape;
+        let info = DatasetInfo::new(49, 255, 3)
+            .expect("info")
+            .with_image(Shape {
+                channels: 1,
+                height: 7,
+                width: 7,
+            })
+            .expect("image");
+        let spec =
+            ModelSpec::for_info("conv3x4s2p1-maxpool2-5", Activation::Relu, &info).expect("spec");
+        let m = Model::new(spec, 8)
+            .and_then(|m| m.with_data(info.clone()))
+            .expect("model");
+        let q = QuantizedModel::new(m.clone(), 8).expect("quantize");
+        // 4 kernels at 4x4 positions, rows of the image's length plus the bias.
+        assert_eq!(q.rows().dim(), (64, 50));
+        // A corner position with padding 1 covers 4 pixels: 4 entries and the bias at most.
+        assert!(q.rows().row(0).iter().filter(|v| **v != 0).count() <= 5);
+        let values = Array2::from_shape_fn((6, 49), |(b, i)| ((b * 31 + i * 17) % 256) as u16);
+        let data = Dataset::new(values, vec![0, 1, 2, 0, 1, 2], info).expect("data");
+        let x = data.augmented(0..6);
+        // What an encrypted query decrypts, one inner product per row, equals the patches'.
+        let direct = exact_int_matmul(x.view(), q.rows().t()).expect("direct");
+        assert_eq!(q.plain_integers(x.view()).expect("plain"), direct);
+        // And the probabilities follow the float model.
+        let p = q.probabilities(direct.view()).expect("p");
+        let f = m.predict_proba(data.normalized().view()).expect("float");
+        let worst = (&p - &f).iter().fold(0f32, |w, v| w.max(v.abs()));
+        assert!(worst < 0.05, "worst difference {worst}");
+        let short = direct.slice_axis(ndarray::Axis(1), ndarray::Slice::from(..63));
+        assert!(q.probabilities(short).is_err());
+    }
+
+    #[test]
     fn wrong_widths_and_missing_descriptions_are_errors() {
         let (m, _) = model();
         let q = QuantizedModel::new(m.clone(), 8).expect("quantize");
@@ -215,7 +325,7 @@ mod tests {
         ));
         assert!(matches!(
             q.probabilities(Array2::zeros((1, 4)).view()),
-            Err(InferError::Seam(_))
+            Err(InferError::Data(_))
         ));
         let other = Dataset::new(
             Array2::zeros((1, 5)),

@@ -98,6 +98,7 @@ pub(crate) use conv::{channels_to_positions, positions_to_channels};
 pub use conv::{Conv2d, ConvCache};
 pub use flatten::{Elementwise, ElementwiseCache, Flatten};
 pub use patches::Geometry;
+pub(crate) use patches::PAD;
 pub use pool::{AvgPool2d, AvgPoolCache, MaxPool2d, MaxPoolCache};
 pub use shape::{ImageShape, LayerError, Window};
 pub use stack::{backward_stack, check_stack, forward_stack, lenet5_features, Cache, Layer};
