@@ -10,6 +10,11 @@
 //! labels, no batch size). The service decrypts `z_j = <w_j, x>` for every row, runs the
 //! other layers in the clear and answers the class and the probabilities.
 //!
+//! A convolutional first layer is served the same way with one key per kernel and position
+//! (the kernels placed on the input, [`nn::infer`]): the service sends the kernels and their
+//! window ([`ConvKeyRequest`](crate::protocol::ConvKeyRequest)), the authority places and
+//! checks them itself and returns one key per placed kernel.
+//!
 //! Concurrent queries are batched: connection threads hand their ciphertexts to one batcher,
 //! which waits at most [`ServiceOptions::batch_wait`] after the first query for the other
 //! queries already arriving (up to [`ServiceOptions::max_batch`]; a lone query does not wait)
@@ -249,14 +254,6 @@ impl PredictionService {
                 "max_batch must be at least 1".into(),
             ));
         }
-        if model.spec().is_conv() {
-            return Err(InferenceError::Setting(format!(
-                "{} has a convolutional first layer: the service does not ask for the keys of \
-                 placed kernels yet (the authority's policy for them is still to be built); \
-                 trainer evaluate --bits scores it with the same quantized integers",
-                model.spec()
-            )));
-        }
         let params = authority.params()?;
         let model = QuantizedModel::new(model, options.bits)?;
         check_model_fits(&model, &params)?;
@@ -267,7 +264,12 @@ impl PredictionService {
             .into_iter()
             .map(|r| r.to_vec())
             .collect();
-        let keys = authority.inference_keys(&rows)?;
+        let keys = match model.kernels() {
+            None => authority.inference_keys(&rows)?,
+            Some((g, kernels)) => {
+                authority.conv_inference_keys(Self::conv_request(g, kernels)?, &rows)?
+            }
+        };
         let decryptor = FeipDecryptor::new(&params.row.params(), &keys, &dlog)?;
         drop(keys);
         let info = ServiceInfo {
@@ -358,6 +360,42 @@ impl PredictionService {
         self.core.batcher.ready.notify_one();
         rx.recv()
             .unwrap_or_else(|_| Err("the prediction service is shutting down".into()))
+    }
+
+    /// The authority's request for the keys of a convolution's placed kernels.
+    fn conv_request(
+        g: &nn::layers::Geometry,
+        kernels: ndarray::ArrayView2<'_, i64>,
+    ) -> Result<crate::protocol::ConvKeyRequest, InferenceError> {
+        let small = |v: usize| {
+            u32::try_from(v)
+                .map_err(|_| InferenceError::Setting(format!("{v} does not fit 32 bits")))
+        };
+        let (input, w) = (g.input(), g.window());
+        let kernels = kernels
+            .rows()
+            .into_iter()
+            .map(|r| {
+                r.iter()
+                    .map(|&v| {
+                        i32::try_from(v).map_err(|_| {
+                            InferenceError::Setting(format!(
+                                "kernel entry {v} does not fit 32 bits"
+                            ))
+                        })
+                    })
+                    .collect()
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(crate::protocol::ConvKeyRequest {
+            input: [
+                small(input.channels())?,
+                small(input.height())?,
+                small(input.width())?,
+            ],
+            window: [small(w.size)?, small(w.stride)?, small(w.padding)?],
+            kernels,
+        })
     }
 
     /// Decodes a query and checks its parameters and length.

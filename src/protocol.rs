@@ -116,6 +116,43 @@ pub struct FeboKeyRequest {
     pub operand: i64,
 }
 
+/// A prediction service's request for the keys of a convolutional first layer: its kernels
+/// and where they land, so that the authority places them itself and checks every placed key
+/// (see the authority's policy). The keys come back in the order of the placed rows of
+/// [`nn::infer`]: row `pos * kernels + o`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConvKeyRequest {
+    /// Input channels, height and width of the images (`C*H*W + 1` must be the row length).
+    pub input: [u32; 3],
+    /// Kernel side, stride and padding.
+    pub window: [u32; 3],
+    /// The quantized kernels, `C*r*r` weights in patch order followed by the bias weight.
+    pub kernels: Vec<Vec<i32>>,
+}
+
+impl ConvKeyRequest {
+    /// The geometry the request describes, if it is a valid one.
+    pub fn geometry(&self) -> Result<nn::layers::Geometry, String> {
+        let [c, h, w] = self.input.map(|v| v as usize);
+        let [r, s, p] = self.window.map(|v| v as usize);
+        let shape = nn::layers::ImageShape::new(c, h, w).map_err(|e| e.to_string())?;
+        nn::layers::Geometry::new("conv", shape, nn::layers::Window::new(r, s, p))
+            .map_err(|e| e.to_string())
+    }
+
+    /// The kernels as a matrix `(O, K + 1)`, `None` if their lengths differ.
+    pub fn kernel_matrix(&self) -> Option<ndarray::Array2<i64>> {
+        let k = self.kernels.first()?.len();
+        let flat: Vec<i64> = self
+            .kernels
+            .iter()
+            .flatten()
+            .map(|&v| i64::from(v))
+            .collect();
+        ndarray::Array2::from_shape_vec((self.kernels.len(), k), flat).ok()
+    }
+}
+
 /// What a caller asks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
@@ -130,6 +167,9 @@ pub enum Request {
     /// Inner-product keys for a prediction service's first-layer rows (length `n + 1`):
     /// row keys, asked once when the service starts and logged apart from training's.
     InferenceKeys(Vec<Vec<i32>>),
+    /// Inner-product keys for a prediction service's convolutional first layer: one per
+    /// kernel and position, placed by the authority (logged as inference keys).
+    ConvInferenceKeys(ConvKeyRequest),
 }
 
 /// The header frame of a request: read and checked before the request itself. Its first two
@@ -819,18 +859,20 @@ impl AuthorityClient {
                     .collect::<Result<Vec<i32>, _>>()
             })
             .collect::<Result<Vec<_>, _>>()?;
-        match self.call(kind(wire))? {
-            Response::FeipSecrets(s) if s.len() == ys.len() => s
-                .iter()
-                .zip(ys)
-                .map(|(b, y)| {
-                    let sk = curv::elliptic::curves::Scalar::<Curve>::from_bytes(b)
-                        .map_err(|_| fe::FeError::InvalidEncoding("key secret"))?;
-                    Ok(FeipFunctionKey::from_parts(y.clone(), sk))
-                })
-                .collect(),
-            other => Err(unexpected(&other)),
-        }
+        let response = self.call(kind(wire))?;
+        keys_from(response, ys)
+    }
+
+    /// Inner-product keys for a prediction service's convolutional first layer: the
+    /// authority places `request`'s kernels; `placed` are the same placed rows computed here
+    /// ([`nn::infer::place_kernels`]), which the keys are for.
+    pub fn conv_inference_keys(
+        &mut self,
+        request: ConvKeyRequest,
+        placed: &[Vec<i64>],
+    ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
+        let response = self.call(Request::ConvInferenceKeys(request))?;
+        keys_from(response, placed)
     }
 
     /// Inner-product keys for first-layer weight rows (length `n + 1`).
@@ -867,6 +909,25 @@ impl AuthorityClient {
             Response::FeboKeys(k) if k.len() == n => Ok(k),
             other => Err(unexpected(&other)),
         }
+    }
+}
+
+/// The keys of `ys` from an answer of secrets in request order.
+fn keys_from(
+    response: Response,
+    ys: &[Vec<i64>],
+) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
+    match response {
+        Response::FeipSecrets(s) if s.len() == ys.len() => s
+            .iter()
+            .zip(ys)
+            .map(|(b, y)| {
+                let sk = curv::elliptic::curves::Scalar::<Curve>::from_bytes(b)
+                    .map_err(|_| fe::FeError::InvalidEncoding("key secret"))?;
+                Ok(FeipFunctionKey::from_parts(y.clone(), sk))
+            })
+            .collect(),
+        other => Err(unexpected(&other)),
     }
 }
 

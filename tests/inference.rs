@@ -105,26 +105,32 @@ impl Setup {
     /// Plain quantized inference on the first `limit` rows, as class names and exact
     /// probabilities.
     fn plain(&self, limit: usize) -> Vec<Vec<String>> {
-        let m = nn::Model::load(self.path("model.bin")).expect("model");
-        let info = m.data().expect("description").clone();
         let args = cryptonn::cli::DataArgs {
             data: Some(wdbc()),
             encoding: Some(self.path("enc.json")),
             limit: Some(limit),
             ..Default::default()
         };
-        let set = args.load_eval(&info).expect("data");
-        let q = nn::infer::QuantizedModel::new(m, 8).expect("quantize");
-        q.predict_plain(&set)
-            .expect("predict")
-            .iter()
-            .map(|p| {
-                let mut row = vec![info.class_name(p.class).into_owned()];
-                row.extend(p.probabilities.iter().map(|v| v.to_string()));
-                row
-            })
-            .collect()
+        plain_predictions(&self.path("model.bin"), &args)
     }
+}
+
+/// Plain quantized inference (8 bits) of the model file `model` on `data`, as class names
+/// and exact probabilities.
+fn plain_predictions(model: &Path, data: &cryptonn::cli::DataArgs) -> Vec<Vec<String>> {
+    let m = nn::Model::load(model).expect("model");
+    let info = m.data().expect("description").clone();
+    let set = data.load_eval(&info).expect("data");
+    let q = nn::infer::QuantizedModel::new(m, 8).expect("quantize");
+    q.predict_plain(&set)
+        .expect("predict")
+        .iter()
+        .map(|p| {
+            let mut row = vec![info.class_name(p.class).into_owned()];
+            row.extend(p.probabilities.iter().map(|v| v.to_string()));
+            row
+        })
+        .collect()
 }
 
 /// The predicted class and probabilities of every row of a `client predict` output.
@@ -407,4 +413,62 @@ fn a_service_under_another_authority_is_refused_by_the_client() {
     assert!(e.contains("other public parameters"), "{e}");
     assert!(!s.path("x.csv").exists());
     drop(stop_service(service, s.dir.path()));
+}
+
+/// A convolutional first layer served over encrypted queries: the authority places the
+/// service's kernels itself and issues one key per kernel and position; the answers equal
+/// plain quantized inference for every image.
+#[test]
+fn a_convolutional_model_is_served_as_plain_quantized_inference() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = dir.path();
+    let digits = Path::new(env!("CARGO_MANIFEST_DIR")).join("nn/data/digits-8x8");
+    let init = ["--features", "64", "--classes", "10", "--x-bound", "16"];
+    let authority = start_authority(
+        &w.join("auth"),
+        &[&init[..], &["--batch-size", "32"]].concat(),
+    );
+    let model = w.join("model.bin");
+    run(Command::new(TRAINER)
+        .args(["simulate", "--quiet", "--spec", "conv3x4p1-maxpool2-16"])
+        .args([
+            "--activation",
+            "relu",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "32",
+        ])
+        .args(["--x-bound", "16", "--limit", "640", "--data"])
+        .arg(&digits)
+        .arg("--out")
+        .arg(&model));
+    let service = start_service(&model, &authority, w, &[]);
+    let out = w.join("predictions.csv");
+    let printed = run(Command::new(CLIENT)
+        .args(["predict", "--quiet", "--server", &service.addr])
+        .args(["--server-token", &service.token])
+        .args(["--authority", &authority.addr, "--token", &authority.token])
+        .args(authority.tls_args())
+        .args(service.tls_flags("--server-ca"))
+        .arg("--data")
+        .arg(&digits)
+        .args(["--limit", "24", "--parallel", "3", "--out"])
+        .arg(&out));
+    let printed = String::from_utf8_lossy(&printed.stdout);
+    assert!(printed.contains("accuracy"), "{printed}");
+    let want = plain_predictions(
+        &model,
+        &cryptonn::cli::DataArgs {
+            data: Some(digits),
+            limit: Some(24),
+            ..Default::default()
+        },
+    );
+    assert_eq!(read_predictions(&out), want);
+    let log = stop_service(service, w);
+    assert!(
+        log.contains("24 predictions") || log.contains("24 quer"),
+        "{log}"
+    );
 }

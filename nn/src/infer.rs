@@ -82,27 +82,40 @@ struct Placed {
 impl Placed {
     fn new(geometry: Geometry, kernels: ArrayView2<i64>) -> Self {
         let table = geometry.table();
-        let (p, k, o) = (geometry.positions(), geometry.patch_len(), kernels.nrows());
-        let n = geometry.input().features();
-        let mut rows = Array2::zeros((p * o, n + 1));
-        for pos in 0..p {
-            let window = &table[pos * k..(pos + 1) * k];
-            for (kernel, w) in kernels.rows().into_iter().enumerate() {
-                let mut row = rows.row_mut(pos * o + kernel);
-                for (col, &src) in window.iter().enumerate() {
-                    if src != PAD {
-                        row[src] = w[col];
-                    }
-                }
-                row[n] = w[k];
-            }
-        }
+        let rows = place(&geometry, &table, kernels);
         Placed {
             geometry,
             table,
             rows,
         }
     }
+}
+
+/// The kernels `(O, K + 1)` (bias weight last) placed at every position of `geometry`:
+/// `(P*O, n + 1)`, row `pos*O + o` (see the module doc). `None` if a kernel does not have
+/// `K + 1` entries. The prediction service and the authority place them the same way.
+pub fn place_kernels(geometry: &Geometry, kernels: ArrayView2<i64>) -> Option<Array2<i64>> {
+    (kernels.ncols() == geometry.patch_len() + 1)
+        .then(|| place(geometry, &geometry.table(), kernels))
+}
+
+fn place(geometry: &Geometry, table: &[usize], kernels: ArrayView2<i64>) -> Array2<i64> {
+    let (p, k, o) = (geometry.positions(), geometry.patch_len(), kernels.nrows());
+    let n = geometry.input().features();
+    let mut rows = Array2::zeros((p * o, n + 1));
+    for pos in 0..p {
+        let window = &table[pos * k..(pos + 1) * k];
+        for (kernel, w) in kernels.rows().into_iter().enumerate() {
+            let mut row = rows.row_mut(pos * o + kernel);
+            for (col, &src) in window.iter().enumerate() {
+                if src != PAD {
+                    row[src] = w[col];
+                }
+            }
+            row[n] = w[k];
+        }
+    }
+    rows
 }
 
 impl QuantizedModel {
@@ -148,6 +161,14 @@ impl QuantizedModel {
             Some(c) => c.rows.view(),
             None => self.weights.values.view(),
         }
+    }
+
+    /// For a convolutional first layer: its geometry and quantized kernels `(O, K + 1)`,
+    /// which [`QuantizedModel::rows`] places at every position.
+    pub fn kernels(&self) -> Option<(&Geometry, ArrayView2<'_, i64>)> {
+        self.conv
+            .as_ref()
+            .map(|c| (&c.geometry, self.weights.values.view()))
     }
 
     /// The largest `|z_int|` any input in `0..=X` can give: what the discrete log must cover.

@@ -240,6 +240,15 @@ impl Authority {
                 policy: policy.clone(),
             }))),
             Request::RowKeys(ys) | Request::InferenceKeys(ys) => feip(&self.row, ys),
+            Request::ConvInferenceKeys(req) => {
+                let placed = policy.check_conv(req)?;
+                let rows: Vec<Vec<i32>> = placed
+                    .rows()
+                    .into_iter()
+                    .map(|r| r.iter().map(|&v| v as i32).collect())
+                    .collect();
+                feip(&self.row, &rows)
+            }
             Request::ColKeys(ys) => feip(&self.col, ys),
             Request::FeboKeys(reqs) => {
                 let parsed = reqs
@@ -639,6 +648,11 @@ fn kind_of(request: &Request) -> (KeyKind, usize) {
         Request::Params => (KeyKind::Params, 0),
         Request::RowKeys(ys) => (KeyKind::Row, ys.len()),
         Request::InferenceKeys(ys) => (KeyKind::Inference, ys.len()),
+        Request::ConvInferenceKeys(req) => (
+            KeyKind::Inference,
+            req.geometry()
+                .map_or(0, |g| g.positions().saturating_mul(req.kernels.len())),
+        ),
         Request::ColKeys(ys) => (KeyKind::Col, ys.len()),
         Request::FeboKeys(r) => (KeyKind::Febo, r.len()),
     }
@@ -669,6 +683,12 @@ fn respond(shared: &AuthorityService, peer: &str, request: &Request) -> Response
                     ys.par_iter().map(|y| audit::feip_record(kind, y)).collect()
                 }
                 Request::FeboKeys(reqs) => reqs.par_iter().map(audit::febo_record).collect(),
+                // The kernels the authority placed (the placed keys follow from them).
+                Request::ConvInferenceKeys(req) => req
+                    .kernels
+                    .par_iter()
+                    .map(|y| audit::feip_record(kind, y))
+                    .collect(),
                 Request::Params => Vec::new(),
             };
             e

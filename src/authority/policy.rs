@@ -13,6 +13,19 @@
 //! never isolates fewer than half of a short row's values. Trained weight rows are dense
 //! (8-bit quantization rounds only weights below 1/254 of the row's largest to zero).
 //!
+//! # Placed kernels
+//!
+//! A prediction service whose first layer is a convolution asks for its `O` kernels and their
+//! window ([`crate::protocol::ConvKeyRequest`]); the authority places each kernel at each of
+//! the `P` positions itself ([`nn::infer::place_kernels`]) and derives one key per placed
+//! kernel, so a caller cannot slip an arbitrary vector in among them. A placed kernel covers
+//! `c` pixels (fewer at the borders, where the window reaches into the padding: 9 of a 5x5
+//! kernel's 25 at a corner with padding 2) and must have non-zero weights on at least
+//! `min(row minimum, ceil(c / 2))` of them: a dense trained kernel passes everywhere, while a
+//! kernel with one non-zero weight (a single-pixel probe at every position), or one whose
+//! non-zero weights fall on a single pixel at some border position, is refused. Entries obey
+//! `max_abs`, at most `max_feip_vectors` kernels, at most [`MAX_PLACED_KEYS`] placed keys.
+//!
 //! The policy is published with the public parameters ([`crate::protocol::Published`]): the
 //! trainer filters its requests by the rules the authority applies.
 //!
@@ -35,7 +48,7 @@
 //! }
 //! ```
 
-use crate::protocol::{FeboKeyRequest, Request};
+use crate::protocol::{ConvKeyRequest, FeboKeyRequest, Request};
 use crate::Curve;
 use fe::febo::Op;
 use fe::FeCurve;
@@ -71,6 +84,10 @@ pub struct Policy {
     #[serde(skip)]
     pub col_len: usize,
 }
+
+/// Most keys one request for placed kernels may yield (kernels times positions; LeNet-5's
+/// first convolution on 28x28 images needs 4,704).
+pub const MAX_PLACED_KEYS: usize = 1 << 16;
 
 /// The row minimum of the default policy for rows of length `row_len`:
 /// `min(16, ceil(row_len / 2))`.
@@ -160,7 +177,74 @@ impl Policy {
                 self.check_feip("column", ys, self.col_len, self.min_nonzero_col)
             }
             Request::FeboKeys(reqs) => self.check_febo(reqs),
+            Request::ConvInferenceKeys(req) => self.check_conv(req).map(|_| ()),
         }
+    }
+
+    /// Checks a request for placed kernels (module doc); returns the placed rows.
+    pub fn check_conv(&self, req: &ConvKeyRequest) -> Result<ndarray::Array2<i64>, String> {
+        let g = req.geometry().map_err(|e| format!("convolution: {e}"))?;
+        if g.input().features() + 1 != self.row_len {
+            return Err(format!(
+                "convolution over {} inputs; the parameters' rows have {} entries (inputs and \
+                 bias)",
+                g.input().features(),
+                self.row_len
+            ));
+        }
+        let k = g.patch_len() + 1;
+        let kernels = req
+            .kernel_matrix()
+            .filter(|m| m.ncols() == k)
+            .ok_or_else(|| format!("every kernel must have {k} entries (weights and bias)"))?;
+        if kernels.nrows() > self.max_feip_vectors {
+            return Err(format!(
+                "{} kernels in one request; the policy allows at most {}",
+                kernels.nrows(),
+                self.max_feip_vectors
+            ));
+        }
+        let placed_keys = kernels.nrows().saturating_mul(g.positions());
+        if placed_keys > MAX_PLACED_KEYS {
+            return Err(format!(
+                "{placed_keys} placed kernels in one request; at most {MAX_PLACED_KEYS}"
+            ));
+        }
+        if let Some(v) = kernels
+            .iter()
+            .find(|v| v.unsigned_abs() > u64::from(self.max_abs))
+        {
+            return Err(format!(
+                "kernel entry {v} exceeds the policy's max_abs {}",
+                self.max_abs
+            ));
+        }
+        let mut ones = ndarray::Array2::<i64>::ones((1, k));
+        ones[[0, k - 1]] = 0;
+        let covered = nn::infer::place_kernels(&g, ones.view()).ok_or("placement")?;
+        let placed = nn::infer::place_kernels(&g, kernels.view()).ok_or("placement")?;
+        let n = g.input().features();
+        let o = kernels.nrows();
+        for (r, row) in placed.rows().into_iter().enumerate() {
+            let c = covered
+                .row(r / o)
+                .iter()
+                .take(n)
+                .filter(|&&v| v != 0)
+                .count();
+            let nonzero = row.iter().take(n).filter(|&&v| v != 0).count();
+            let need = self.min_row().min(c.div_ceil(2));
+            if nonzero < need {
+                return Err(format!(
+                    "kernel {} at position {} weighs {nonzero} of the {c} pixels it covers; the \
+                     policy requires at least {need} (a key with few non-zero entries reveals \
+                     single pixels)",
+                    r % o,
+                    r / o
+                ));
+            }
+        }
+        Ok(placed)
     }
 
     fn check_feip(
@@ -245,6 +329,70 @@ mod tests {
 
     fn dense(len: usize, nonzero: usize, v: i32) -> Vec<i32> {
         (0..len).map(|i| if i < nonzero { v } else { 0 }).collect()
+    }
+
+    /// LeNet's first convolution over 28x28 images: 5x5, stride 1, padding 2.
+    fn lenet_conv(kernels: Vec<Vec<i32>>) -> Request {
+        Request::ConvInferenceKeys(ConvKeyRequest {
+            input: [1, 28, 28],
+            window: [5, 1, 2],
+            kernels,
+        })
+    }
+
+    #[test]
+    fn placed_kernels_pass_when_dense_and_are_refused_as_probes() {
+        let p = Policy::default().with_lengths(785, 64);
+        // Six dense 8-bit kernels: every position passes, the corners covering 9 pixels.
+        let dense: Vec<Vec<i32>> = (0..6)
+            .map(|o| (0..26).map(|i| ((i * 7 + o * 3) % 200 - 100) | 1).collect())
+            .collect();
+        assert_eq!(p.check(&lenet_conv(dense.clone())), Ok(()));
+        if let Request::ConvInferenceKeys(req) = lenet_conv(dense.clone()) {
+            assert_eq!(p.check_conv(&req).expect("placed").dim(), (6 * 784, 785));
+        }
+        // One non-zero weight: a single-pixel probe at every position.
+        let mut probe = vec![0; 26];
+        probe[12] = 100;
+        let e = p.check(&lenet_conv(vec![probe])).unwrap_err();
+        assert!(e.contains("reveals single pixels"), "{e}");
+        // Dense in its top-left rows, with one weight on the bottom-right pixel: at the top-left
+        // corner, where the window covers only its bottom-right 3x3, it reads one pixel.
+        let mut corner = vec![0; 26];
+        for v in corner.iter_mut().take(15) {
+            *v = 50;
+        }
+        corner[24] = 50;
+        let e = p.check(&lenet_conv(vec![corner])).unwrap_err();
+        assert!(
+            e.contains("position 0") && e.contains("of the 9 pixels"),
+            "{e}"
+        );
+        // Shapes: another image size, kernels of the wrong length, entries too large.
+        let e = p
+            .check(&Request::ConvInferenceKeys(ConvKeyRequest {
+                input: [1, 20, 20],
+                window: [5, 1, 2],
+                kernels: dense.clone(),
+            }))
+            .unwrap_err();
+        assert!(e.contains("401 inputs") || e.contains("400 inputs"), "{e}");
+        let e = p.check(&lenet_conv(vec![vec![1; 25]])).unwrap_err();
+        assert!(e.contains("26 entries"), "{e}");
+        let mut big = dense[0].clone();
+        big[3] = 40_000;
+        assert!(p
+            .check(&lenet_conv(vec![big]))
+            .unwrap_err()
+            .contains("max_abs"));
+        let e = p
+            .check(&Request::ConvInferenceKeys(ConvKeyRequest {
+                input: [1, 28, 28],
+                window: [29, 1, 0],
+                kernels: dense,
+            }))
+            .unwrap_err();
+        assert!(e.contains("convolution"), "{e}");
     }
 
     fn febo(op: Op, operand: i64) -> FeboKeyRequest {
