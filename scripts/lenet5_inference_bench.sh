@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Encrypted inference with LeNet-5 (first convolution under FE: 4,704 placed-kernel keys):
+# trains the model by simulation on full MNIST (2 epochs), then serves it and measures
+# throughput (8 queries in flight) and idle latency, with the accuracy against plain
+# quantized inference. Usage: CRYPTONN_MNIST_DIR=DIR scripts/lenet5_inference_bench.sh [WORK]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${CRYPTONN_MNIST_DIR:?set CRYPTONN_MNIST_DIR to a directory with the four MNIST IDX files}"
+work="${1:-lenet5-bench}"
+limit="${LIMIT:-2000}"
+bin=target/release
+cargo build --release --bins -q
+rm -rf "$work"
+mkdir -p "$work"
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+
+start() {
+  local out=$1; shift
+  "$@" > "$out" 2> "$out.err" &
+  pid=$!
+  pids+=("$pid")
+  for _ in $(seq 1200); do grep -q "listening on" "$out" && break; sleep 0.1; done
+  addr=$(sed -n 's/^listening on //p' "$out")
+  [ -n "$addr" ] || { cat "$out.err"; exit 1; }
+}
+
+"$bin/authority" init --dir "$work/authority" --batch-size 64 > /dev/null
+start "$work/authority.out" "$bin/authority" serve --quiet --dir "$work/authority" --listen 127.0.0.1:0
+tok=(--authority "$addr" --token-file "$work/authority/token")
+
+echo "== model: LeNet-5, 2 epochs on full MNIST (simulated, 8-bit first convolution)"
+"$bin/trainer" simulate --data "$CRYPTONN_MNIST_DIR" --spec lenet5 --activation relu \
+  --epochs 2 --seed 1 --bits 8 --quiet --out "$work/model.bin"
+"$bin/trainer" evaluate --model "$work/model.bin" --data "$CRYPTONN_MNIST_DIR" --bits 8
+
+start "$work/serve.out" "$bin/trainer" serve --model "$work/model.bin" "${tok[@]}" \
+  --listen 127.0.0.1:0 --bits 8 --client-token-file "$work/serve.token" \
+  --dlog-table "$work/dlog.bin"
+svc=$addr
+head -1 "$work/serve.out.err"
+predict() {
+  "$bin/client" predict --quiet --server "$svc" --server-token-file "$work/serve.token" \
+    "${tok[@]}" --data "$CRYPTONN_MNIST_DIR" "$@"
+}
+echo "== all cores ($(nproc)): $limit test images, 8 queries in flight"
+predict --parallel 8 --limit "$limit" --out "$work/predictions.csv"
+echo "== idle service, one query at a time (200 images)"
+predict --parallel 1 --limit 200 --out "$work/idle.csv"
