@@ -10,30 +10,9 @@
 #   CRYPTONN_MNIST_DIR=/path/to/mnist ./scripts/inference_bench.sh [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${CRYPTONN_MNIST_DIR:?set CRYPTONN_MNIST_DIR to a directory with the four MNIST IDX files}"
 work="${1:-inference-bench}"
-bin=target/release
-cargo build --release --bins -q
-rm -rf "$work"
-mkdir -p "$work"
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-
-# Starts a server command (its stdout into $1), waits for "listening on"; sets $addr and $pid.
-start() {
-  local out=$1; shift
-  "$@" > "$out" 2> "$out.err" &
-  pid=$!
-  pids+=("$pid")
-  for _ in $(seq 600); do grep -q "listening on" "$out" && break; sleep 0.1; done
-  addr=$(sed -n 's/^listening on //p' "$out")
-  [ -n "$addr" ] || { cat "$out.err"; exit 1; }
-}
-
-"$bin/authority" init --dir "$work/authority" --batch-size 64 > /dev/null
-start "$work/authority.out" "$bin/authority" serve --quiet --dir "$work/authority" --listen 127.0.0.1:0
-auth=$addr
-tok=(--authority "$auth" --token-file "$work/authority/token")
+# shellcheck source=bench_common.sh
+source scripts/bench_common.sh
 
 echo "== model: one epoch on full MNIST (simulated; bit-identical to encrypted training)"
 "$bin/trainer" simulate --data "$CRYPTONN_MNIST_DIR" --spec 784-128-32-10 --epochs 1 --seed 1 \

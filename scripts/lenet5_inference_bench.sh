@@ -5,29 +5,10 @@
 # quantized inference. Usage: CRYPTONN_MNIST_DIR=DIR scripts/lenet5_inference_bench.sh [WORK]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${CRYPTONN_MNIST_DIR:?set CRYPTONN_MNIST_DIR to a directory with the four MNIST IDX files}"
 work="${1:-lenet5-bench}"
 limit="${LIMIT:-2000}"
-bin=target/release
-cargo build --release --bins -q
-rm -rf "$work"
-mkdir -p "$work"
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-
-start() {
-  local out=$1; shift
-  "$@" > "$out" 2> "$out.err" &
-  pid=$!
-  pids+=("$pid")
-  for _ in $(seq 1200); do grep -q "listening on" "$out" && break; sleep 0.1; done
-  addr=$(sed -n 's/^listening on //p' "$out")
-  [ -n "$addr" ] || { cat "$out.err"; exit 1; }
-}
-
-"$bin/authority" init --dir "$work/authority" --batch-size 64 > /dev/null
-start "$work/authority.out" "$bin/authority" serve --quiet --dir "$work/authority" --listen 127.0.0.1:0
-tok=(--authority "$addr" --token-file "$work/authority/token")
+# shellcheck source=bench_common.sh
+source scripts/bench_common.sh
 
 echo "== model: LeNet-5, 2 epochs on full MNIST (simulated, 8-bit first convolution)"
 "$bin/trainer" simulate --data "$CRYPTONN_MNIST_DIR" --spec lenet5 --activation relu \

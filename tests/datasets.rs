@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{fails, run, serve_on, start_authority, Served, CLIENT, TRAINER};
+use common::{fails, run, serve_on, start_authority, train_with, Served, CLIENT, TRAINER};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -56,16 +56,7 @@ fn encrypted_equals_simulated(
         encoding.exists(),
         "the client writes its encoding beside the output"
     );
-    run(Command::new(TRAINER)
-        .args([
-            "train",
-            "--quiet",
-            "--authority",
-            &a.addr,
-            "--token",
-            &a.token,
-        ])
-        .args(a.tls_args())
+    run(train_with(&a)
         .args(MODEL)
         .arg("--data")
         .arg(&enc)
@@ -357,16 +348,7 @@ fn a_trainer_survives_an_authority_restart_mid_run() {
         .arg(&enc));
     let model = ["--spec", "12", "--seed", "3", "--epochs", "4"];
     let ck = w.join("ckpt.bin");
-    let mut trainer = Command::new(TRAINER)
-        .args([
-            "train",
-            "--quiet",
-            "--authority",
-            &a.addr,
-            "--token",
-            &a.token,
-        ])
-        .args(a.tls_args())
+    let mut trainer = train_with(&a)
         .args(model)
         .arg("--data")
         .arg(&enc)

@@ -43,23 +43,14 @@ const MODEL: [&str; 8] = [
 ];
 
 fn train_cmd(a: &Authority, data: &Path, model: &Path, work: &Path) -> Command {
-    let mut c = Command::new(TRAINER);
-    c.args([
-        "train",
-        "--quiet",
-        "--authority",
-        &a.addr,
-        "--token",
-        &a.token,
-    ])
-    .args(a.tls_args())
-    .args(MODEL)
-    .arg("--data")
-    .arg(data)
-    .arg("--out")
-    .arg(model)
-    .arg("--dlog-table")
-    .arg(work.join("dlog.bin"));
+    let mut c = common::train_with(a);
+    c.args(MODEL)
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(model)
+        .arg("--dlog-table")
+        .arg(work.join("dlog.bin"));
     c
 }
 

@@ -117,6 +117,21 @@ fn listening_address(child: &mut Child) -> Option<String> {
         })
 }
 
+/// `trainer train --quiet` reaching the authority `a` (address, token and TLS flags).
+pub fn train_with(a: &Served) -> Command {
+    let mut c = Command::new(TRAINER);
+    c.args([
+        "train",
+        "--quiet",
+        "--authority",
+        &a.addr,
+        "--token",
+        &a.token,
+    ])
+    .args(a.tls_args());
+    c
+}
+
 /// Serves the key directory `dir` on a free loopback port, with `extra` serve flags.
 pub fn serve(dir: &Path, extra: &[&str]) -> Served {
     serve_on(dir, "127.0.0.1:0", extra)
