@@ -409,6 +409,10 @@ pub struct TlsArgs {
     /// certificate trusted, compared byte for byte. Default: cert.pem beside --token-file.
     #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
+    /// Trust the authority's certificate by its SHA-256 fingerprint instead of a copy of the
+    /// file (the 64 hexadecimal digits `authority init` prints).
+    #[arg(long, value_name = "HEX", conflicts_with = "ca")]
+    pub ca_fingerprint: Option<String>,
     /// Speak clear-text TCP instead of TLS: tokens, keys and data travel unprotected. For
     /// tests and benchmarks only; the server must be started with --insecure-plaintext too.
     #[arg(long)]
@@ -424,8 +428,11 @@ impl TlsArgs {
     ) -> anyhow::Result<crate::protocol::ClientTransport> {
         let beside = token_file.map(|t| sibling(t, crate::tls::CERT_FILE));
         client_transport(
-            self.ca.as_deref(),
-            beside.as_deref(),
+            Pin {
+                file: self.ca.as_deref(),
+                fingerprint: self.ca_fingerprint.as_deref(),
+                default_file: beside.as_deref(),
+            },
             self.insecure_plaintext,
             "the authority",
             "--ca",
@@ -441,29 +448,46 @@ pub fn sibling(file: &Path, name: &str) -> PathBuf {
     }
 }
 
-/// The transport to a server: clear text when `plaintext`, else TLS pinned to `cert`, or to
-/// `default_cert` when that file exists. `who` and `flag` name the server and the flag in
-/// the error when there is no certificate to pin.
+/// What a caller trusts a server's certificate by: a copy of the file, its fingerprint, or
+/// the file at a default place.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pin<'a> {
+    /// The certificate file given (`--ca`, `--server-ca`).
+    pub file: Option<&'a Path>,
+    /// Its SHA-256 fingerprint given instead (`--ca-fingerprint`, `--server-ca-fingerprint`).
+    pub fingerprint: Option<&'a str>,
+    /// Where the file is looked for when neither is given.
+    pub default_file: Option<&'a Path>,
+}
+
+/// The transport to a server: clear text when `plaintext`, else TLS pinned as `pin` says.
+/// `who` and `flag` name the server and the flag in the error when there is nothing to pin.
 pub fn client_transport(
-    cert: Option<&Path>,
-    default_cert: Option<&Path>,
+    pin: Pin<'_>,
     plaintext: bool,
     who: &str,
     flag: &str,
 ) -> anyhow::Result<crate::protocol::ClientTransport> {
     use anyhow::Context;
+    let (cert, default_cert) = (pin.file, pin.default_file);
     if plaintext {
-        if cert.is_some() {
+        if cert.is_some() || pin.fingerprint.is_some() {
             anyhow::bail!("{flag} and --insecure-plaintext contradict each other");
         }
         return Ok(crate::protocol::ClientTransport::Plaintext);
+    }
+    if let Some(hex) = pin.fingerprint {
+        let config = crate::tls::pinned_client_fingerprint(hex)
+            .with_context(|| format!("the certificate fingerprint of {who}"))?;
+        return Ok(crate::protocol::ClientTransport::Tls(config));
     }
     let path = match (cert, default_cert) {
         (Some(c), _) => c,
         (None, Some(d)) if d.exists() => d,
         _ => anyhow::bail!(
-            "no TLS certificate to trust for {who}: give its certificate with {flag} FILE{} \
-             (or --insecure-plaintext on both sides, for tests)",
+            "no TLS certificate to trust for {who}: give its certificate with {flag} FILE or \
+             its fingerprint with {flag}-fingerprint HEX{} (or --insecure-plaintext on both \
+             sides, for tests)",
             default_cert
                 .map(|d| format!(" (looked for {})", d.display()))
                 .unwrap_or_default()

@@ -192,9 +192,39 @@ pub fn pinned_client(cert: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError>
 pub fn pinned_client_der(
     cert: CertificateDer<'static>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    pinned_client_sha256(Sha256::digest(cert.as_ref()).into())
+}
+
+/// A client configuration that trusts exactly the certificate whose [`fingerprint`] is
+/// `hex` (64 hexadecimal digits, colons and a `sha256:` prefix allowed): what `authority
+/// init` and `trainer serve` print, for callers that have no copy of the certificate file.
+pub fn pinned_client_fingerprint(hex: &str) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let digits: String = hex
+        .trim()
+        .trim_start_matches("sha256:")
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
+    let bad = || {
+        TlsError::Generate(format!(
+            "{hex:?} is not a SHA-256 certificate fingerprint (64 hexadecimal digits)"
+        ))
+    };
+    if digits.len() != 64 || !digits.is_ascii() {
+        return Err(bad());
+    }
+    let mut sha = [0u8; 32];
+    for (i, b) in sha.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&digits[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    pinned_client_sha256(sha)
+}
+
+/// A client configuration that trusts exactly the certificate with this SHA-256.
+fn pinned_client_sha256(sha256: [u8; 32]) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = provider();
     let verifier = PinnedCert {
-        cert,
+        sha256,
         algorithms: provider.signature_verification_algorithms,
     };
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -224,7 +254,8 @@ pub fn server_name(addr: &str) -> Result<ServerName<'static>, TlsError> {
 /// it (so the server proves it holds the certificate's private key).
 #[derive(Debug)]
 struct PinnedCert {
-    cert: CertificateDer<'static>,
+    /// SHA-256 of the one certificate's DER encoding.
+    sha256: [u8; 32],
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -237,7 +268,8 @@ impl ServerCertVerifier for PinnedCert {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.cert.as_ref() {
+        let seen: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
+        if seen == self.sha256 {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(

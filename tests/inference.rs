@@ -445,12 +445,17 @@ fn a_convolutional_model_is_served_as_plain_quantized_inference() {
         .arg(&model));
     let service = start_service(&model, &authority, w, &[]);
     let out = w.join("predictions.csv");
+    // Both certificates pinned by their fingerprints instead of copies of the files.
+    let print = |s: &Served| {
+        let cert = s.ca.as_deref().expect("a TLS server");
+        cryptonn::tls::fingerprint(&cryptonn::tls::read_cert(cert).expect("certificate"))
+    };
     let printed = run(Command::new(CLIENT)
         .args(["predict", "--quiet", "--server", &service.addr])
         .args(["--server-token", &service.token])
         .args(["--authority", &authority.addr, "--token", &authority.token])
-        .args(authority.tls_args())
-        .args(service.tls_flags("--server-ca"))
+        .args(["--ca-fingerprint", &print(&authority)])
+        .args(["--server-ca-fingerprint", &print(&service)])
         .arg("--data")
         .arg(&digits)
         .args(["--limit", "24", "--parallel", "3", "--out"])

@@ -243,3 +243,36 @@ fn generated_certificates_differ_and_pin_only_themselves() {
     assert!(tls::read_cert(&dir.join("junk.pem")).is_err());
     assert!(tls::pinned_client(&dir.join("missing.pem")).is_err());
 }
+
+/// The certificate's fingerprint pins it as well as a copy of the file; another
+/// certificate's fingerprint is refused, and a malformed one is an error before connecting.
+#[test]
+fn a_client_pinning_the_fingerprint_is_served_and_another_refused() {
+    let s = serve("fingerprint", true, Duration::from_secs(5));
+    let hex = tls::fingerprint(&tls::read_cert(&s.dir.join(tls::CERT_FILE)).unwrap());
+    let by_print = |hex: &str| ClientConfig {
+        transport: ClientTransport::Tls(tls::pinned_client_fingerprint(hex).unwrap()),
+        ..ClientConfig::default()
+    };
+    // As printed, upper-case with colons, or with a prefix.
+    let colons: Vec<String> = hex
+        .as_bytes()
+        .chunks(2)
+        .map(|p| String::from_utf8_lossy(p).to_uppercase())
+        .collect();
+    for form in [hex.clone(), colons.join(":"), format!("sha256:{hex}")] {
+        let mut c = AuthorityClient::connect_with(&s.addr, &s.token, by_print(&form)).unwrap();
+        assert_eq!(c.params().unwrap().batch_size(), 4, "{form}");
+    }
+    let mut other = hex.clone().into_bytes();
+    other[10] = if other[10] == b'0' { b'1' } else { b'0' };
+    let other = String::from_utf8(other).unwrap();
+    match AuthorityClient::connect_with(&s.addr, &s.token, by_print(&other)) {
+        Err(ProtocolError::Tls(m)) => assert!(m.contains("other than the pinned one"), "{m}"),
+        other => panic!("expected a TLS error, got {other:?}"),
+    }
+    for bad in ["", "abc", &hex[..62], &format!("{}zz", &hex[..62])] {
+        assert!(tls::pinned_client_fingerprint(bad).is_err(), "{bad:?}");
+    }
+    s.stop();
+}

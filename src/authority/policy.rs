@@ -24,7 +24,8 @@
 //! `min(row minimum, ceil(c / 2))` of them: a dense trained kernel passes everywhere, while a
 //! kernel with one non-zero weight (a single-pixel probe at every position), or one whose
 //! non-zero weights fall on a single pixel at some border position, is refused. Entries obey
-//! `max_abs`, at most `max_feip_vectors` kernels, at most [`MAX_PLACED_KEYS`] placed keys.
+//! `max_abs`, at most `max_feip_vectors` kernels, at most [`MAX_PLACED_KEYS`] placed keys
+//! and [`MAX_PLACED_ENTRIES`] entries in all.
 //!
 //! The policy is published with the public parameters ([`crate::protocol::Published`]): the
 //! trainer filters its requests by the rules the authority applies.
@@ -88,6 +89,11 @@ pub struct Policy {
 /// Most keys one request for placed kernels may yield (kernels times positions; LeNet-5's
 /// first convolution on 28x28 images needs 4,704).
 pub const MAX_PLACED_KEYS: usize = 1 << 16;
+
+/// Most entries of the placed kernels of one request (keys times the row length), which the
+/// authority holds in memory while it derives them: 2^25 (256 MiB as 64-bit integers;
+/// LeNet-5's first convolution has 3.7 million).
+pub const MAX_PLACED_ENTRIES: usize = 1 << 25;
 
 /// The row minimum of the default policy for rows of length `row_len`:
 /// `min(16, ceil(row_len / 2))`.
@@ -205,9 +211,13 @@ impl Policy {
             ));
         }
         let placed_keys = kernels.nrows().saturating_mul(g.positions());
-        if placed_keys > MAX_PLACED_KEYS {
+        if placed_keys > MAX_PLACED_KEYS
+            || placed_keys.saturating_mul(self.row_len) > MAX_PLACED_ENTRIES
+        {
             return Err(format!(
-                "{placed_keys} placed kernels in one request; at most {MAX_PLACED_KEYS}"
+                "{placed_keys} placed kernels of {} entries in one request; at most \
+                 {MAX_PLACED_KEYS} and {MAX_PLACED_ENTRIES} entries in all",
+                self.row_len
             ));
         }
         if let Some(v) = kernels
@@ -377,6 +387,10 @@ mod tests {
             }))
             .unwrap_err();
         assert!(e.contains("401 inputs") || e.contains("400 inputs"), "{e}");
+        // 64 kernels at 784 positions: 50,176 keys of 785 entries, past the memory bound.
+        let many = vec![dense[0].clone(); 64];
+        let e = p.check(&lenet_conv(many)).unwrap_err();
+        assert!(e.contains("entries in all"), "{e}");
         let e = p.check(&lenet_conv(vec![vec![1; 25]])).unwrap_err();
         assert!(e.contains("26 entries"), "{e}");
         let mut big = dense[0].clone();

@@ -82,6 +82,10 @@ enum Command {
         /// the --server-token-file with extension .pem (where `trainer serve` writes it).
         #[arg(long, value_name = "FILE")]
         server_ca: Option<PathBuf>,
+        /// Trust the prediction service's certificate by its SHA-256 fingerprint (which
+        /// `trainer serve` prints) instead of a copy of the file.
+        #[arg(long, value_name = "HEX", conflicts_with = "server_ca")]
+        server_ca_fingerprint: Option<String>,
         #[command(flatten)]
         authority: AuthorityArgs,
         #[command(flatten)]
@@ -106,6 +110,7 @@ fn main() -> Result<()> {
             server_token,
             server_token_file,
             server_ca,
+            server_ca_fingerprint,
             authority,
             data,
             parallel,
@@ -114,8 +119,11 @@ fn main() -> Result<()> {
         } => predict::run(&predict::Args {
             authority_transport: authority.tls.authority(authority.token_file.as_deref())?,
             server_transport: cryptonn::cli::client_transport(
-                server_ca.as_deref(),
-                Some(&server_token_file.with_extension("pem")),
+                cryptonn::cli::Pin {
+                    file: server_ca.as_deref(),
+                    fingerprint: server_ca_fingerprint.as_deref(),
+                    default_file: Some(&server_token_file.with_extension("pem")),
+                },
                 authority.tls.insecure_plaintext,
                 "the prediction service",
                 "--server-ca",
