@@ -467,6 +467,20 @@ fn connection_cap() {
     b.params().unwrap();
 }
 
+/// Binds `addr` again after a server on it stopped: the port can stay taken for a moment
+/// (the stopped server's connections closing), so this retries for up to 5 s.
+fn bind_again(addr: &str) -> TcpListener {
+    let mut last = None;
+    for _ in 0..100 {
+        match TcpListener::bind(addr) {
+            Ok(l) => return l,
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("cannot bind {addr} again: {last:?}");
+}
+
 #[test]
 fn client_survives_an_authority_restart() {
     let s = start("restart");
@@ -475,7 +489,7 @@ fn client_survives_an_authority_restart() {
     assert_eq!(c.connections(), 1);
     let (dir, addr, token) = (s.dir.clone(), s.addr.clone(), s.token.clone());
     let restart = move || {
-        let listener = TcpListener::bind(&addr).unwrap();
+        let listener = bind_again(&addr);
         let config = ServerConfig::new(token.clone(), dir.join(authority::AUDIT_FILE));
         authority::spawn(listener, authority::load(&dir).unwrap(), config).unwrap()
     };

@@ -138,8 +138,20 @@ pub fn serve(dir: &Path, extra: &[&str]) -> Served {
 }
 
 /// Serves the key directory `dir` on `listen` (an address a stopped authority had, to
-/// restart it), with `extra` serve flags.
+/// restart it: retried for up to 5 s while the port is still taken), with `extra` serve
+/// flags.
 pub fn serve_on(dir: &Path, listen: &str, extra: &[&str]) -> Served {
+    for _ in 0..50 {
+        if let Some(s) = try_serve_on(dir, listen, extra) {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the authority cannot listen on {listen}");
+}
+
+/// One attempt of [`serve_on`]: `None` if the authority exits before printing its address.
+fn try_serve_on(dir: &Path, listen: &str, extra: &[&str]) -> Option<Served> {
     let mut child = Command::new(AUTHORITY)
         .args(["serve", "--listen", listen, "--quiet", "--dir"])
         .arg(dir)
@@ -149,18 +161,21 @@ pub fn serve_on(dir: &Path, listen: &str, extra: &[&str]) -> Served {
         .stderr(Stdio::null())
         .spawn()
         .expect("authority starts");
-    let addr = listening_address(&mut child).expect("the authority prints its address");
+    let Some(addr) = listening_address(&mut child) else {
+        let _ = child.wait();
+        return None;
+    };
     let token = std::fs::read_to_string(dir.join("token"))
         .expect("token")
         .trim()
         .to_string();
     let ca = (!plaintext(extra)).then(|| dir.join("cert.pem"));
-    Served {
+    Some(Served {
         child,
         addr,
         token,
         ca,
-    }
+    })
 }
 
 /// `authority init` with `init` flags into `dir`, then [`serve`].
