@@ -1035,6 +1035,16 @@ pub fn verify(path: &Path) -> std::io::Result<AuditReport> {
                     continue;
                 }
             };
+            if read == LineRead::Line(false) {
+                // Every entry is written with its newline: a last line without one is what
+                // truncating the file by its final byte leaves.
+                brk(
+                    &mut report,
+                    file,
+                    n,
+                    "the file ends without a newline after this entry (truncated?)".into(),
+                );
+            }
             if let (Event::Start, Some(h)) = (line.event, &line.head_mismatch) {
                 brk(
                     &mut report,
