@@ -266,9 +266,8 @@ impl PredictionService {
             .collect();
         let keys = match model.kernels() {
             None => authority.inference_keys(&rows)?,
-            Some((g, kernels)) => {
-                authority.conv_inference_keys(Self::conv_request(g, kernels)?, &rows)?
-            }
+            Some((g, kernels)) => authority
+                .conv_inference_keys(crate::protocol::ConvKeyRequest::new(g, kernels)?, &rows)?,
         };
         let decryptor = FeipDecryptor::new(&params.row.params(), &keys, &dlog)?;
         drop(keys);
@@ -360,42 +359,6 @@ impl PredictionService {
         self.core.batcher.ready.notify_one();
         rx.recv()
             .unwrap_or_else(|_| Err("the prediction service is shutting down".into()))
-    }
-
-    /// The authority's request for the keys of a convolution's placed kernels.
-    fn conv_request(
-        g: &nn::layers::Geometry,
-        kernels: ndarray::ArrayView2<'_, i64>,
-    ) -> Result<crate::protocol::ConvKeyRequest, InferenceError> {
-        let small = |v: usize| {
-            u32::try_from(v)
-                .map_err(|_| InferenceError::Setting(format!("{v} does not fit 32 bits")))
-        };
-        let (input, w) = (g.input(), g.window());
-        let kernels = kernels
-            .rows()
-            .into_iter()
-            .map(|r| {
-                r.iter()
-                    .map(|&v| {
-                        i32::try_from(v).map_err(|_| {
-                            InferenceError::Setting(format!(
-                                "kernel entry {v} does not fit 32 bits"
-                            ))
-                        })
-                    })
-                    .collect()
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(crate::protocol::ConvKeyRequest {
-            input: [
-                small(input.channels())?,
-                small(input.height())?,
-                small(input.width())?,
-            ],
-            window: [small(w.size)?, small(w.stride)?, small(w.padding)?],
-            kernels,
-        })
     }
 
     /// Decodes a query and checks its parameters and length.

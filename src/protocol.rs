@@ -130,7 +130,43 @@ pub struct ConvKeyRequest {
     pub kernels: Vec<Vec<i32>>,
 }
 
+/// A key vector as sent: every entry must fit 32 bits.
+fn wire_vector(y: &[i64]) -> Result<Vec<i32>, ProtocolError> {
+    y.iter()
+        .map(|&v| {
+            i32::try_from(v).map_err(|_| {
+                ProtocolError::Unexpected(format!("key entry {v} does not fit in 32 bits"))
+            })
+        })
+        .collect()
+}
+
 impl ConvKeyRequest {
+    /// The request for `kernels` (`O` rows of `K + 1`) in `geometry`.
+    pub fn new(
+        geometry: &nn::layers::Geometry,
+        kernels: ndarray::ArrayView2<'_, i64>,
+    ) -> Result<Self, ProtocolError> {
+        let small = |v: usize| {
+            u32::try_from(v)
+                .map_err(|_| ProtocolError::Unexpected(format!("{v} does not fit 32 bits")))
+        };
+        let (input, w) = (geometry.input(), geometry.window());
+        Ok(ConvKeyRequest {
+            input: [
+                small(input.channels())?,
+                small(input.height())?,
+                small(input.width())?,
+            ],
+            window: [small(w.size)?, small(w.stride)?, small(w.padding)?],
+            kernels: kernels
+                .rows()
+                .into_iter()
+                .map(|r| wire_vector(&r.to_vec()))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
     /// The geometry the request describes, if it is a valid one.
     pub fn geometry(&self) -> Result<nn::layers::Geometry, String> {
         let [c, h, w] = self.input.map(|v| v as usize);
@@ -170,6 +206,13 @@ pub enum Request {
     /// Inner-product keys for a prediction service's convolutional first layer: one per
     /// kernel and position, placed by the authority (logged as inference keys).
     ConvInferenceKeys(ConvKeyRequest),
+    /// Training's forward keys of a convolutional first layer: its current kernels, placed
+    /// by the authority at every position (logged as row keys).
+    ConvRowKeys(ConvKeyRequest),
+    /// Training's backward keys of a convolutional first layer: one column vector (length =
+    /// batch size) per position and kernel, the deltas there over the batch; bounded like
+    /// placed kernels rather than by `max_feip_vectors` (logged as column keys).
+    ConvColKeys(Vec<Vec<i32>>),
 }
 
 /// The header frame of a request: read and checked before the request itself. Its first two
@@ -847,18 +890,8 @@ impl AuthorityClient {
     ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
         let wire = ys
             .iter()
-            .map(|y| {
-                y.iter()
-                    .map(|&v| {
-                        i32::try_from(v).map_err(|_| {
-                            ProtocolError::Unexpected(format!(
-                                "key entry {v} does not fit in 32 bits"
-                            ))
-                        })
-                    })
-                    .collect::<Result<Vec<i32>, _>>()
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|y| wire_vector(y))
+            .collect::<Result<_, _>>()?;
         let response = self.call(kind(wire))?;
         keys_from(response, ys)
     }
@@ -873,6 +906,25 @@ impl AuthorityClient {
     ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
         let response = self.call(Request::ConvInferenceKeys(request))?;
         keys_from(response, placed)
+    }
+
+    /// Training's forward keys of a convolutional first layer, placed by the authority;
+    /// `placed` are the rows it places them at (row `pos * kernels + o`).
+    pub fn conv_row_keys(
+        &mut self,
+        request: ConvKeyRequest,
+        placed: &[Vec<i64>],
+    ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
+        let response = self.call(Request::ConvRowKeys(request))?;
+        keys_from(response, placed)
+    }
+
+    /// Training's backward keys of a convolutional first layer: one per position and kernel.
+    pub fn conv_col_keys(
+        &mut self,
+        ys: &[Vec<i64>],
+    ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
+        self.feip_keys(ys, Request::ConvColKeys)
     }
 
     /// Inner-product keys for first-layer weight rows (length `n + 1`).

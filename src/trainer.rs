@@ -223,11 +223,8 @@ where
     F: FnMut(&Model, &EpochMetrics, &P) -> Result<(), TrainerError>,
 {
     let policy = &data.policy;
-    let layer = Quantized::new(
-        KeyPolicyFilter::new(products, policy.min_row(), policy.min_nonzero_col),
-        cfg.quantizer(),
-    )
-    .map_err(TrainError::from)?;
+    let layer = Quantized::new(KeyPolicyFilter::new(products, policy), cfg.quantizer())
+        .map_err(TrainError::from)?;
     run_layer(layer, data, cfg, test, checkpoint, stop_after, |m, e, l| {
         on_epoch(m, e, l.inner().inner())
     })

@@ -32,6 +32,7 @@ const MODEL: [&str; 6] = ["--spec", "12", "--seed", "3", "--epochs", "2"];
 /// Encrypts `data` (first `limit` samples), trains over TCP, simulates with the client's
 /// encoding, and checks both model files are byte-identical; returns the work directory.
 fn encrypted_equals_simulated(
+    model: &[&str],
     init: &[&str],
     data: &Path,
     limit: usize,
@@ -57,7 +58,7 @@ fn encrypted_equals_simulated(
         "the client writes its encoding beside the output"
     );
     run(train_with(&a)
-        .args(MODEL)
+        .args(model)
         .arg("--data")
         .arg(&enc)
         .arg("--out")
@@ -66,7 +67,7 @@ fn encrypted_equals_simulated(
         .arg(w.join("dlog.bin")));
     run(Command::new(TRAINER)
         .args(["simulate", "--quiet"])
-        .args(MODEL)
+        .args(model)
         .arg("--data")
         .arg(data)
         .arg("--encoding")
@@ -84,8 +85,8 @@ fn encrypted_equals_simulated(
 #[test]
 fn a_real_table_trains_encrypted_as_simulated() {
     let csv = fixture("nn/data/breast-cancer/wdbc.csv");
-    let dir =
-        encrypted_equals_simulated(&["--features", "30", "--classes", "2"], &csv, 96, 16, "255");
+    let init = ["--features", "30", "--classes", "2"];
+    let dir = encrypted_equals_simulated(&MODEL, &init, &csv, 96, 16, "255");
     // the experimenter scores the model on the table with the client's encoding
     let out = run(Command::new(TRAINER)
         .args(["evaluate", "--model"])
@@ -109,6 +110,32 @@ fn a_real_table_trains_encrypted_as_simulated() {
 #[test]
 fn an_image_set_of_another_shape_and_bound_trains_encrypted_as_simulated() {
     encrypted_equals_simulated(
+        &MODEL,
+        &["--features", "64", "--classes", "10", "--x-bound", "16"],
+        &fixture("nn/data/digits-8x8"),
+        64,
+        16,
+        "16",
+    );
+}
+
+/// A convolutional first layer over the encrypted images: forward keys for its placed
+/// kernels, backward keys per position and kernel, gradients summed in the group; eight
+/// steps give the simulation's weights bit for bit.
+#[test]
+fn a_convolutional_first_layer_trains_encrypted_as_simulated() {
+    let model = [
+        "--spec",
+        "conv3x4p1-maxpool2-16",
+        "--activation",
+        "relu",
+        "--seed",
+        "3",
+        "--epochs",
+        "2",
+    ];
+    encrypted_equals_simulated(
+        &model,
         &["--features", "64", "--classes", "10", "--x-bound", "16"],
         &fixture("nn/data/digits-8x8"),
         64,

@@ -62,7 +62,8 @@ fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
         Just(Request::Params),
         vecs.clone().prop_map(Request::RowKeys),
-        vecs.prop_map(Request::ColKeys),
+        vecs.clone().prop_map(Request::ColKeys),
+        vecs.prop_map(Request::ConvColKeys),
         febo.prop_map(Request::FeboKeys),
     ]
 }

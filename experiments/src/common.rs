@@ -333,7 +333,7 @@ pub fn policy_filter<P>(
     batch_size: usize,
 ) -> cryptonn::secure::KeyPolicyFilter<P> {
     let p = cryptonn::authority::Policy::default().with_lengths(info.row_len(), batch_size);
-    cryptonn::secure::KeyPolicyFilter::new(products, p.min_row(), p.min_nonzero_col)
+    cryptonn::secure::KeyPolicyFilter::new(products, &p)
 }
 
 /// The number of full batches of `batch_size` in `n` samples, or an error if there is none.

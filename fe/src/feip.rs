@@ -96,7 +96,7 @@ impl FeipParams {
         Ok(FeipParams { n, x_bound })
     }
 
-    fn check_len(&self, what: &'static str, got: usize) -> Result<()> {
+    pub(crate) fn check_len(&self, what: &'static str, got: usize) -> Result<()> {
         if got != self.n {
             return Err(FeError::LengthMismatch {
                 what,
@@ -490,6 +490,7 @@ struct PreparedKey {
 pub struct DecryptStats {
     group_nanos: AtomicU64,
     dlog_nanos: AtomicU64,
+    additions: AtomicU64,
 }
 
 impl DecryptStats {
@@ -501,8 +502,22 @@ impl DecryptStats {
     pub fn dlog_time(&self) -> Duration {
         Duration::from_nanos(self.dlog_nanos.load(Ordering::Relaxed))
     }
+    /// Point additions (doublings included) counted by the bit-plane products, 0 for the
+    /// other strategies.
+    pub fn additions(&self) -> u64 {
+        self.additions.load(Ordering::Relaxed)
+    }
     fn add(counter: &AtomicU64, since: Instant) {
         counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+    /// Adds group time since `since` and `additions` point additions.
+    pub(crate) fn add_group(&self, since: Instant, additions: u64) {
+        Self::add(&self.group_nanos, since);
+        self.additions.fetch_add(additions, Ordering::Relaxed);
+    }
+    /// Adds discrete-log time since `since`.
+    pub(crate) fn add_dlog(&self, since: Instant) {
+        Self::add(&self.dlog_nanos, since);
     }
 }
 
@@ -802,7 +817,8 @@ impl<E: FeCurve> FeipDecryptor<E> {
                 self.params.check_len("ciphertext", ct.c.len())?;
                 let started = Instant::now();
                 let d = self.group_sums(ct, key_groups);
-                DecryptStats::add(&stats.group_nanos, started);
+                let additions = self.additions_per_ciphertext().unwrap_or(0);
+                stats.add_group(started, additions as u64);
                 let started = Instant::now();
                 let out = self.solve(dlog, &d);
                 DecryptStats::add(&stats.dlog_nanos, started);

@@ -37,6 +37,7 @@ pub mod feip;
 pub mod group;
 pub mod msm;
 pub mod serial;
+pub mod sums;
 
 pub use error::{FeError, Result};
 pub use group::{FeCurve, Ristretto, Secp256k1};

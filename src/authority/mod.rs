@@ -211,14 +211,29 @@ impl Authority {
     /// both): the parameters, the keys, [`Response::Refused`] with the policy's reason, or
     /// [`Response::Error`] for a request that cannot be served (an invalid commitment).
     pub fn answer(&self, policy: &Policy, request: &Request) -> Response {
-        if let Err(reason) = policy.check(request) {
-            return Response::Refused(reason);
+        // Placed kernels are placed once, by the check, and derived from there.
+        let checked = match request {
+            Request::ConvInferenceKeys(req) | Request::ConvRowKeys(req) => {
+                policy.check_conv(req).map(Some)
+            }
+            other => policy.check(other).map(|()| None),
+        };
+        match checked {
+            Ok(placed) => self
+                .derive(policy, request, placed)
+                .unwrap_or_else(Response::Error),
+            Err(reason) => Response::Refused(reason),
         }
-        self.derive(policy, request).unwrap_or_else(Response::Error)
     }
 
-    /// Derives what `request` asks for, with no policy check.
-    fn derive(&self, policy: &Policy, request: &Request) -> Result<Response, String> {
+    /// Derives what `request` asks for, with no policy check; `placed` are a convolution
+    /// request's placed kernels.
+    fn derive(
+        &self,
+        policy: &Policy,
+        request: &Request,
+        placed: Option<ndarray::Array2<i64>>,
+    ) -> Result<Response, String> {
         let feip = |msk: &FeipMasterSecretKey<Curve>, ys: &[Vec<i32>]| {
             let ys: Vec<Vec<i64>> = ys
                 .par_iter()
@@ -240,8 +255,8 @@ impl Authority {
                 policy: policy.clone(),
             }))),
             Request::RowKeys(ys) | Request::InferenceKeys(ys) => feip(&self.row, ys),
-            Request::ConvInferenceKeys(req) => {
-                let placed = policy.check_conv(req)?;
+            Request::ConvInferenceKeys(_) | Request::ConvRowKeys(_) => {
+                let placed = placed.ok_or("the placed kernels are missing")?;
                 let rows: Vec<Vec<i32>> = placed
                     .rows()
                     .into_iter()
@@ -249,7 +264,7 @@ impl Authority {
                     .collect();
                 feip(&self.row, &rows)
             }
-            Request::ColKeys(ys) => feip(&self.col, ys),
+            Request::ColKeys(ys) | Request::ConvColKeys(ys) => feip(&self.col, ys),
             Request::FeboKeys(reqs) => {
                 let parsed = reqs
                     .par_iter()
@@ -653,7 +668,12 @@ fn kind_of(request: &Request) -> (KeyKind, usize) {
             req.geometry()
                 .map_or(0, |g| g.positions().saturating_mul(req.kernels.len())),
         ),
-        Request::ColKeys(ys) => (KeyKind::Col, ys.len()),
+        Request::ConvRowKeys(req) => (
+            KeyKind::Row,
+            req.geometry()
+                .map_or(0, |g| g.positions().saturating_mul(req.kernels.len())),
+        ),
+        Request::ColKeys(ys) | Request::ConvColKeys(ys) => (KeyKind::Col, ys.len()),
         Request::FeboKeys(r) => (KeyKind::Febo, r.len()),
     }
 }
@@ -679,12 +699,15 @@ fn respond(shared: &AuthorityService, peer: &str, request: &Request) -> Response
         _ => {
             let mut e = AuditEntry::new(peer, kind, Outcome::Issued, count);
             e.keys = match request {
-                Request::RowKeys(ys) | Request::ColKeys(ys) | Request::InferenceKeys(ys) => {
+                Request::RowKeys(ys)
+                | Request::ColKeys(ys)
+                | Request::InferenceKeys(ys)
+                | Request::ConvColKeys(ys) => {
                     ys.par_iter().map(|y| audit::feip_record(kind, y)).collect()
                 }
                 Request::FeboKeys(reqs) => reqs.par_iter().map(audit::febo_record).collect(),
                 // The kernels the authority placed (the placed keys follow from them).
-                Request::ConvInferenceKeys(req) => req
+                Request::ConvInferenceKeys(req) | Request::ConvRowKeys(req) => req
                     .kernels
                     .par_iter()
                     .map(|y| audit::feip_record(kind, y))

@@ -86,6 +86,20 @@ pub struct Policy {
     pub col_len: usize,
 }
 
+/// Where a placed kernel weighs too few of the pixels it covers
+/// ([`Policy::placement_shortfall`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shortfall {
+    /// The window position.
+    pub position: usize,
+    /// Non-zero weights on covered pixels.
+    pub nonzero: usize,
+    /// Pixels the window covers there (the rest is padding).
+    pub covered: usize,
+    /// Non-zero weights the rule requires there.
+    pub needed: usize,
+}
+
 /// Most keys one request for placed kernels may yield (kernels times positions; LeNet-5's
 /// first convolution on 28x28 images needs 4,704).
 pub const MAX_PLACED_KEYS: usize = 1 << 16;
@@ -183,8 +197,50 @@ impl Policy {
                 self.check_feip("column", ys, self.col_len, self.min_nonzero_col)
             }
             Request::FeboKeys(reqs) => self.check_febo(reqs),
-            Request::ConvInferenceKeys(req) => self.check_conv(req).map(|_| ()),
+            Request::ConvInferenceKeys(req) | Request::ConvRowKeys(req) => {
+                self.check_conv(req).map(|_| ())
+            }
+            Request::ConvColKeys(ys) => self.check_conv_cols(ys),
         }
+    }
+
+    /// Checks a convolution's column keys: one per position and kernel, so bounded by
+    /// [`MAX_PLACED_KEYS`] and [`MAX_PLACED_ENTRIES`], each under the column rule.
+    fn check_conv_cols(&self, ys: &[Vec<i32>]) -> Result<(), String> {
+        if ys.len() > MAX_PLACED_KEYS || ys.len().saturating_mul(self.col_len) > MAX_PLACED_ENTRIES
+        {
+            return Err(format!(
+                "{} convolution column vectors in one request; at most {MAX_PLACED_KEYS}",
+                ys.len()
+            ));
+        }
+        self.check_vectors("convolution column", ys, self.col_len, self.min_nonzero_col)
+    }
+
+    /// Where the placed kernel `kernel` (`K + 1` entries, bias last) first weighs too few of
+    /// the pixels it covers (module doc), `None` if it passes at every position.
+    pub fn placement_shortfall(
+        &self,
+        g: &nn::layers::Geometry,
+        kernel: ndarray::ArrayView1<'_, i64>,
+    ) -> Option<Shortfall> {
+        let min_row = self.min_row();
+        (0..g.positions()).find_map(|pos| {
+            let (mut covered, mut nonzero) = (0usize, 0usize);
+            for (col, &w) in kernel.iter().take(g.patch_len()).enumerate() {
+                if g.source(pos, col).is_some() {
+                    covered += 1;
+                    nonzero += usize::from(w != 0);
+                }
+            }
+            let needed = min_row.min(covered.div_ceil(2));
+            (nonzero < needed).then_some(Shortfall {
+                position: pos,
+                nonzero,
+                covered,
+                needed,
+            })
+        })
     }
 
     /// Checks a request for placed kernels (module doc); returns the placed rows.
@@ -229,32 +285,17 @@ impl Policy {
                 self.max_abs
             ));
         }
-        let mut ones = ndarray::Array2::<i64>::ones((1, k));
-        ones[[0, k - 1]] = 0;
-        let covered = nn::infer::place_kernels(&g, ones.view()).ok_or("placement")?;
-        let placed = nn::infer::place_kernels(&g, kernels.view()).ok_or("placement")?;
-        let n = g.input().features();
-        let o = kernels.nrows();
-        for (r, row) in placed.rows().into_iter().enumerate() {
-            let c = covered
-                .row(r / o)
-                .iter()
-                .take(n)
-                .filter(|&&v| v != 0)
-                .count();
-            let nonzero = row.iter().take(n).filter(|&&v| v != 0).count();
-            let need = self.min_row().min(c.div_ceil(2));
-            if nonzero < need {
+        for (o, kernel) in kernels.rows().into_iter().enumerate() {
+            if let Some(f) = self.placement_shortfall(&g, kernel) {
                 return Err(format!(
-                    "kernel {} at position {} weighs {nonzero} of the {c} pixels it covers; the \
-                     policy requires at least {need} (a key with few non-zero entries reveals \
+                    "kernel {o} at position {} weighs {} of the {} pixels it covers; the \
+                     policy requires at least {} (a key with few non-zero entries reveals \
                      single pixels)",
-                    r % o,
-                    r / o
+                    f.position, f.nonzero, f.covered, f.needed
                 ));
             }
         }
-        Ok(placed)
+        nn::infer::place_kernels(&g, kernels.view()).ok_or_else(|| "placement".into())
     }
 
     fn check_feip(
@@ -271,6 +312,17 @@ impl Policy {
                 self.max_feip_vectors
             ));
         }
+        self.check_vectors(kind, ys, len, min_nonzero)
+    }
+
+    /// Lengths, entries and non-zero counts of key vectors.
+    fn check_vectors(
+        &self,
+        kind: &str,
+        ys: &[Vec<i32>],
+        len: usize,
+        min_nonzero: usize,
+    ) -> Result<(), String> {
         for (k, y) in ys.iter().enumerate() {
             if y.len() != len {
                 return Err(format!(
@@ -407,6 +459,54 @@ mod tests {
             }))
             .unwrap_err();
         assert!(e.contains("convolution"), "{e}");
+    }
+
+    /// Training's requests for a convolution follow the same rules: its forward kernels as
+    /// a prediction service's, its backward lanes as column keys but bounded like placed
+    /// kernels (LeNet-5 needs 4,704 per step, past `max_feip_vectors`).
+    #[test]
+    fn convolution_training_keys_pass_when_normal_and_are_refused_as_probes() {
+        let p = Policy::default().with_lengths(785, 64);
+        let dense: Vec<Vec<i32>> = (0..6)
+            .map(|o| (0..26).map(|i| ((i * 7 + o * 3) % 200 - 100) | 1).collect())
+            .collect();
+        let as_row = |kernels| match lenet_conv(kernels) {
+            Request::ConvInferenceKeys(r) => Request::ConvRowKeys(r),
+            other => other,
+        };
+        assert_eq!(p.check(&as_row(dense)), Ok(()));
+        let mut probe = vec![0; 26];
+        probe[12] = 100;
+        assert!(p.check(&as_row(vec![probe])).is_err());
+        let lane =
+            |nonzero: usize| -> Vec<i32> { (0..64).map(|b| i32::from(b < nonzero)).collect() };
+        assert_eq!(p.check(&Request::ConvColKeys(vec![lane(2); 4704])), Ok(()));
+        assert!(p.check(&Request::ColKeys(vec![lane(2); 4704])).is_err());
+        let e = p.check(&Request::ConvColKeys(vec![lane(1)])).unwrap_err();
+        assert!(e.contains("non-zero"), "{e}");
+        let e = p
+            .check(&Request::ConvColKeys(vec![lane(2); MAX_PLACED_KEYS + 1]))
+            .unwrap_err();
+        assert!(e.contains("at most"), "{e}");
+        assert!(p.check(&Request::ConvColKeys(vec![vec![1; 63]])).is_err());
+    }
+
+    /// The rule the trainer's filter applies is the one the check applies.
+    #[test]
+    fn placement_shortfall_names_the_first_failing_position() {
+        let p = Policy::default().with_lengths(785, 64);
+        let g = nn::layers::Geometry::new(
+            "conv",
+            nn::layers::ImageShape::new(1, 28, 28).expect("shape"),
+            nn::layers::Window::new(5, 1, 2),
+        )
+        .expect("geometry");
+        let dense = ndarray::Array1::from_elem(26, 3i64);
+        assert_eq!(p.placement_shortfall(&g, dense.view()), None);
+        let mut sparse = ndarray::Array1::zeros(26);
+        sparse[0] = 1;
+        let f = p.placement_shortfall(&g, sparse.view()).expect("refused");
+        assert_eq!((f.position, f.covered, f.needed), (0, 9, 5));
     }
 
     fn febo(op: Op, operand: i64) -> FeboKeyRequest {

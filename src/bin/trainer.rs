@@ -41,8 +41,8 @@ struct ModelArgs {
     /// image layers first for image data: lenet5, or tokens such as
     /// conv5x6p2-maxpool2-conv5x16-maxpool2-conv5x120-84 (convRxK for K kernels of side R,
     /// with optional sS for the stride and pP for the padding; maxpoolR and avgpoolR, with
-    /// optional sS; then the hidden widths). A convolutional first layer trains in
-    /// `simulate` only so far.
+    /// optional sS; then the hidden widths). A convolutional first layer runs over the
+    /// encrypted images in `train` and `serve` as a dense one does.
     #[arg(long, default_value = "128-32")]
     spec: String,
     /// Hidden activation: sigmoid, relu or tanh.
@@ -417,14 +417,9 @@ fn main() -> Result<()> {
                 .transpose()?;
             let cfg = model.config();
             let spec = cfg.model_spec(&run_data.info)?;
-            if spec.is_conv() {
-                anyhow::bail!(
-                    "{spec} has a convolutional first layer, which runs over encrypted data \
-                     in neither trainer train nor trainer serve yet: its keys and key policy \
-                     are still to be built; trainer simulate trains it with the same quantized \
-                     products"
-                );
-            }
+            let products = products
+                .with_patches(spec.first_geometry().as_ref())
+                .context("the model's first convolution does not fit the encrypted images")?;
             println!("training {spec} on {} ({})", data.display(), run_data.info);
             let metrics = model.metrics.clone();
             let r = trainer::run(
@@ -480,11 +475,7 @@ fn main() -> Result<()> {
                 })
             } else {
                 let geometry = cfg.model_spec(&train.info)?.first_geometry();
-                // A convolution's row keys are its kernels (with the bias): the row rule
-                // applies to their length, not to the image's.
-                let row_len = geometry
-                    .as_ref()
-                    .map_or(train.info.row_len(), |g| g.patch_len() + 1);
+                let row_len = train.info.row_len();
                 let policy = match &policy {
                     Some(p) => Policy::from_file(p).map_err(anyhow::Error::msg)?,
                     None => Policy::default(),

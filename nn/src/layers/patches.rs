@@ -74,7 +74,7 @@ impl Geometry {
 
     /// The image column read by element `col` of the patch at position `pos`, `None` for a
     /// padding zero.
-    fn source(&self, pos: usize, col: usize) -> Option<usize> {
+    pub fn source(&self, pos: usize, col: usize) -> Option<usize> {
         let (r, s, p) = (self.window.size, self.window.stride, self.window.padding);
         let (oh, ow) = (pos / self.out_w, pos % self.out_w);
         let (c, i, j) = (col / (r * r), col % (r * r) / r, col % r);

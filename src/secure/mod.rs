@@ -17,9 +17,14 @@
 //! non-zero entries) *before* either implementation sees them, so simulated and encrypted runs
 //! stay bit-identical and normal training is never refused.
 
+mod conv;
+
+use crate::authority::policy::Policy;
 use crate::basis::Basis;
 use crate::dataset::{DatasetError, EncryptedBatch, Reader};
-use crate::protocol::{AuthorityClient, FeboKeyRequest, ProtocolError, PublicParams};
+use crate::protocol::{
+    AuthorityClient, ConvKeyRequest, FeboKeyRequest, ProtocolError, PublicParams,
+};
 use crate::Curve;
 use fe::dlog::DlogTable;
 use fe::febo::{self, FeboFunctionKey, Op};
@@ -37,6 +42,17 @@ pub trait KeyService {
     fn row_keys(&mut self, ys: &[Vec<i64>]) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError>;
     /// Inner-product keys for delta columns.
     fn col_keys(&mut self, ys: &[Vec<i64>]) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError>;
+    /// Keys for a convolution's kernels, placed by the authority at the rows `placed`.
+    fn conv_row_keys(
+        &mut self,
+        req: ConvKeyRequest,
+        placed: &[Vec<i64>],
+    ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError>;
+    /// Keys for a convolution's delta lanes, one per position and kernel.
+    fn conv_col_keys(
+        &mut self,
+        ys: &[Vec<i64>],
+    ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError>;
     /// Basic-operation keys.
     fn febo_keys(
         &mut self,
@@ -50,6 +66,19 @@ impl KeyService for AuthorityClient {
     }
     fn col_keys(&mut self, ys: &[Vec<i64>]) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
         AuthorityClient::col_keys(self, ys)
+    }
+    fn conv_row_keys(
+        &mut self,
+        req: ConvKeyRequest,
+        placed: &[Vec<i64>],
+    ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
+        AuthorityClient::conv_row_keys(self, req, placed)
+    }
+    fn conv_col_keys(
+        &mut self,
+        ys: &[Vec<i64>],
+    ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
+        AuthorityClient::conv_col_keys(self, ys)
     }
     fn febo_keys(
         &mut self,
@@ -87,18 +116,40 @@ pub struct Timings {
     /// Backward products derived from a basis of the deltas instead of decrypted.
     #[serde(default)]
     pub derived: u64,
+    /// Point additions (doublings included) of the bit-plane products, forward and backward.
+    #[serde(default)]
+    pub additions: u64,
+    /// Values the forward pass decrypted (one per sample and unit, or per sample, position
+    /// and kernel), for additions per value.
+    #[serde(default)]
+    pub forward_values: u64,
+    /// Additions of the forward pass alone.
+    #[serde(default)]
+    pub forward_additions: u64,
 }
 
-/// Zeroes weight rows and delta columns with fewer non-zero entries than the key policy
-/// requires, then delegates: wrap both the secure and the simulated products in it.
+/// Zeroes what the key policy would refuse, then delegates: wrap both the secure and the
+/// simulated products in it. Dense first layer: weight rows and delta columns with too few
+/// non-zero entries. Convolution: kernels that weigh too few pixels at some position
+/// ([`Policy::placement_shortfall`]) and, per position and kernel, delta lanes over the batch
+/// with too few non-zero entries (each is one column key).
 #[derive(Debug, Clone)]
 pub struct KeyPolicyFilter<P> {
     inner: P,
-    min_row: usize,
-    min_col: usize,
+    policy: Policy,
 }
 
 impl Timings {
+    /// Adds the additions counted in `stats`, as the forward pass's when it decrypted
+    /// `forward_values` values.
+    fn note_additions(&mut self, stats: &feip::DecryptStats, forward_values: Option<usize>) {
+        self.additions += stats.additions();
+        if let Some(v) = forward_values {
+            self.forward_additions += stats.additions();
+            self.forward_values += v as u64;
+        }
+    }
+
     /// Wall time of the secure layer (I/O, keys, decryptions).
     pub fn secure_total(&self) -> Duration {
         self.io + self.keys + self.forward + self.backward + self.output_error
@@ -106,12 +157,11 @@ impl Timings {
 }
 
 impl<P> KeyPolicyFilter<P> {
-    /// Filters for a policy that needs `min_row` non-zeros per row key, `min_col` per column key.
-    pub fn new(inner: P, min_row: usize, min_col: usize) -> Self {
+    /// Filters by `policy` (its lengths set: [`Policy::with_lengths`]).
+    pub fn new(inner: P, policy: &Policy) -> Self {
         KeyPolicyFilter {
             inner,
-            min_row,
-            min_col,
+            policy: policy.clone(),
         }
     }
     /// The wrapped products.
@@ -140,7 +190,16 @@ impl<P: IntegerProducts> IntegerProducts for KeyPolicyFilter<P> {
         w_q: ArrayView2<i64>,
     ) -> Result<Array2<i64>, SeamError> {
         let mut w = w_q.to_owned();
-        zero_sparse_lanes(w.rows_mut().into_iter(), self.min_row);
+        match self.inner.patches().copied() {
+            Some(g) => {
+                for mut kernel in w.rows_mut() {
+                    if self.policy.placement_shortfall(&g, kernel.view()).is_some() {
+                        kernel.fill(0);
+                    }
+                }
+            }
+            None => zero_sparse_lanes(w.rows_mut().into_iter(), self.policy.min_row()),
+        }
         self.inner.forward_int(batch, w.view())
     }
     fn backward_int(
@@ -149,7 +208,20 @@ impl<P: IntegerProducts> IntegerProducts for KeyPolicyFilter<P> {
         delta_q: ArrayView2<i64>,
     ) -> Result<Array2<i64>, SeamError> {
         let mut d = delta_q.to_owned();
-        zero_sparse_lanes(d.columns_mut().into_iter(), self.min_col);
+        let min_col = self.policy.min_nonzero_col;
+        match self.inner.patches().map(|g| g.positions()) {
+            // Rows b*P + pos: the lane of (pos, o) is every P-th entry of column o.
+            Some(p) => {
+                for mut column in d.columns_mut() {
+                    for pos in 0..p.min(column.len()) {
+                        let step = ndarray::Slice::new(pos as isize, None, p as isize);
+                        let lane = column.slice_axis_mut(Axis(0), step);
+                        zero_sparse_lanes(std::iter::once(lane), min_col);
+                    }
+                }
+            }
+            None => zero_sparse_lanes(d.columns_mut().into_iter(), min_col),
+        }
         self.inner.backward_int(batch, d.view())
     }
     fn output_error_int(
@@ -187,6 +259,8 @@ pub struct SecureProducts<K: KeyService> {
     dlog: Arc<DlogTable<Curve>>,
     current: Option<EncryptedBatch>,
     timings: Timings,
+    /// The convolution of the first layer, `None` for a dense one.
+    geometry: Option<nn::layers::Geometry>,
 }
 
 /// A batch being read and decoded on another thread.
@@ -218,7 +292,28 @@ impl<K: KeyService> SecureProducts<K> {
             dlog,
             current: None,
             timings: Timings::default(),
+            geometry: None,
         }
+    }
+
+    /// The same products for a convolutional first layer of `geometry` (`None`: dense);
+    /// fails unless the geometry's images are the encrypted rows (with their bias feature).
+    pub fn with_patches(
+        mut self,
+        geometry: Option<&nn::layers::Geometry>,
+    ) -> Result<Self, SeamError> {
+        let n = self.params.row.params().n;
+        if let Some(g) = geometry {
+            if g.input().features() + 1 != n {
+                return Err(SeamError::Shape {
+                    what: "convolution input (features and bias)",
+                    expected: (1, n),
+                    got: (1, g.input().features() + 1),
+                });
+            }
+        }
+        self.geometry = geometry.copied();
+        Ok(self)
     }
 
     /// Cumulative timings.
@@ -274,6 +369,9 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
         batch: usize,
         w_q: ArrayView2<i64>,
     ) -> Result<Array2<i64>, SeamError> {
+        if let Some(g) = self.geometry {
+            return self.conv_forward(&g, batch, w_q);
+        }
         let rp = self.params.row.params();
         if w_q.ncols() != rp.n {
             return Err(SeamError::Shape {
@@ -304,6 +402,8 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
             }
         }
         self.timings.dlog_cpu += stats.dlog_time();
+        self.timings
+            .note_additions(&stats, Some(m.len() * idx.len()));
         self.timings.group_cpu += stats.group_time();
         self.timings.forward += t.elapsed();
         self.timings.decryptions += (m.len() * idx.len()) as u64;
@@ -315,6 +415,9 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
         batch: usize,
         delta_q: ArrayView2<i64>,
     ) -> Result<Array2<i64>, SeamError> {
+        if let Some(g) = self.geometry {
+            return self.conv_backward(&g, batch, delta_q);
+        }
         let cp = self.params.col.params();
         let rows = self.params.row.params().n;
         if delta_q.nrows() != cp.n {
@@ -349,6 +452,7 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
         let m =
             feip::decrypt_matrix_with_stats(&cp, &b.cols, &keys, &dlog, &stats).map_err(backend)?;
         self.timings.dlog_cpu += stats.dlog_time();
+        self.timings.note_additions(&stats, None);
         self.timings.group_cpu += stats.group_time();
         self.timings.decryptions += (m.len() * asked.len()) as u64;
         let m = match &basis {
@@ -454,6 +558,10 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
     fn input_bound(&self) -> u32 {
         self.params.dataset.x_bound
     }
+
+    fn patches(&self) -> Option<&nn::layers::Geometry> {
+        self.geometry.as_ref()
+    }
 }
 
 #[cfg(test)]
@@ -466,6 +574,7 @@ mod tests {
     struct Recorder {
         w: Option<Array2<i64>>,
         d: Option<Array2<i64>>,
+        geometry: Option<nn::layers::Geometry>,
     }
 
     impl IntegerProducts for Recorder {
@@ -493,11 +602,66 @@ mod tests {
         fn input_bound(&self) -> u32 {
             255
         }
+        fn patches(&self) -> Option<&nn::layers::Geometry> {
+            self.geometry.as_ref()
+        }
+    }
+
+    /// A convolution: kernels that weigh too few pixels somewhere are zeroed whole, and each
+    /// (position, kernel) lane of the deltas over the batch is judged alone.
+    #[test]
+    fn policy_filter_judges_kernels_by_placement_and_deltas_by_lane() {
+        // 1x2x2 images, a 1x1 window: 4 positions, one weight and the bias per kernel.
+        let g = nn::layers::Geometry::new(
+            "conv",
+            nn::layers::ImageShape::new(1, 2, 2).expect("shape"),
+            nn::layers::Window::new(1, 1, 0),
+        )
+        .expect("geometry");
+        let policy = Policy {
+            min_nonzero_row: Some(1),
+            min_nonzero_col: 2,
+            ..Policy::default()
+        };
+        let recorder = Recorder {
+            geometry: Some(g),
+            ..Recorder::default()
+        };
+        let mut f = KeyPolicyFilter::new(recorder, &policy);
+        f.forward_int(0, array![[0, 5], [3, 0]].view())
+            .expect("forward");
+        assert_eq!(f.inner().w, Some(array![[0, 0], [3, 0]]));
+        // 4 positions; rows b*4 + pos for 3 samples, 1 kernel: lane pos 1 has 3 non-zeros,
+        // lane 2 has 1, lane 0 has 2, lane 3 none.
+        let d = array![[1], [1], [0], [0], [1], [1], [7], [0], [0], [1], [0], [0]];
+        f.backward_int(0, d.view()).expect("backward");
+        assert_eq!(
+            f.inner().d,
+            Some(array![
+                [1],
+                [1],
+                [0],
+                [0],
+                [1],
+                [1],
+                [0],
+                [0],
+                [0],
+                [1],
+                [0],
+                [0]
+            ])
+        );
     }
 
     #[test]
     fn policy_filter_zeroes_exactly_the_sparse_lanes() {
-        let mut f = KeyPolicyFilter::new(Recorder::default(), 2, 2);
+        let policy = Policy {
+            min_nonzero_row: Some(2),
+            min_nonzero_col: 2,
+            ..Policy::default()
+        };
+        let mut f = KeyPolicyFilter::new(Recorder::default(), &policy);
         f.forward_int(0, array![[1, 0, 0], [1, 2, 0], [0, 0, 0]].view())
             .expect("forward");
         assert_eq!(f.inner().w, Some(array![[0, 0, 0], [1, 2, 0], [0, 0, 0]]));
