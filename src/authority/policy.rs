@@ -27,6 +27,16 @@
 //! `max_abs`, at most `max_feip_vectors` kernels, at most [`MAX_PLACED_KEYS`] placed keys
 //! and [`MAX_PLACED_ENTRIES`] entries in all.
 //!
+//! Training a convolutional first layer asks for the same placed kernels every step, with the
+//! current kernels ([`crate::protocol::Request::ConvRowKeys`], logged as row keys), and for one
+//! column key per position and kernel ([`crate::protocol::Request::ConvColKeys`]): each the
+//! deltas at one position over the batch, under the column rule (`min_nonzero_col`), at most
+//! [`MAX_PLACED_KEYS`] of them (LeNet-5: 4,704 per step, more than `max_feip_vectors`). The
+//! trainer zeroes, before either run sees them, the kernels and delta lanes these rules would
+//! refuse ([`crate::secure::KeyPolicyFilter`]). Note what the column keys give: 4,704 vectors
+//! of length 64 have full rank, so one step's keys decrypt every column of its batch, hence
+//! every image in it (the backward attack of the threat model, with no delta rank to spare).
+//!
 //! The policy is published with the public parameters ([`crate::protocol::Published`]): the
 //! trainer filters its requests by the rules the authority applies.
 //!

@@ -233,6 +233,15 @@ fn report(m: &EpochMetrics, timings: Option<&Timings>) {
             t.derived,
             t.batches_read
         );
+        if t.additions > 0 {
+            println!(
+                "  point additions (bit-plane products): {:.0} per forward value ({} values), \
+                 {:.3e} in the backward pass",
+                t.forward_additions as f64 / t.forward_values.max(1) as f64,
+                t.forward_values,
+                (t.additions - t.forward_additions) as f64
+            );
+        }
     }
 }
 
