@@ -146,6 +146,9 @@ impl<P: IntegerProducts> IntegerProducts for Tracking<P> {
     fn input_bound(&self) -> u32 {
         self.inner.input_bound()
     }
+    fn patches(&self) -> Option<&nn::layers::Geometry> {
+        self.inner.patches()
+    }
 }
 
 /// A first layer with one fixed decimal scale `10^d` for weights and deltas (the paper's
@@ -202,6 +205,9 @@ impl<P: IntegerProducts> FirstLayer for FixedScale<P> {
     }
     fn batch_len(&self, batch: usize) -> usize {
         self.inner.batch_len(batch)
+    }
+    fn patches(&self) -> Option<&nn::layers::Geometry> {
+        self.inner.patches()
     }
 }
 
@@ -325,7 +331,8 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
     for &b in &args.bits.0 {
         qmax(b).with_context(|| format!("--bits {b}"))?;
     }
-    let n_cols = data.train.features() + 1;
+    let shape = Shape::of(args, &data.train)?;
+    let n_cols = shape.n_cols;
     if args.seeds == 0 {
         anyhow::bail!("--seeds must be at least 1");
     }
@@ -335,7 +342,7 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
     // Seeds are independent runs, each on one core: run them side by side.
     let per_seed = seeds
         .par_iter()
-        .map(|&seed| run_seed(args, &data, seed, epochs, n_cols, &pb))
+        .map(|&seed| run_seed(args, &data, seed, epochs, &shape, &pb))
         .collect::<Result<Vec<_>>>()?;
     let float_acc: Vec<f64> = per_seed.iter().map(|s| s.0).collect();
     let float_loss: Vec<f64> = per_seed.iter().map(|s| s.1).collect();
@@ -457,12 +464,14 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
         ]);
     }
     t.note(format!(
-        "Bounds: forward n·255·max|w_q| with n = {n_cols} (784 pixels and the bias input), \
-         backward B·255·max|δ_q| with B = {bs}; for bits, max|w_q| = max|δ_q| = 2^(bits-1)-1 by \
+        "Bounds: forward n·255·max|w_q| with n = {n_cols} (a row's inputs, or a kernel's \
+         patch, and the bias input), backward B·255·max|δ_q| with B = {} (the batch, times \
+         the positions for a convolution); for bits, max|w_q| = max|δ_q| = 2^(bits-1)-1 by \
          construction, for digits the largest integer seen in training. The trainer's \
          baby-step table holds ±2^19 points, so a value needs at most bound/(2^20+1) giant \
          steps (real values are far below the worst case and are found first); the solver \
-         accepts bounds up to 2^36, the authority's policy key entries up to 32767."
+         accepts bounds up to 2^36, the authority's policy key entries up to 32767.",
+        shape.rows
     ));
     t.note(
         "Minus float: each seed's accuracy minus the float run's with the same seed (same \
@@ -509,6 +518,37 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
     })
 }
 
+/// The first layer's product shape: columns of a product row and rows per batch.
+struct Shape {
+    /// `n + 1` for a dense first layer, `K + 1` for a convolution.
+    n_cols: usize,
+    /// Product rows per batch: `B`, or `B·P` for a convolution.
+    rows: usize,
+    geometry: Option<nn::layers::Geometry>,
+}
+
+impl Shape {
+    fn of(args: &PrecisionArgs, train: &nn::data::Dataset) -> Result<Self> {
+        let geometry = args
+            .train
+            .config(8, 1)?
+            .model_spec(&train.info)?
+            .first_geometry();
+        let bs = args.train.batch_size;
+        Ok(Shape {
+            n_cols: geometry.map_or(train.features() + 1, |g| g.patch_len() + 1),
+            rows: geometry.map_or(bs, |g| bs * g.positions()),
+            geometry,
+        })
+    }
+
+    /// Plain integer products over `train`, over its patches for a convolution.
+    fn products(&self, train: &nn::data::Dataset, bs: usize) -> Result<PlainIntegers> {
+        Ok(PlainIntegers::from_dataset(train.clone(), bs, true)?
+            .with_patches(self.geometry.as_ref())?)
+    }
+}
+
 /// One seed's runs: the float baseline (its test accuracy and loss), then every bit width and
 /// every number of decimal digits, each outcome carrying the baseline's accuracy.
 fn run_seed(
@@ -516,9 +556,10 @@ fn run_seed(
     data: &crate::common::Data,
     seed: u64,
     epochs: usize,
-    n_cols: usize,
+    shape: &Shape,
     pb: &indicatif::ProgressBar,
 ) -> Result<(f64, f64, Vec<Outcome>)> {
+    let n_cols = shape.n_cols;
     let bs = args.train.batch_size;
     let mut targs = args.train.clone();
     targs.seed = seed;
@@ -538,7 +579,7 @@ fn run_seed(
 
     for &bits in &args.bits.0 {
         let cfg = targs.config(bits, epochs)?;
-        let p = Tracking::new(PlainIntegers::from_dataset(data.train.clone(), bs, true)?);
+        let p = Tracking::new(shape.products(&data.train, bs)?);
         let mut seen = (0, 0, 0, 0);
         let r = trainer::run(
             p,
@@ -564,7 +605,7 @@ fn run_seed(
             max_w: seen.0,
             max_d: seen.1,
             fwd_bound: max_abs_forward(n_cols, bits, data.train.info.x_bound),
-            bwd_bound: max_abs_backward(bs, bits, data.train.info.x_bound),
+            bwd_bound: max_abs_backward(shape.rows, bits, data.train.info.x_bound),
             seen_z: seen.2,
             seen_g: seen.3,
         });
@@ -572,7 +613,7 @@ fn run_seed(
     }
     for &d in &args.digits.0 {
         let inner = crate::common::policy_filter(
-            Tracking::new(PlainIntegers::from_dataset(data.train.clone(), bs, true)?),
+            Tracking::new(shape.products(&data.train, bs)?),
             &data.train.info,
             bs,
         );
@@ -614,7 +655,9 @@ fn run_seed(
             max_w: seen.0,
             max_d: seen.1,
             fwd_bound: (n_cols as u64).saturating_mul(255).saturating_mul(seen.0),
-            bwd_bound: (bs as u64).saturating_mul(255).saturating_mul(seen.1),
+            bwd_bound: (shape.rows as u64)
+                .saturating_mul(255)
+                .saturating_mul(seen.1),
             seen_z: seen.2,
             seen_g: seen.3,
         });

@@ -277,6 +277,51 @@ fn all_quick_writes_consistent_csv_plots_and_report() {
     assert!(report.contains("(leakage_grid_none.png)](leakage_grid_none.png)"));
 }
 
+/// `precision` trains a convolutional first layer through the same seam: every bit width and
+/// decimal-digit run completes with an accuracy, and the backward bound counts the positions.
+#[test]
+fn precision_runs_a_convolutional_first_layer() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let o = dir.path().to_str().expect("utf-8 path");
+    run(&[
+        "precision",
+        "--quiet",
+        "--out",
+        o,
+        "--spec",
+        "conv5x2s3-8",
+        "--activation",
+        "relu",
+        "--train-limit",
+        "64",
+        "--test-limit",
+        "50",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--bits",
+        "8",
+        "--digits",
+        "2",
+        "--seeds",
+        "1",
+    ]);
+    let (_, rows) = read_csv(&dir.path().join("precision.csv"));
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        let acc: f64 = r["test_accuracy"].parse().expect("accuracy");
+        assert!((0.0..=1.0).contains(&acc), "{r:?}");
+    }
+    let bits = rows
+        .iter()
+        .find(|r| r["scheme"] == "bits")
+        .expect("bits row");
+    // 16 samples times 8x8 positions of a stride-3 window on 28x28 images.
+    let bound: u64 = bits["backward_bound"].parse().expect("bound");
+    assert_eq!(bound, 16 * 64 * 255 * 127, "{bits:?}");
+}
+
 #[test]
 fn relu_network_and_clear_errors() {
     let dir = tempfile::tempdir().expect("tmp");
