@@ -320,7 +320,7 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
     let out = args.common.out_dir()?.to_path_buf();
     let data = args.common.load()?;
     let epochs = args.train.epochs.unwrap_or(DEFAULT_EPOCHS);
-    let bs = args.train.batch_size;
+    let bs = args.train.batch_size();
     let nb = full_batches(data.train.len(), bs)?;
     for &b in &args.bits.0 {
         qmax(b).with_context(|| format!("--bits {b}"))?;
@@ -519,7 +519,7 @@ fn run_seed(
     n_cols: usize,
     pb: &indicatif::ProgressBar,
 ) -> Result<(f64, f64, Vec<Outcome>)> {
-    let bs = args.train.batch_size;
+    let bs = args.train.batch_size();
     let mut targs = args.train.clone();
     targs.seed = seed;
     let mut results = Vec::new();
