@@ -1394,3 +1394,73 @@ fn plot_steps(
         ],
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        inner: AccuracyArgs,
+    }
+
+    fn settings(args: &[&str]) -> Settings {
+        let argv = std::iter::once("accuracy").chain(args.iter().copied());
+        Wrap::try_parse_from(argv)
+            .expect("options parse")
+            .inner
+            .settings()
+            .expect("settings")
+    }
+
+    #[test]
+    fn the_lenet5_preset_sets_the_authors_settings() {
+        let s = settings(&["--model", "lenet5"]);
+        assert_eq!(s.train.spec(), "lenet5");
+        assert_eq!(s.train.activation(), nn::activation::Activation::Relu);
+        assert_eq!(s.train.optimizer(), OptimizerKind::Sgd);
+        assert_eq!((s.train.batch_size(), s.epochs), (480, 2));
+        assert_eq!(s.train.lr, Some(0.01));
+        assert_eq!((s.eval_every, s.eval_sample), (Some(1), 200));
+        assert_eq!(s.compare, Some(OptimizerKind::Adam));
+        assert_eq!((s.fe_steps, s.name.as_str()), (2, "accuracy_lenet5"));
+    }
+
+    #[test]
+    fn explicit_flags_override_the_preset() {
+        let s = settings(&[
+            "--model",
+            "lenet5",
+            "--batch-size",
+            "64",
+            "--optimizer",
+            "adam",
+            "--epochs",
+            "1",
+            "--fe-steps",
+            "0",
+            "--compare-optimizer",
+            "none",
+            "--name",
+            "mine",
+        ]);
+        assert_eq!(s.train.spec(), "lenet5");
+        assert_eq!((s.train.batch_size(), s.epochs), (64, 1));
+        assert_eq!(s.train.optimizer(), OptimizerKind::Adam);
+        assert_eq!((s.fe_steps, s.compare), (0, None));
+        assert_eq!(s.name, "mine");
+    }
+
+    #[test]
+    fn without_a_preset_the_defaults_hold() {
+        let s = settings(&[]);
+        assert_eq!(s.train.spec(), crate::common::DEFAULT_SPEC);
+        assert_eq!(s.train.optimizer(), OptimizerKind::Adam);
+        assert_eq!((s.epochs, s.fe_steps), (DEFAULT_EPOCHS, DEFAULT_FE_STEPS));
+        assert_eq!((s.eval_every, s.compare), (None, None));
+        let a = Wrap::try_parse_from(["accuracy", "--eval-every", "0"]).expect("parses");
+        assert!(a.inner.settings().is_err());
+    }
+}
