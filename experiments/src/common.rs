@@ -267,7 +267,8 @@ pub struct TrainArgs {
     /// Hidden activation: sigmoid (CryptoNN's), relu or tanh [default: sigmoid].
     #[arg(long)]
     pub activation: Option<nn::activation::Activation>,
-    /// Epochs of every run (default: 10 for `accuracy`, 3 for `precision`).
+    /// Epochs of every run (default: 10 for `accuracy`, 2 with its `--model lenet5`, 3 for
+    /// `precision`).
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Batch size (the client encrypts fixed batches of this size; the last partial one is
