@@ -73,10 +73,73 @@ pub struct TrainConfig {
     pub bits: u32,
     /// Stochastic rounding of weights and deltas (else nearest).
     pub stochastic_rounding: bool,
-    /// Learning rate (Adam).
+    /// Learning rate.
     pub lr: f32,
+    /// The update rule (Adam unless a config says otherwise; configs written before the
+    /// choice existed read as Adam).
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
     /// Show progress bars.
     pub progress: bool,
+}
+
+/// The trainer's update rule: Adam (the default) or plain SGD (no momentum), both at the
+/// configured learning rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// Adam with its usual moments (0.9, 0.999, 1e-8).
+    #[default]
+    Adam,
+    /// Stochastic gradient descent without momentum (CryptoNN's setting).
+    Sgd,
+}
+
+impl OptimizerKind {
+    /// Both kinds, for help texts and tests.
+    pub const ALL: [OptimizerKind; 2] = [OptimizerKind::Adam, OptimizerKind::Sgd];
+
+    /// The name of the kind, as `--optimizer` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Adam => "adam",
+            OptimizerKind::Sgd => "sgd",
+        }
+    }
+
+    /// A fresh optimizer of this kind with learning rate `lr`.
+    pub fn build(self, lr: f32) -> Optimizer {
+        match self {
+            OptimizerKind::Adam => Optimizer::adam(lr),
+            OptimizerKind::Sgd => Optimizer::sgd(lr, 0.0),
+        }
+    }
+
+    /// The kind of an existing optimizer (SGD with any momentum counts as SGD).
+    pub fn of(optimizer: &Optimizer) -> Self {
+        match optimizer.method {
+            nn::optim::Method::Adam { .. } => OptimizerKind::Adam,
+            nn::optim::Method::Sgd { .. } => OptimizerKind::Sgd,
+        }
+    }
+}
+
+impl std::fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for OptimizerKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim().to_ascii_lowercase();
+        OptimizerKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("unknown optimizer {s:?} (expected adam or sgd)"))
+    }
 }
 
 impl Default for TrainConfig {
@@ -89,6 +152,7 @@ impl Default for TrainConfig {
             bits: 8,
             stochastic_rounding: false,
             lr: 0.01,
+            optimizer: OptimizerKind::Adam,
             progress: true,
         }
     }
@@ -107,6 +171,11 @@ impl TrainConfig {
             },
             seed: self.seed,
         }
+    }
+
+    /// A fresh optimizer of the configured kind and learning rate.
+    pub fn optimizer(&self) -> Optimizer {
+        self.optimizer.build(self.lr)
     }
 
     /// The architecture for data described by `info`.
@@ -139,6 +208,7 @@ impl TrainConfig {
                 self.stochastic_rounding.to_string(),
             ),
             ("--lr".into(), self.lr.to_string()),
+            ("--optimizer".into(), self.optimizer.to_string()),
         ])
     }
 }
@@ -339,7 +409,8 @@ where
         _ => None,
     };
     let mut progress = match resumed {
-        Some(c) => {
+        Some(mut c) => {
+            record_optimizer(&mut c);
             c.check_config(&config)?;
             layer.set_rounding_stream(c.rounding_stream);
             Progress {
@@ -351,7 +422,7 @@ where
         }
         None => Progress {
             model: cfg.model(&data.info)?,
-            optimizer: Optimizer::adam(cfg.lr),
+            optimizer: cfg.optimizer(),
             state: EpochState::new(0, nb, cfg.seed, true),
             history: Vec::new(),
         },
@@ -374,6 +445,15 @@ where
         model: progress.model,
         history: progress.history,
     })
+}
+
+/// Fills in the `--optimizer` of a checkpoint written before the flag existed from the
+/// optimizer it saved, so that such a checkpoint resumes with the same optimizer only.
+fn record_optimizer(c: &mut Checkpoint) {
+    if !c.config.iter().any(|(f, _)| f == "--optimizer") {
+        let kind = OptimizerKind::of(&c.optimizer);
+        c.config.push(("--optimizer".into(), kind.to_string()));
+    }
 }
 
 /// Everything the secure trainer needs besides the model settings.
@@ -431,4 +511,81 @@ pub fn secure_products(
     };
     let dlog = dlog_table(setup.dlog_table.as_deref())?;
     Ok((SecureProducts::new(reader, client, params, dlog), data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nn::first_layer::PlainIntegers;
+
+    fn tiny() -> Dataset {
+        let info = DatasetInfo::new(4, 15, 2).expect("info");
+        let values =
+            ndarray::Array2::from_shape_fn((16, 4), |(i, j)| ((i * 3 + j * 5) % 16) as u16);
+        let labels = (0..16).map(|i| (i % 2) as u8).collect();
+        Dataset::new(values, labels, info).expect("dataset")
+    }
+
+    /// Resumes (or starts) the checkpointed run of `tiny` with `optimizer`, one step.
+    fn step(ck: &Path, optimizer: OptimizerKind) -> Result<RunResult, TrainerError> {
+        let train = tiny();
+        let cfg = TrainConfig {
+            spec: "3".into(),
+            epochs: 2,
+            optimizer,
+            progress: false,
+            ..TrainConfig::default()
+        };
+        let data = RunData {
+            info: train.info.clone(),
+            identity: data_identity(&train),
+            policy: Policy::default().with_lengths(train.info.row_len(), 4),
+        };
+        let products = PlainIntegers::from_dataset(train, 4, true).expect("batches");
+        run(products, &data, &cfg, None, Some(ck), Some(1), |_, _, _| {
+            Ok(())
+        })
+    }
+
+    fn refused_flag(r: Result<RunResult, TrainerError>) -> String {
+        match r {
+            Err(TrainerError::Train(TrainError::ConfigMismatch { flag, .. })) => flag,
+            other => panic!("expected a refused flag, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn resuming_with_another_optimizer_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ck = dir.path().join("ck.bin");
+        step(&ck, OptimizerKind::Sgd).expect("first step");
+        assert_eq!(refused_flag(step(&ck, OptimizerKind::Adam)), "--optimizer");
+        step(&ck, OptimizerKind::Sgd).expect("same optimizer resumes");
+    }
+
+    #[test]
+    fn a_checkpoint_without_the_optimizer_flag_resumes_as_adam() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ck = dir.path().join("ck.bin");
+        step(&ck, OptimizerKind::Adam).expect("first step");
+        // A checkpoint written before --optimizer existed records no such flag.
+        let mut c = Checkpoint::load(&ck).expect("load");
+        c.config.retain(|(f, _)| f != "--optimizer");
+        c.save(&ck).expect("save");
+        assert_eq!(refused_flag(step(&ck, OptimizerKind::Sgd)), "--optimizer");
+        step(&ck, OptimizerKind::Adam).expect("adam resumes");
+    }
+
+    #[test]
+    fn optimizer_names_round_trip_and_old_configs_read_as_adam() {
+        for k in OptimizerKind::ALL {
+            assert_eq!(k.name().parse::<OptimizerKind>(), Ok(k));
+            assert_eq!(OptimizerKind::of(&k.build(0.1)), k);
+        }
+        assert!("rmsprop".parse::<OptimizerKind>().is_err());
+        let mut v = serde_json::to_value(TrainConfig::default()).expect("json");
+        v.as_object_mut().expect("object").remove("optimizer");
+        let c: TrainConfig = serde_json::from_value(v).expect("old config");
+        assert_eq!(c.optimizer, OptimizerKind::Adam);
+    }
 }

@@ -240,6 +240,7 @@ fn resuming_with_a_conflicting_flag_is_refused() {
         ("--spec", "9"),
         ("--bits", "7"),
         ("--limit", "96"),
+        ("--optimizer", "sgd"),
     ] {
         let e = fails(&mut sim(&[(flag, value)]));
         let named = if flag == "--limit" { "--data" } else { flag };

@@ -255,56 +255,105 @@ mod tests {
     }
 }
 
-/// Network and training settings shared by `accuracy` and `precision`.
-#[derive(Args, Debug, Clone)]
+/// Network and training settings shared by `accuracy` and `precision`. A setting left out
+/// takes the value of a preset ([`TrainArgs::or`], `accuracy --model`), else the default
+/// named in its help.
+#[derive(Args, Debug, Clone, Default)]
 pub struct TrainArgs {
-    /// Layer widths; the first must be 784. Default: CryptoNN's network.
-    #[arg(long, default_value = "128-32")]
-    pub spec: String,
-    /// Hidden activation: sigmoid (CryptoNN's), relu or tanh.
-    #[arg(long, default_value = "sigmoid")]
-    pub activation: nn::activation::Activation,
-    /// Epochs of every run (default: 10 for `accuracy`, 3 for `precision`).
+    /// Layer widths (the first must be the data's features), or image layers first such as
+    /// lenet5 [default: 128-32, CryptoNN's network].
+    #[arg(long)]
+    pub spec: Option<String>,
+    /// Hidden activation: sigmoid (CryptoNN's), relu or tanh [default: sigmoid].
+    #[arg(long)]
+    pub activation: Option<nn::activation::Activation>,
+    /// Epochs of every run (default: 10 for `accuracy`, 2 with its `--model lenet5`, 3 for
+    /// `precision`).
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Batch size (the client encrypts fixed batches of this size; the last partial one is
-    /// left out, as the client does).
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
-    /// Adam learning rate (the trainer's default).
-    #[arg(long, default_value_t = cryptonn::trainer::TrainConfig::default().lr)]
-    pub lr: f32,
+    /// left out, as the client does) [default: 32].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Learning rate [default: 0.01, the trainer's].
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Update rule: adam (the trainer's default) or sgd (plain SGD, CryptoNN's), as
+    /// `trainer --optimizer` [default: adam].
+    #[arg(long)]
+    pub optimizer: Option<cryptonn::trainer::OptimizerKind>,
     /// Seed of initialization, batch order and rounding (the same for every run).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
 }
 
+/// Default hidden widths of the experiments (CryptoNN's network).
+pub const DEFAULT_SPEC: &str = "128-32";
+/// Default batch size of the experiments.
+pub const DEFAULT_BATCH_SIZE: usize = 32;
+
 impl TrainArgs {
+    /// These settings, with those left out taken from `preset`.
+    pub fn or(&self, preset: &TrainArgs) -> TrainArgs {
+        TrainArgs {
+            spec: self.spec.clone().or_else(|| preset.spec.clone()),
+            activation: self.activation.or(preset.activation),
+            epochs: self.epochs.or(preset.epochs),
+            batch_size: self.batch_size.or(preset.batch_size),
+            lr: self.lr.or(preset.lr),
+            optimizer: self.optimizer.or(preset.optimizer),
+            seed: self.seed,
+        }
+    }
+
+    /// The network layout given or the default.
+    pub fn spec(&self) -> &str {
+        self.spec.as_deref().unwrap_or(DEFAULT_SPEC)
+    }
+
+    /// The hidden activation given or the default (sigmoid).
+    pub fn activation(&self) -> nn::activation::Activation {
+        self.activation
+            .unwrap_or(nn::activation::Activation::Sigmoid)
+    }
+
+    /// The batch size given or the default.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size.unwrap_or(DEFAULT_BATCH_SIZE)
+    }
+
+    /// The optimizer given or the trainer's default.
+    pub fn optimizer(&self) -> cryptonn::trainer::OptimizerKind {
+        self.optimizer.unwrap_or_default()
+    }
+
     /// The trainer's configuration with `bits`-bit first-layer products and `epochs` epochs.
     pub fn config(&self, bits: u32, epochs: usize) -> Result<cryptonn::trainer::TrainConfig> {
-        if self.batch_size == 0 {
+        if self.batch_size() == 0 {
             bail!("--batch-size must be at least 1");
         }
         if epochs == 0 {
             bail!("--epochs must be at least 1");
         }
+        let defaults = cryptonn::trainer::TrainConfig::default();
         Ok(cryptonn::trainer::TrainConfig {
-            spec: self.spec.clone(),
-            activation: self.activation,
+            spec: self.spec().to_string(),
+            activation: self.activation(),
             epochs,
             seed: self.seed,
             bits,
             stochastic_rounding: false,
-            lr: self.lr,
+            lr: self.lr.unwrap_or(defaults.lr),
+            optimizer: self.optimizer(),
             progress: false,
         })
     }
 
-    /// The network's layout for data described by `info`, as `784-128-32-10 sigmoid`.
+    /// The network's layout for data described by `info`, as `784-128-32-10 sigmoid` (image
+    /// layers first for a convolutional network).
     pub fn layout(&self, info: &nn::data::DatasetInfo) -> Result<String> {
         let spec = self.config(8, 1)?.model_spec(info)?;
-        let sizes: Vec<String> = spec.sizes.iter().map(|s| s.to_string()).collect();
-        Ok(format!("{} {}", sizes.join("-"), self.activation))
+        Ok(spec.to_string().replace('/', " "))
     }
 
     /// A fresh model as the trainer makes it (same spec and seed) for data described by

@@ -153,12 +153,13 @@ pub struct Shadow<L> {
 }
 
 impl<L: FirstLayer> Shadow<L> {
-    /// A shadow starting from `initial` with a fresh Adam optimizer of rate `lr`.
-    pub fn new(layer: L, initial: &Model, lr: f32) -> Self {
+    /// A shadow starting from `initial` with the fresh optimizer `opt` (the run's own kind
+    /// and rate, [`cryptonn::trainer::TrainConfig::optimizer`]).
+    pub fn new(layer: L, initial: &Model, opt: Optimizer) -> Self {
         Shadow {
             layer,
             model: initial.clone(),
-            opt: Optimizer::adam(lr),
+            opt,
         }
     }
 
@@ -257,6 +258,9 @@ impl<P: IntegerProducts> IntegerProducts for Remap<P> {
     }
     fn input_bound(&self) -> u32 {
         self.inner.input_bound()
+    }
+    fn patches(&self) -> Option<&nn::layers::Geometry> {
+        self.inner.patches()
     }
 }
 

@@ -105,7 +105,6 @@ use nalgebra::DMatrix;
 use ndarray::{Array2, ArrayView1, ArrayView2, Axis, Slice};
 use nn::data::Dataset;
 use nn::first_layer::{IntegerProducts, PlainIntegers, Quantized, SeamError};
-use nn::optim::Optimizer;
 use nn::train::{EpochState, Flow, Progress, RunSettings, StepFn, TrainError};
 use rand::SeedableRng;
 use rayon::prelude::*;
@@ -1014,7 +1013,7 @@ impl FeSteps {
         };
         Ok(FeSteps {
             env,
-            shadow: Shadow::new(layer, initial, cfg.lr),
+            shadow: Shadow::new(layer, initial, cfg.optimizer()),
             attacker: Attacker {
                 step_best: vec![None; encrypted.len()],
                 step_ranks: Vec::new(),
@@ -1155,11 +1154,12 @@ fn run_one(
         _ => data.train.clone(),
     };
     let targs = TrainArgs {
-        spec: args.spec.clone(),
-        activation: args.activation,
+        spec: Some(args.spec.clone()),
+        activation: Some(args.activation),
         epochs: Some(args.epochs),
-        batch_size: bs,
-        lr: args.lr,
+        batch_size: Some(bs),
+        lr: Some(args.lr),
+        optimizer: None,
         seed,
     };
     let cfg = targs.config(args.bits, args.epochs)?;
@@ -1190,7 +1190,7 @@ fn run_one(
     )?;
     let mut progress = Progress {
         model: targs.model(&encrypted.info)?,
-        optimizer: Optimizer::adam(cfg.lr),
+        optimizer: cfg.optimizer(),
         state: EpochState::new(0, nb, cfg.seed, true),
         history: Vec::new(),
     };
@@ -2203,11 +2203,12 @@ mod tests {
         .unwrap();
         // The trainer's own loop with the same settings.
         let targs = TrainArgs {
-            spec: args.spec.clone(),
-            activation: args.activation,
+            spec: Some(args.spec.clone()),
+            activation: Some(args.activation),
             epochs: Some(2),
-            batch_size: 16,
-            lr: 0.01,
+            batch_size: Some(16),
+            lr: Some(0.01),
+            optimizer: None,
             seed: 5,
         };
         let cfg = targs.config(8, 2).unwrap();

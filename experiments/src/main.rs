@@ -41,7 +41,8 @@ struct Cli {
 enum Command {
     /// Test accuracy and loss per epoch: plain float vs quantized plain vs FE-encrypted
     /// training (real authority, client and trainer code over TCP, checked bit for bit
-    /// against the simulation after every encrypted step).
+    /// against the simulation after every encrypted step), and per step with --eval-every;
+    /// `--model lenet5` reproduces CryptoNN's LeNet-5 curve with the authors' settings.
     Accuracy(accuracy::AccuracyArgs),
     /// Final accuracy vs bits (and decimal digits) of the first layer's weights and deltas,
     /// with the discrete-log bound each needs (simulation, which equals FE exactly).

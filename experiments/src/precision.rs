@@ -326,7 +326,7 @@ pub fn run(args: &PrecisionArgs) -> Result<Summary> {
     let out = args.common.out_dir()?.to_path_buf();
     let data = args.common.load()?;
     let epochs = args.train.epochs.unwrap_or(DEFAULT_EPOCHS);
-    let bs = args.train.batch_size;
+    let bs = args.train.batch_size();
     let nb = full_batches(data.train.len(), bs)?;
     for &b in &args.bits.0 {
         qmax(b).with_context(|| format!("--bits {b}"))?;
@@ -534,7 +534,7 @@ impl Shape {
             .config(8, 1)?
             .model_spec(&train.info)?
             .first_geometry();
-        let bs = args.train.batch_size;
+        let bs = args.train.batch_size();
         Ok(Shape {
             n_cols: geometry.map_or(train.features() + 1, |g| g.patch_len() + 1),
             rows: geometry.map_or(bs, |g| bs * g.positions()),
@@ -560,7 +560,7 @@ fn run_seed(
     pb: &indicatif::ProgressBar,
 ) -> Result<(f64, f64, Vec<Outcome>)> {
     let n_cols = shape.n_cols;
-    let bs = args.train.batch_size;
+    let bs = args.train.batch_size();
     let mut targs = args.train.clone();
     targs.seed = seed;
     let mut results = Vec::new();

@@ -26,7 +26,6 @@ use cryptonn::secure::{KeyPolicyFilter, SecureProducts, Timings};
 use cryptonn::trainer::TrainConfig;
 use nn::first_layer::{FirstLayer, Quantized};
 
-use nn::optim::Optimizer;
 use nn::train::{EpochState, Flow, Hooks, Progress, RunSettings, StepView, TrainError};
 
 /// Options of `timing`.
@@ -388,7 +387,7 @@ pub fn run(args: &TimingArgs) -> Result<Summary> {
             )?;
             let mut progress = Progress {
                 model: cfg.model(&subset.info)?,
-                optimizer: Optimizer::adam(cfg.lr),
+                optimizer: cfg.optimizer(),
                 state: EpochState::new(0, layer.num_batches(), cfg.seed, true),
                 history: Vec::new(),
             };

@@ -323,6 +323,99 @@ fn precision_runs_a_convolutional_first_layer() {
 }
 
 #[test]
+fn lenet5_preset_records_every_step_of_every_curve() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let o = dir.path().to_str().expect("utf-8 path");
+    let res = run(&[
+        "accuracy",
+        "--model",
+        "lenet5",
+        "--quiet",
+        "--out",
+        o,
+        "--train-limit",
+        "32",
+        "--test-limit",
+        "50",
+        "--eval-sample",
+        "20",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--fe-steps",
+        "1",
+    ]);
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(stdout.contains("conv5x6p2"), "{stdout}");
+    assert!(stdout.contains("sgd at learning rate 0.01"), "{stdout}");
+    assert!(stdout.contains("| adam "), "{stdout}");
+    let (h, rows) = read_csv(&dir.path().join("accuracy_lenet5_steps.csv"));
+    assert_eq!(
+        h,
+        [
+            "optimizer",
+            "curve",
+            "mode",
+            "step",
+            "epoch",
+            "test_images",
+            "test_loss",
+            "test_accuracy",
+            "weights_identical",
+        ]
+    );
+    // 4 steps of batch 8, scored before the first and after every one.
+    let steps = |opt: &str, curve: &str| -> Vec<String> {
+        rows.iter()
+            .filter(|r| r["optimizer"] == opt && r["curve"] == curve)
+            .map(|r| r["step"].clone())
+            .collect()
+    };
+    for (opt, curve) in [
+        ("sgd", "float"),
+        ("sgd", "quantized"),
+        ("sgd", "fe"),
+        ("adam", "float"),
+        ("adam", "quantized"),
+    ] {
+        assert_eq!(
+            steps(opt, curve),
+            ["0", "1", "2", "3", "4"],
+            "{opt} {curve}"
+        );
+    }
+    assert!(steps("adam", "fe").is_empty());
+    assert!(rows.iter().all(|r| r["test_images"] == "20"));
+    // The one FE step was compared bit for bit and scores as the simulation; the rest is
+    // simulated.
+    let at = |curve: &str, step: &str| {
+        rows.iter()
+            .find(|r| r["optimizer"] == "sgd" && r["curve"] == curve && r["step"] == step)
+            .expect("row")
+    };
+    let fe1 = at("fe", "1");
+    assert_eq!(
+        (fe1["mode"].as_str(), fe1["weights_identical"].as_str()),
+        ("encrypted", "true")
+    );
+    assert_eq!(fe1["test_loss"], at("quantized", "1")["test_loss"]);
+    for step in ["2", "3", "4"] {
+        assert_eq!(at("fe", step)["mode"], "simulated");
+        assert_eq!(
+            at("fe", step)["test_loss"],
+            at("quantized", step)["test_loss"]
+        );
+    }
+    let (_, fe_rows) = read_csv(&dir.path().join("accuracy_lenet5_fe_steps.csv"));
+    assert_eq!(fe_rows.len(), 2);
+    assert_eq!(fe_rows[0]["weights_sha256"], fe_rows[1]["weights_sha256"]);
+    assert!(fe_rows.iter().all(|r| r["weights_identical"] == "true"));
+    check_png(&dir.path().join("accuracy_lenet5_steps.png"));
+    check_svg(&dir.path().join("accuracy_lenet5_steps.svg"));
+}
+
+#[test]
 fn relu_network_and_clear_errors() {
     let dir = tempfile::tempdir().expect("tmp");
     let o = dir.path().to_str().expect("utf-8 path");

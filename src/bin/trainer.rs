@@ -60,9 +60,13 @@ struct ModelArgs {
     /// Stochastic rounding of weights and deltas instead of nearest.
     #[arg(long)]
     stochastic_rounding: bool,
-    /// Adam learning rate.
+    /// Learning rate of the optimizer.
     #[arg(long, default_value_t = 0.01)]
     lr: f32,
+    /// Update rule: adam (the default) or sgd (plain SGD without momentum, CryptoNN's
+    /// setting). A checkpoint resumes only with the optimizer it was made with.
+    #[arg(long, default_value_t = trainer::OptimizerKind::Adam)]
+    optimizer: trainer::OptimizerKind,
     /// Checkpoint file: written after every step, resumed from if present (with the same
     /// settings and data; a conflicting flag is an error that names it).
     #[arg(long)]
@@ -91,6 +95,7 @@ impl ModelArgs {
             bits: self.bits,
             stochastic_rounding: self.stochastic_rounding,
             lr: self.lr,
+            optimizer: self.optimizer,
             progress: !self.quiet,
         }
     }
