@@ -20,7 +20,7 @@
 use crate::common::{
     full_batches, model_digest, progress, CommonArgs, Stopwatch, Summary, TrainArgs,
 };
-use crate::fe_env::{self, secure_secs, timings_delta, FeEnv, Remap, Shadow};
+use crate::fe_env::{self, secure_secs, FeEnv, Remap, Shadow};
 use crate::plot::{self, Line, LineChart, Marker, Panel, Series, COLORS};
 use crate::table::{pct, secs, write_csv, Table};
 use anyhow::{bail, Context, Result};
@@ -499,7 +499,7 @@ impl Lockstep<'_> {
             .step(epoch, batch)
             .with_context(|| format!("encrypted step {step}"))?;
         let enc_seconds = t.secs();
-        let timings = timings_delta(&enc.layer.inner().inner().inner().timings(), &before);
+        let timings = enc.layer.inner().inner().inner().timings().since(&before);
         self.fe_clock += enc_seconds;
         self.fe_done += 1;
         self.epoch_encrypted += 1;

@@ -264,21 +264,6 @@ impl<P: IntegerProducts> IntegerProducts for Remap<P> {
     }
 }
 
-/// What the secure layer spent between two snapshots of its cumulative timings.
-pub fn timings_delta(now: &Timings, before: &Timings) -> Timings {
-    Timings {
-        io: now.io.saturating_sub(before.io),
-        keys: now.keys.saturating_sub(before.keys),
-        forward: now.forward.saturating_sub(before.forward),
-        backward: now.backward.saturating_sub(before.backward),
-        output_error: now.output_error.saturating_sub(before.output_error),
-        keys_received: now.keys_received.saturating_sub(before.keys_received),
-        decryptions: now.decryptions.saturating_sub(before.decryptions),
-        batches_read: now.batches_read.saturating_sub(before.batches_read),
-        ..Timings::default()
-    }
-}
-
 /// Wall seconds of the secure layer's parts (I/O, keys, decryptions).
 pub fn secure_secs(t: &Timings) -> f64 {
     (t.io + t.keys + t.forward + t.backward + t.output_error).as_secs_f64()

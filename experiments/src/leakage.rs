@@ -1049,7 +1049,7 @@ impl FeSteps {
             .step(epoch, batch)
             .with_context(|| format!("real FE step {step} (epoch {epoch}, batch {batch})"))?;
         let seconds = t.secs();
-        let timings = fe_env::timings_delta(&secure(self), &before);
+        let timings = secure(self).since(&before);
         let sim = view.layer.inner().inner();
         let rec = self.shadow.layer.inner().inner();
         if let Some(what) = rec.latest_difference(sim) {

@@ -15,8 +15,8 @@
 //! measured settings.
 
 use crate::common::{progress, CommonArgs, Stopwatch, Summary};
+use crate::fe_env::secure_secs;
 use crate::fe_env::{self, FeEnv};
-use crate::fe_env::{secure_secs, timings_delta};
 use crate::plot::{self, Line, LineChart, Marker, Panel, Series, StackedBars, COLORS};
 use crate::table::{pct, secs, write_csv, Table};
 use anyhow::{bail, Context, Result};
@@ -274,7 +274,7 @@ impl Hooks<SecureLayer> for StepTimer {
     fn after_step(&mut self, s: &StepView<'_, SecureLayer>) -> Result<Flow, TrainError> {
         let wall = self.clock.secs();
         let now = s.layer.inner().inner().timings();
-        let d = timings_delta(&now, &self.before);
+        let d = now.since(&self.before);
         self.before = now;
         self.steps.push([
             d.keys.as_secs_f64(),

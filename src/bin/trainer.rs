@@ -207,7 +207,9 @@ enum Command {
     },
 }
 
-fn report(m: &EpochMetrics, timings: Option<&Timings>) {
+/// Prints an epoch's metrics and, for an encrypted run, its timings `(cumulative, this
+/// epoch's)`: the clear-layer time is the epoch's time minus its secure part.
+fn report(m: &EpochMetrics, timings: Option<(&Timings, &Timings)>) {
     let test = m
         .test_accuracy
         .map(|a| format!(", test accuracy {:.2}%", 100.0 * a))
@@ -219,12 +221,12 @@ fn report(m: &EpochMetrics, timings: Option<&Timings>) {
         100.0 * m.train_accuracy,
         m.seconds
     );
-    if let Some(t) = timings {
+    if let Some((t, epoch)) = timings {
         let cpu = (t.dlog_cpu + t.group_cpu).as_secs_f64().max(1e-9);
         println!(
             "  time (cumulative): forward decryption {:.1} s, backward decryption {:.1} s \
              (discrete logs {:.1}% of their CPU time), output error {:.1} s, keys {:.1} s, \
-             I/O {:.1} s, clear layers and quantization {:.1} s; {} keys, {} decryptions, {} backward products derived \
+             I/O {:.1} s, clear layers and quantization {:.1} s this epoch; {} keys, {} decryptions, {} backward products derived \
              from a basis of the deltas, {} batches read",
             t.forward.as_secs_f64(),
             t.backward.as_secs_f64(),
@@ -232,7 +234,7 @@ fn report(m: &EpochMetrics, timings: Option<&Timings>) {
             t.output_error.as_secs_f64(),
             t.keys.as_secs_f64(),
             t.io.as_secs_f64(),
-            (m.seconds - t.secure_total().as_secs_f64()).max(0.0),
+            (m.seconds - epoch.secure_total().as_secs_f64()).max(0.0),
             t.keys_received,
             t.decryptions,
             t.derived,
@@ -436,6 +438,7 @@ fn main() -> Result<()> {
                 .context("the model's first convolution does not fit the encrypted images")?;
             println!("training {spec} on {} ({})", data.display(), run_data.info);
             let metrics = model.metrics.clone();
+            let mut last = Timings::default();
             let r = trainer::run(
                 products,
                 &run_data,
@@ -445,7 +448,8 @@ fn main() -> Result<()> {
                 model.stop_after,
                 |_, m, p| {
                     let t = p.timings();
-                    report(m, Some(&t));
+                    report(m, Some((&t, &t.since(&last))));
+                    last = t;
                     append_metrics(metrics.as_deref(), m, Some(&t))
                         .map_err(|e| trainer::TrainerError::Config(e.to_string()))
                 },

@@ -150,6 +150,28 @@ impl Timings {
         }
     }
 
+    /// What accrued since `before` (an earlier reading of the same counters).
+    pub fn since(&self, before: &Timings) -> Timings {
+        Timings {
+            io: self.io.saturating_sub(before.io),
+            keys: self.keys.saturating_sub(before.keys),
+            forward: self.forward.saturating_sub(before.forward),
+            backward: self.backward.saturating_sub(before.backward),
+            output_error: self.output_error.saturating_sub(before.output_error),
+            dlog_cpu: self.dlog_cpu.saturating_sub(before.dlog_cpu),
+            group_cpu: self.group_cpu.saturating_sub(before.group_cpu),
+            keys_received: self.keys_received.saturating_sub(before.keys_received),
+            decryptions: self.decryptions.saturating_sub(before.decryptions),
+            batches_read: self.batches_read.saturating_sub(before.batches_read),
+            derived: self.derived.saturating_sub(before.derived),
+            additions: self.additions.saturating_sub(before.additions),
+            forward_values: self.forward_values.saturating_sub(before.forward_values),
+            forward_additions: self
+                .forward_additions
+                .saturating_sub(before.forward_additions),
+        }
+    }
+
     /// Wall time of the secure layer (I/O, keys, decryptions).
     pub fn secure_total(&self) -> Duration {
         self.io + self.keys + self.forward + self.backward + self.output_error
@@ -605,6 +627,28 @@ mod tests {
         fn patches(&self) -> Option<&nn::layers::Geometry> {
             self.geometry.as_ref()
         }
+    }
+
+    #[test]
+    fn timings_since_subtract_every_counter() {
+        let before = Timings {
+            forward: Duration::from_secs(2),
+            additions: 10,
+            forward_values: 3,
+            ..Timings::default()
+        };
+        let now = Timings {
+            forward: Duration::from_secs(5),
+            backward: Duration::from_secs(1),
+            additions: 25,
+            forward_values: 4,
+            ..Timings::default()
+        };
+        let d = now.since(&before);
+        assert_eq!(d.forward, Duration::from_secs(3));
+        assert_eq!(d.backward, Duration::from_secs(1));
+        assert_eq!((d.additions, d.forward_values), (15, 1));
+        assert_eq!(before.since(&now).forward, Duration::ZERO);
     }
 
     /// A convolution: kernels that weigh too few pixels somewhere are zeroed whole, and each
