@@ -25,7 +25,9 @@
 //!   Dense segments may use zero-free digits, which give `2·D`; the discrete log then solves
 //!   `2·⟨x, y⟩` (within twice the bound) and halves it;
 //! * the bucket method per key, with a fixed-base table for `C_0` (one or a few keys);
-//! * small multiples per point, shared by all keys (tiny entries on very short vectors);
+//! * small multiples per point, shared by all keys, with one addition per non-zero key entry
+//!   (tiny entries on very short vectors, and many sparse keys such as a convolution's
+//!   placed kernels: chosen when the bit planes' real count for the keys is higher);
 //!
 //! then batched discrete logs, on all cores.
 
@@ -479,8 +481,23 @@ pub fn decrypt_many_ciphertexts<E: FeCurve>(
 /// Per-key data prepared once for every ciphertext.
 struct PreparedKey {
     max_abs: u64,
-    bound: u64,
     sk_digits: Vec<i32>,
+}
+
+/// Additions of [`Strategy::Multiples`] per ciphertext for these very keys: the multiples
+/// each point needs, one per non-zero key entry, the `C_0` table and one term per key.
+fn sparse_multiples_cost<E: FeCurve>(
+    keys: &[FeipFunctionKey<E>],
+    column_max: &[u64],
+    c0w: usize,
+) -> usize {
+    let windows = scalar_digits::<E>(c0w);
+    let tables: usize = column_max.iter().map(|&m| m as usize).sum();
+    let nonzero: usize = keys
+        .iter()
+        .map(|k| k.y.iter().filter(|v| **v != 0).count())
+        .sum();
+    tables + nonzero + windows * (1 << (c0w - 1)) + keys.len() * (windows + 1)
 }
 
 /// Where decryption time goes: group arithmetic (`Σ y_i C_i − sk·C_0`) and discrete logs.
@@ -653,6 +670,11 @@ pub struct FeipDecryptor<E: FeCurve> {
     solve_bounds: Vec<u64>,
     /// Largest `|y_i|` over the keys at each position, for [`Strategy::Multiples`].
     column_max: Vec<u64>,
+    /// Per position, the keys with a non-zero entry there and the entry, for
+    /// [`Strategy::Multiples`].
+    by_point: Vec<Vec<(u32, i64)>>,
+    /// Additions per ciphertext of [`Strategy::Multiples`] for these keys.
+    multiples: usize,
     planes: Option<BitPlanes>,
 }
 
@@ -692,39 +714,17 @@ impl<E: FeCurve> FeipDecryptor<E> {
         let all = || keys.iter().flat_map(|k| k.y.iter()).copied();
         let (lo, hi) = (all().min().unwrap_or(0), all().max().unwrap_or(0));
         let Plan {
-            strategy,
+            mut strategy,
             bits,
             sk_digits,
         } = plan::<E>(n, keys.len(), (lo, hi), c0w);
-        let prepared: Vec<PreparedKey> = keys
+        for k in keys {
+            dlog.check_bound(bound_for_key(&k.y, params.x_bound))?;
+        }
+        let bounds: Vec<u64> = keys
             .iter()
-            .map(|k| {
-                let needed = bound_for_key(&k.y, params.x_bound);
-                dlog.check_bound(needed)?;
-                Ok(PreparedKey {
-                    max_abs: k.y.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0),
-                    bound: needed as u64,
-                    sk_digits: if strategy == Strategy::Planes {
-                        Vec::new()
-                    } else {
-                        recode_scalar(&k.sk, c0w)
-                    },
-                })
-            })
-            .collect::<Result<_>>()?;
-        let bounds: Vec<u64> = prepared.iter().map(|k| k.bound).collect();
-        let column_max: Vec<u64> = if strategy == Strategy::Multiples {
-            (0..n)
-                .map(|i| {
-                    keys.iter()
-                        .map(|k| k.y[i].unsigned_abs())
-                        .max()
-                        .unwrap_or(0)
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+            .map(|k| bound_for_key(&k.y, params.x_bound) as u64)
+            .collect();
         // Bit planes: every key is `y` followed by the signed base-2^bits digits of `−sk`,
         // the coefficients of the points `2^(bits·j)·C_0`, so that `Σ y_i C_i − sk·C_0` is
         // one product over `n + sk_digits` points. The two parts get their own digit form and
@@ -734,7 +734,7 @@ impl<E: FeCurve> FeipDecryptor<E> {
         let may_double = bounds
             .iter()
             .all(|&b| u128::from(b) * 2 <= u128::from(dlog.limit()));
-        let planes = (strategy == Strategy::Planes).then(|| {
+        let mut planes = (strategy == Strategy::Planes).then(|| {
             let rows: Vec<Vec<i64>> = keys
                 .par_iter()
                 .map(|k| {
@@ -749,6 +749,47 @@ impl<E: FeCurve> FeipDecryptor<E> {
                 .collect();
             BitPlanes::new(&rows, bits, &[n], may_double)
         });
+        // Sparse keys (a convolution's placed kernels): the plan costs both methods as if
+        // dense; with the planes' real count at hand, small multiples win when fewer.
+        let column_max: Vec<u64> = (0..n)
+            .map(|i| {
+                keys.iter()
+                    .map(|k| k.y[i].unsigned_abs())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let multiples = sparse_multiples_cost::<E>(keys, &column_max, c0w);
+        if let Some(p) = &planes {
+            if column_max.iter().all(|&m| m <= SMALL_MULTIPLES_MAX)
+                && multiples < p.additions() + sk_digits * bits
+            {
+                strategy = Strategy::Multiples;
+                planes = None;
+            }
+        }
+        let prepared: Vec<PreparedKey> = keys
+            .iter()
+            .map(|k| PreparedKey {
+                max_abs: k.y.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0),
+                sk_digits: if strategy == Strategy::Planes {
+                    Vec::new()
+                } else {
+                    recode_scalar(&k.sk, c0w)
+                },
+            })
+            .collect();
+        let (column_max, by_point) = if strategy == Strategy::Multiples {
+            let mut by_point = vec![Vec::new(); n];
+            for (j, k) in keys.iter().enumerate() {
+                for (i, &v) in k.y.iter().enumerate().filter(|(_, v)| **v != 0) {
+                    by_point[i].push((j as u32, v));
+                }
+            }
+            (column_max, by_point)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let doubled = planes.as_ref().is_some_and(BitPlanes::doubled);
         let solve_bounds = if doubled {
             bounds.iter().map(|&b| 2 * b).collect()
@@ -766,6 +807,8 @@ impl<E: FeCurve> FeipDecryptor<E> {
             bounds,
             solve_bounds,
             column_max,
+            by_point,
+            multiples,
             planes,
         })
     }
@@ -775,12 +818,16 @@ impl<E: FeCurve> FeipDecryptor<E> {
         self.keys.len()
     }
 
-    /// Point additions per ciphertext when the bit-plane method was chosen (tables, lookups
-    /// and Horner's rule for all keys, `C_0`'s doublings included), else `None`.
+    /// Point additions per ciphertext when the bit-plane method (tables, lookups and
+    /// Horner's rule for all keys, `C_0`'s doublings included) or small multiples (the
+    /// multiples, one per non-zero key entry, the `C_0` table and terms) was chosen, else
+    /// `None`.
     pub fn additions_per_ciphertext(&self) -> Option<usize> {
-        self.planes
-            .as_ref()
-            .map(|p| p.additions() + self.sk_digits * self.bits)
+        match (&self.planes, self.strategy) {
+            (Some(p), _) => Some(p.additions() + self.sk_digits * self.bits),
+            (None, Strategy::Multiples) => Some(self.multiples),
+            _ => None,
+        }
     }
 
     /// Decrypts every ciphertext against every key: `out[c][k] = ⟨x_c, y_k⟩`; fails as a
@@ -859,8 +906,8 @@ impl<E: FeCurve> FeipDecryptor<E> {
             let mut table = SmallMultiples::<E>::new(&pts[0], 0);
             for (i, p) in pts.iter().enumerate() {
                 table.refill(p, self.column_max[i] as usize);
-                for (acc, key) in accs.iter_mut().zip(&self.keys) {
-                    table.add_to(acc, key.y[i]);
+                for &(k, v) in &self.by_point[i] {
+                    table.add_to(&mut accs[k as usize], v);
                 }
             }
             accs.into_iter()
@@ -987,6 +1034,42 @@ serde_via_bytes!(FeipCiphertext);
 mod tests {
     use super::*;
     use crate::group::{Ristretto, Secp256k1};
+
+    /// Many sparse keys (a convolution's placed kernels): small multiples per point beat the
+    /// bit planes' real count, and decrypt exactly.
+    #[test]
+    fn sparse_keys_use_small_multiples_and_decrypt_exactly() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let params = FeipParams::new(101, 255).expect("params");
+        let (pk, msk) = setup::<Ristretto>(params);
+        let ys: Vec<Vec<i64>> = (0..2000)
+            .map(|_| {
+                let mut y = vec![0i64; 101];
+                for _ in 0..5 {
+                    y[rng.gen_range(0..101)] = rng.gen_range(-100..=100);
+                }
+                y
+            })
+            .collect();
+        let keys = msk.derive_keys(&ys).expect("keys");
+        let dlog = DlogTable::<Ristretto>::new(1 << 12).expect("dlog");
+        let d = FeipDecryptor::new(&params, &keys, &dlog).expect("decryptor");
+        assert!(format!("{d:?}").contains("Multiples"), "{d:?}");
+        let xs: Vec<Vec<i64>> = (0..3)
+            .map(|_| (0..101).map(|_| rng.gen_range(0..=255)).collect())
+            .collect();
+        let cts = FeipEncryptor::new(&pk).encrypt_many(&xs).expect("encrypt");
+        let got = d.decrypt(&cts, &dlog).expect("decrypt");
+        for (x, row) in xs.iter().zip(&got) {
+            let want: Vec<i64> = ys
+                .iter()
+                .map(|y| x.iter().zip(y).map(|(a, b)| a * b).sum())
+                .collect();
+            assert_eq!(row, &want);
+        }
+        assert!(d.additions_per_ciphertext().is_some());
+    }
 
     /// The shapes of training pick the strategies the cost model was designed for.
     #[test]
