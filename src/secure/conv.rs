@@ -46,19 +46,12 @@ impl<K: KeyService> SecureProducts<K> {
             });
         }
         let (idx, live) = live_vectors(w_q.rows().into_iter());
-        let t = Instant::now();
-        let keys = if live.is_empty() {
-            Vec::new()
-        } else {
-            let kernels = w_q.select(Axis(0), &idx);
-            let placed = nn::infer::place_kernels(g, kernels.view())
-                .ok_or_else(|| backend(std::io::Error::other("kernels do not fit the window")))?;
-            let rows: Vec<Vec<i64>> = placed.rows().into_iter().map(|r| r.to_vec()).collect();
-            let request = ConvKeyRequest::new(g, kernels.view()).map_err(backend)?;
-            self.keys.conv_row_keys(request, &rows).map_err(backend)?
-        };
-        self.timings.keys += t.elapsed();
-        self.timings.keys_received += keys.len() as u64;
+        let kernels = w_q.select(Axis(0), &idx);
+        let placed = nn::infer::place_kernels(g, kernels.view())
+            .ok_or_else(|| backend(std::io::Error::other("kernels do not fit the window")))?;
+        let rows: Vec<Vec<i64>> = placed.rows().into_iter().map(|r| r.to_vec()).collect();
+        let request = ConvKeyRequest::new(g, kernels.view()).map_err(backend)?;
+        let keys = self.fetch_keys(!live.is_empty(), |k| k.conv_row_keys(request, &rows))?;
         let rp = self.params.row.params();
         let dlog = self.dlog.clone();
         let b = self.load(batch)?;
@@ -76,11 +69,8 @@ impl<K: KeyService> SecureProducts<K> {
                 }
             }
         }
-        self.timings.dlog_cpu += stats.dlog_time();
-        self.timings.group_cpu += stats.group_time();
         self.timings
-            .note_additions(&stats, Some(samples * keys.len()));
-        self.timings.decryptions += (samples * keys.len()) as u64;
+            .note_decryption(&stats, samples * keys.len(), true);
         self.timings.forward += t.elapsed();
         Ok(out)
     }
@@ -136,24 +126,14 @@ impl<K: KeyService> SecureProducts<K> {
             })
             .collect();
         self.timings.backward += t.elapsed();
-        let t = Instant::now();
-        let keys = if ys.is_empty() {
-            Vec::new()
-        } else {
-            self.keys.conv_col_keys(&ys).map_err(backend)?
-        };
-        self.timings.keys += t.elapsed();
-        self.timings.keys_received += keys.len() as u64;
+        let keys = self.fetch_keys(!ys.is_empty(), |k| k.conv_col_keys(&ys))?;
         let dlog = self.dlog.clone();
         let b = self.load(batch)?;
         let t = Instant::now();
         let stats = feip::DecryptStats::default();
         let values =
             sums::decrypt_sums(&cp, &b.cols, &keys, &sums, &dlog, &stats).map_err(backend)?;
-        self.timings.dlog_cpu += stats.dlog_time();
-        self.timings.group_cpu += stats.group_time();
-        self.timings.note_additions(&stats, None);
-        self.timings.decryptions += values.len() as u64;
+        self.timings.note_decryption(&stats, values.len(), false);
         self.timings.backward += t.elapsed();
         Array2::from_shape_vec((o, k + 1), values).map_err(backend)
     }

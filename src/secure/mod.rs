@@ -140,13 +140,16 @@ pub struct KeyPolicyFilter<P> {
 }
 
 impl Timings {
-    /// Adds the additions counted in `stats`, as the forward pass's when it decrypted
-    /// `forward_values` values.
-    fn note_additions(&mut self, stats: &feip::DecryptStats, forward_values: Option<usize>) {
+    /// Adds a decryption's CPU split and additions from `stats` and its `values` decrypted,
+    /// counted as the forward pass's when `forward`.
+    fn note_decryption(&mut self, stats: &feip::DecryptStats, values: usize, forward: bool) {
+        self.dlog_cpu += stats.dlog_time();
+        self.group_cpu += stats.group_time();
+        self.decryptions += values as u64;
         self.additions += stats.additions();
-        if let Some(v) = forward_values {
+        if forward {
             self.forward_additions += stats.additions();
-            self.forward_values += v as u64;
+            self.forward_values += values as u64;
         }
     }
 
@@ -348,6 +351,23 @@ impl<K: KeyService> SecureProducts<K> {
         &mut self.keys
     }
 
+    /// Keys from the key service (none when `any` is false), timed and counted.
+    fn fetch_keys(
+        &mut self,
+        any: bool,
+        ask: impl FnOnce(&mut K) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError>,
+    ) -> Result<Vec<FeipFunctionKey<Curve>>, SeamError> {
+        let t = Instant::now();
+        let keys = if any {
+            ask(&mut self.keys).map_err(backend)?
+        } else {
+            Vec::new()
+        };
+        self.timings.keys += t.elapsed();
+        self.timings.keys_received += keys.len() as u64;
+        Ok(keys)
+    }
+
     /// The decoded batch `batch`: the current one, the prefetched one, or read now. Time spent
     /// waiting here counts as I/O (a prefetch that finished in time costs nothing).
     fn load(&mut self, batch: usize) -> Result<&EncryptedBatch, SeamError> {
@@ -403,14 +423,7 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
             });
         }
         let (idx, ys) = live_vectors(w_q.rows().into_iter());
-        let t = Instant::now();
-        let keys = if ys.is_empty() {
-            Vec::new()
-        } else {
-            self.keys.row_keys(&ys).map_err(backend)?
-        };
-        self.timings.keys += t.elapsed();
-        self.timings.keys_received += keys.len() as u64;
+        let keys = self.fetch_keys(!ys.is_empty(), |k| k.row_keys(&ys))?;
         let dlog = self.dlog.clone();
         let b = self.load(batch)?;
         let t = Instant::now();
@@ -423,12 +436,9 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
                 out[[s, j]] = row[k];
             }
         }
-        self.timings.dlog_cpu += stats.dlog_time();
         self.timings
-            .note_additions(&stats, Some(m.len() * idx.len()));
-        self.timings.group_cpu += stats.group_time();
+            .note_decryption(&stats, m.len() * idx.len(), true);
         self.timings.forward += t.elapsed();
-        self.timings.decryptions += (m.len() * idx.len()) as u64;
         Ok(out)
     }
 
@@ -459,24 +469,15 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
             None => Cow::Borrowed(&ys),
         };
         self.timings.backward += t.elapsed();
-        let t = Instant::now();
-        let keys = if asked.is_empty() {
-            Vec::new()
-        } else {
-            self.keys.col_keys(&asked).map_err(backend)?
-        };
-        self.timings.keys += t.elapsed();
-        self.timings.keys_received += keys.len() as u64;
+        let keys = self.fetch_keys(!asked.is_empty(), |k| k.col_keys(&asked))?;
         let dlog = self.dlog.clone();
         let b = self.load(batch)?;
         let t = Instant::now();
         let stats = feip::DecryptStats::default();
         let m =
             feip::decrypt_matrix_with_stats(&cp, &b.cols, &keys, &dlog, &stats).map_err(backend)?;
-        self.timings.dlog_cpu += stats.dlog_time();
-        self.timings.note_additions(&stats, None);
-        self.timings.group_cpu += stats.group_time();
-        self.timings.decryptions += (m.len() * asked.len()) as u64;
+        self.timings
+            .note_decryption(&stats, m.len() * asked.len(), false);
         let m = match &basis {
             Some(basis) => {
                 self.timings.derived += (m.len() * (ys.len() - asked.len())) as u64;
