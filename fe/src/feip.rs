@@ -734,7 +734,19 @@ impl<E: FeCurve> FeipDecryptor<E> {
         let may_double = bounds
             .iter()
             .all(|&b| u128::from(b) * 2 <= u128::from(dlog.limit()));
-        let mut planes = (strategy == Strategy::Planes).then(|| {
+        // Sparse keys (a convolution's placed kernels): the plan costs both methods as if
+        // dense; small multiples over the non-zero entries win when the bit planes' estimate
+        // for these very rows is higher, and then the codes are never prepared.
+        let column_max: Vec<u64> = (0..n)
+            .map(|i| {
+                keys.iter()
+                    .map(|k| k.y[i].unsigned_abs())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let multiples = sparse_multiples_cost::<E>(keys, &column_max, c0w);
+        let planes = if strategy == Strategy::Planes {
             let rows: Vec<Vec<i64>> = keys
                 .par_iter()
                 .map(|k| {
@@ -747,27 +759,18 @@ impl<E: FeCurve> FeipDecryptor<E> {
                     row
                 })
                 .collect();
-            BitPlanes::new(&rows, bits, &[n], may_double)
-        });
-        // Sparse keys (a convolution's placed kernels): the plan costs both methods as if
-        // dense; with the planes' real count at hand, small multiples win when fewer.
-        let column_max: Vec<u64> = (0..n)
-            .map(|i| {
-                keys.iter()
-                    .map(|k| k.y[i].unsigned_abs())
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect();
-        let multiples = sparse_multiples_cost::<E>(keys, &column_max, c0w);
-        if let Some(p) = &planes {
+            let (layout, estimate) = BitPlanes::plan(&rows, bits, &[n], may_double);
             if column_max.iter().all(|&m| m <= SMALL_MULTIPLES_MAX)
-                && multiples < p.additions() + sk_digits * bits
+                && (multiples as f64) < estimate + (sk_digits * bits) as f64
             {
                 strategy = Strategy::Multiples;
-                planes = None;
+                None
+            } else {
+                Some(BitPlanes::with_layout(&rows, bits, &layout))
             }
-        }
+        } else {
+            None
+        };
         let prepared: Vec<PreparedKey> = keys
             .iter()
             .map(|k| PreparedKey {

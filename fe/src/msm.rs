@@ -461,6 +461,19 @@ impl BitPlanes {
     /// If the rows differ in length or an entry does not fit `bits`: the callers (this crate's
     /// decryption) size `bits` from the entries themselves.
     pub fn new(rows: &[Vec<i64>], bits: usize, splits: &[usize], may_double: bool) -> Self {
+        let (layout, _) = Self::plan(rows, bits, splits, may_double);
+        Self::with_layout(rows, bits, &layout)
+    }
+
+    /// The layout [`BitPlanes::new`] would choose for `rows`, and its estimated additions
+    /// (lookups counted on a sample of the rows), without preparing the codes: for callers
+    /// that compare the bit planes with another method first.
+    pub fn plan(
+        rows: &[Vec<i64>],
+        bits: usize,
+        splits: &[usize],
+        may_double: bool,
+    ) -> (Vec<(usize, Digits, usize)>, f64) {
         let n = rows.first().map_or(0, Vec::len);
         let mut bounds: Vec<usize> = splits.iter().copied().filter(|&s| s < n).collect();
         bounds.push(n);
@@ -481,6 +494,7 @@ impl BitPlanes {
         let exact_cost = segments.iter().map(|s| s.1 .2).sum::<f64>() + horner(bits);
         let mut layout: Vec<(usize, Digits, usize)> =
             segments.iter().map(|s| (s.0, s.1 .0, s.1 .1)).collect();
+        let mut estimate = exact_cost;
         if may_double {
             let picks: Vec<(usize, SegmentChoice)> = segments
                 .iter()
@@ -493,10 +507,11 @@ impl BitPlanes {
                 let cost = picks.iter().map(|p| p.1 .2).sum::<f64>() + horner(planes) + keys;
                 if cost < exact_cost * ZERO_FREE_MARGIN {
                     layout = picks.iter().map(|p| (p.0, p.1 .0, p.1 .1)).collect();
+                    estimate = cost;
                 }
             }
         }
-        Self::with_layout(rows, bits, &layout)
+        (layout, estimate)
     }
 
     /// Prepares `rows` with a given layout: consecutive segments `(length, digit form, chunk
