@@ -286,11 +286,31 @@ pub struct NetArgs {
     /// Most connections waiting to authenticate; a newer one closes the oldest.
     #[arg(long, value_name = "N", default_value_t = crate::net::DEFAULT_MAX_PENDING)]
     pub max_pending: usize,
+    /// Most connections from one IP address; a newer one closes that address's oldest
+    /// connection waiting to authenticate, or is told to try again later.
+    #[arg(long, value_name = "N", default_value_t = crate::net::DEFAULT_MAX_PER_PEER)]
+    pub max_per_peer: usize,
+    /// Authenticated requests a second from one IP address, on average; more (beyond the
+    /// burst) are told to try again later.
+    #[arg(long, value_name = "PER_SEC", default_value_t = crate::net::DEFAULT_PEER_RATE)]
+    pub peer_rate: f64,
+    /// Authenticated requests from one IP address at once, before --peer-rate applies.
+    #[arg(long, value_name = "N", default_value_t = crate::net::DEFAULT_PEER_BURST)]
+    pub peer_burst: u32,
+    /// Most request bytes being read or answered at once (at least the frame limit); a
+    /// request that finds no room for 2 s is told to try again later.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::net::DEFAULT_MAX_INFLIGHT_BYTES)]
+    pub max_inflight_bytes: usize,
 }
 
 impl NetArgs {
-    /// The network settings with `token`, checked.
-    pub fn settings(&self, token: String) -> anyhow::Result<crate::net::Settings> {
+    /// The network settings with `token` and `frame_limit` (the largest request frame, which
+    /// must fit `--max-inflight-bytes`), checked.
+    pub fn settings(
+        &self,
+        token: String,
+        frame_limit: usize,
+    ) -> anyhow::Result<crate::net::Settings> {
         use anyhow::Context;
         if self.idle_timeout == 0 {
             anyhow::bail!("--idle-timeout must be at least 1 second");
@@ -299,6 +319,11 @@ impl NetArgs {
             idle_timeout: std::time::Duration::from_secs(self.idle_timeout),
             max_connections: self.max_connections,
             max_pending: self.max_pending,
+            max_per_peer: self.max_per_peer,
+            peer_rate: self.peer_rate,
+            peer_burst: self.peer_burst,
+            max_inflight_bytes: self.max_inflight_bytes,
+            frame_limit,
             auth_timeout: std::time::Duration::try_from_secs_f64(self.auth_timeout)
                 .ok()
                 .filter(|d| !d.is_zero())

@@ -10,7 +10,9 @@
 //! than their limit ([`MAX_HEADER`], [`MAX_FRAME`] or the authority's smaller limit) are
 //! refused before any allocation. The authority answers every request with exactly one
 //! response, closes connections that do not authenticate within a few seconds or stay idle,
-//! and answers [`Response::Busy`] when all its connection slots are taken.
+//! and answers [`Response::Busy`] when all its connection slots are taken (or the caller's
+//! address exceeds its share of connections or requests, or too many request bytes are in
+//! flight).
 //!
 //! Keys travel compactly: for inner-product keys the authority returns only the 32-byte
 //! secret `sk_y`, since the caller already has `y`.
@@ -238,7 +240,8 @@ pub enum Response {
     Refused(String),
     /// The request could not be understood.
     Error(String),
-    /// Every connection slot is taken; the caller may try again later.
+    /// The authority is at one of its limits (connection slots, the caller's address's
+    /// connections or request rate, memory in flight); the caller may try again later.
     Busy(String),
 }
 

@@ -49,7 +49,7 @@ enum Command {
     /// to the audit file; failures before authentication are summarised there per peer
     /// address. On SIGTERM or SIGINT, closes the connections, writes the pending summaries
     /// and a stop line to the audit log, and exits with status 0.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the effective key policy as JSON (the defaults, or those of --policy and the
     /// override flags), a starting point for a policy file.
     Policy(PolicyArgs),
@@ -246,9 +246,10 @@ fn serve(args: &ServeArgs) -> Result<()> {
         summary_every: args.failure_summary_every,
     };
     config.net = cryptonn::net::Settings {
-        frame_limit: args.max_frame,
         verbose: !args.quiet,
-        ..args.net.settings(config.net.token.clone())?
+        ..args
+            .net
+            .settings(config.net.token.clone(), args.max_frame)?
     };
     config.net.transport = cryptonn::cli::server_transport(
         &args

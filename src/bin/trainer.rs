@@ -353,7 +353,9 @@ fn serve(
     use std::sync::atomic::{AtomicBool, Ordering};
     let m = Model::load(model).with_context(|| format!("loading {}", model.display()))?;
     let verbose = opts.verbose;
-    let settings = net.settings(client_token(client_token_file)?)?;
+    // The flags are checked here, before the authority is asked; the frame limit, known
+    // once the service has started, is checked against --max-inflight-bytes when it serves.
+    let settings = net.settings(client_token(client_token_file)?, 1)?;
     let mut auth =
         cryptonn::protocol::AuthorityClient::connect_with(authority, token, tls.client.clone())
             .with_context(|| format!("connecting to the authority at {authority}"))?;
