@@ -42,7 +42,13 @@
 //!   until their answer is sent. A request that finds no room waits for up to 2 s (less if
 //!   the idle timeout is shorter), then is read, dropped and answered busy.
 //!
-////! # Transport
+//! What the caps bound: a connection that has sent nothing holds only its task (2,000 of
+//! them grow a debug build by about 20 MiB, socket buffers aside); a clear-text one that has
+//! sent a byte holds a 4 KiB read buffer and at most [`protocol::MAX_HEADER`] bytes of
+//! header; under TLS the handshake's state and rustls's buffers are allocated only once a
+//! TLS record starts. The requests themselves are bounded by the memory in flight.
+//!
+//! # Transport
 //!
 //! [`Settings::transport`] says how connections are carried: TLS ([`Transport::Tls`], with
 //! the server's certificate and key, see [`crate::tls`]) or clear-text TCP
