@@ -291,12 +291,15 @@ pub struct NetArgs {
     #[arg(long, value_name = "N", default_value_t = crate::net::DEFAULT_MAX_PER_PEER)]
     pub max_per_peer: usize,
     /// Authenticated requests a second from one IP address, on average; more (beyond the
-    /// burst) are told to try again later.
-    #[arg(long, value_name = "PER_SEC", default_value_t = crate::net::DEFAULT_PEER_RATE)]
-    pub peer_rate: f64,
-    /// Authenticated requests from one IP address at once, before --peer-rate applies.
-    #[arg(long, value_name = "N", default_value_t = crate::net::DEFAULT_PEER_BURST)]
-    pub peer_burst: u32,
+    /// burst) are told to try again later [default: 50 for the authority, whose callers ask
+    /// a few times a step; 1000 for the prediction service, where one client sends a query
+    /// per input].
+    #[arg(long, value_name = "PER_SEC")]
+    pub peer_rate: Option<f64>,
+    /// Authenticated requests from one IP address at once, before --peer-rate applies
+    /// [default: twice the rate].
+    #[arg(long, value_name = "N")]
+    pub peer_burst: Option<u32>,
     /// Most request bytes being read or answered at once (at least the frame limit); a
     /// request that finds no room for 2 s is told to try again later.
     #[arg(long, value_name = "BYTES", default_value_t = crate::net::DEFAULT_MAX_INFLIGHT_BYTES)]
@@ -305,11 +308,13 @@ pub struct NetArgs {
 
 impl NetArgs {
     /// The network settings with `token` and `frame_limit` (the largest request frame, which
-    /// must fit `--max-inflight-bytes`), checked.
+    /// must fit `--max-inflight-bytes`), checked; `peer_rate` is the role's default of
+    /// `--peer-rate`.
     pub fn settings(
         &self,
         token: String,
         frame_limit: usize,
+        peer_rate: f64,
     ) -> anyhow::Result<crate::net::Settings> {
         use anyhow::Context;
         if self.idle_timeout == 0 {
@@ -320,8 +325,11 @@ impl NetArgs {
             max_connections: self.max_connections,
             max_pending: self.max_pending,
             max_per_peer: self.max_per_peer,
-            peer_rate: self.peer_rate,
-            peer_burst: self.peer_burst,
+            peer_rate: self.peer_rate.unwrap_or(peer_rate),
+            peer_burst: self.peer_burst.unwrap_or_else(|| {
+                // Twice the rate, at least 1 (the cast saturates).
+                (2.0 * self.peer_rate.unwrap_or(peer_rate)).ceil().max(1.0) as u32
+            }),
             max_inflight_bytes: self.max_inflight_bytes,
             frame_limit,
             auth_timeout: std::time::Duration::try_from_secs_f64(self.auth_timeout)

@@ -159,6 +159,9 @@ impl PredictionClient {
 
 /// Default largest batch of queries decrypted together.
 pub const DEFAULT_MAX_BATCH: usize = 16;
+/// Default `--peer-rate` of the prediction service: one client sends a query per input, so
+/// the authority's 50 a second would throttle a single client below what 2 cores serve.
+pub const DEFAULT_PEER_RATE: f64 = 1000.0;
 /// Default longest wait for a batch to fill after its first query.
 pub const DEFAULT_BATCH_WAIT: Duration = Duration::from_millis(2);
 

@@ -23,7 +23,7 @@ use nn::data::Dataset;
 use nn::data::DatasetInfo;
 use nn::first_layer::{FirstLayer, IntegerProducts, PlainFloat, Quantized, Quantizer, Rounding};
 use nn::model::{Model, ModelSpec};
-use nn::optim::Optimizer;
+use nn::optim::{Optimizer, Schedule};
 use nn::train::{
     Checkpoint, EpochMetrics, EpochState, Flow, Hooks, Progress, RunSettings, StepView, TrainError,
 };
@@ -79,6 +79,10 @@ pub struct TrainConfig {
     /// choice existed read as Adam).
     #[serde(default)]
     pub optimizer: OptimizerKind,
+    /// How the learning rate changes from epoch to epoch (constant unless a config says
+    /// otherwise).
+    #[serde(default)]
+    pub schedule: LrSchedule,
     /// Show progress bars.
     pub progress: bool,
 }
@@ -142,6 +146,96 @@ impl std::str::FromStr for OptimizerKind {
     }
 }
 
+/// The learning rate from epoch to epoch, as `--lr-schedule` takes it: `constant`,
+/// `step:EVERY:GAMMA` (multiplied by `GAMMA` every `EVERY` epochs, e.g. `step:1:0.3`) or
+/// `cosine` / `cosine:MIN` (cosine annealing from the base rate towards `MIN`, default 0,
+/// over the run's epochs; epoch `e` of `E` trains at `MIN + (lr - MIN)(1 + cos(pi e/E))/2`).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// The base rate at every epoch.
+    #[default]
+    Constant,
+    /// The rate multiplied by `gamma` every `every` epochs.
+    Step {
+        /// Epochs between two decays (at least 1).
+        every: usize,
+        /// Factor of each decay, in `(0, 1]`.
+        gamma: f32,
+    },
+    /// Cosine annealing over the run's epochs, from the base rate towards `min`.
+    Cosine {
+        /// The rate the annealing tends to (below the base rate).
+        min: f32,
+    },
+}
+
+impl LrSchedule {
+    /// The optimizer's schedule for a run of `epochs` epochs.
+    pub fn schedule(self, epochs: usize) -> Schedule {
+        match self {
+            LrSchedule::Constant => Schedule::Constant,
+            LrSchedule::Step { every, gamma } => Schedule::StepDecay { every, gamma },
+            LrSchedule::Cosine { min } => Schedule::Cosine {
+                total_epochs: epochs,
+                min_lr: min,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for LrSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LrSchedule::Constant => f.write_str("constant"),
+            LrSchedule::Step { every, gamma } => write!(f, "step:{every}:{gamma}"),
+            LrSchedule::Cosine { min } if *min == 0.0 => f.write_str("cosine"),
+            LrSchedule::Cosine { min } => write!(f, "cosine:{min}"),
+        }
+    }
+}
+
+impl std::str::FromStr for LrSchedule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim().to_ascii_lowercase();
+        let parts: Vec<&str> = s.split(':').collect();
+        let number = |what: &str, v: &str| -> Result<f32, String> {
+            v.parse::<f32>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| format!("{what} {v:?} in --lr-schedule {s:?} is not a number"))
+        };
+        match parts.as_slice() {
+            ["constant"] => Ok(LrSchedule::Constant),
+            ["step", every, gamma] => {
+                let every = every
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&e| e >= 1)
+                    .ok_or_else(|| format!("the epochs between decays in {s:?} must be a whole number of at least 1"))?;
+                let gamma = number("the factor", gamma)?;
+                if !(gamma > 0.0 && gamma <= 1.0) {
+                    return Err(format!("the decay factor in {s:?} must be in (0, 1]"));
+                }
+                Ok(LrSchedule::Step { every, gamma })
+            }
+            ["cosine"] => Ok(LrSchedule::Cosine { min: 0.0 }),
+            ["cosine", min] => {
+                let min = number("the final rate", min)?;
+                if min < 0.0 {
+                    return Err(format!("the final rate in {s:?} must not be negative"));
+                }
+                Ok(LrSchedule::Cosine { min })
+            }
+            _ => Err(format!(
+                "unknown learning-rate schedule {s:?} (expected constant, step:EVERY:GAMMA, cosine or cosine:MIN)"
+            )),
+        }
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -153,6 +247,7 @@ impl Default for TrainConfig {
             stochastic_rounding: false,
             lr: 0.01,
             optimizer: OptimizerKind::Adam,
+            schedule: LrSchedule::Constant,
             progress: true,
         }
     }
@@ -175,7 +270,9 @@ impl TrainConfig {
 
     /// A fresh optimizer of the configured kind and learning rate.
     pub fn optimizer(&self) -> Optimizer {
-        self.optimizer.build(self.lr)
+        self.optimizer
+            .build(self.lr)
+            .with_schedule(self.schedule.schedule(self.epochs))
     }
 
     /// The architecture for data described by `info`.
@@ -209,6 +306,7 @@ impl TrainConfig {
             ),
             ("--lr".into(), self.lr.to_string()),
             ("--optimizer".into(), self.optimizer.to_string()),
+            ("--lr-schedule".into(), self.schedule.to_string()),
         ])
     }
 }
@@ -447,12 +545,17 @@ where
     })
 }
 
-/// Fills in the `--optimizer` of a checkpoint written before the flag existed from the
-/// optimizer it saved, so that such a checkpoint resumes with the same optimizer only.
+/// Fills in the `--optimizer` and `--lr-schedule` of a checkpoint written before those
+/// flags existed (from the optimizer it saved; schedules were constant then), so that such a
+/// checkpoint resumes with the same settings only.
 fn record_optimizer(c: &mut Checkpoint) {
     if !c.config.iter().any(|(f, _)| f == "--optimizer") {
         let kind = OptimizerKind::of(&c.optimizer);
         c.config.push(("--optimizer".into(), kind.to_string()));
+    }
+    if !c.config.iter().any(|(f, _)| f == "--lr-schedule") {
+        let constant = LrSchedule::Constant.to_string();
+        c.config.push(("--lr-schedule".into(), constant));
     }
 }
 
@@ -528,11 +631,21 @@ mod tests {
 
     /// Resumes (or starts) the checkpointed run of `tiny` with `optimizer`, one step.
     fn step(ck: &Path, optimizer: OptimizerKind) -> Result<RunResult, TrainerError> {
+        step_with(ck, LrSchedule::Constant, optimizer)
+    }
+
+    /// [`step`] with a learning-rate schedule.
+    fn step_with(
+        ck: &Path,
+        schedule: LrSchedule,
+        optimizer: OptimizerKind,
+    ) -> Result<RunResult, TrainerError> {
         let train = tiny();
         let cfg = TrainConfig {
             spec: "3".into(),
             epochs: 2,
             optimizer,
+            schedule,
             progress: false,
             ..TrainConfig::default()
         };
@@ -587,5 +700,66 @@ mod tests {
         v.as_object_mut().expect("object").remove("optimizer");
         let c: TrainConfig = serde_json::from_value(v).expect("old config");
         assert_eq!(c.optimizer, OptimizerKind::Adam);
+    }
+
+    #[test]
+    fn schedules_parse_print_and_set_the_rate_of_each_epoch() {
+        for text in ["constant", "step:1:0.3", "cosine", "cosine:0.0001"] {
+            let s: LrSchedule = text.parse().expect(text);
+            assert_eq!(s.to_string(), text);
+        }
+        for bad in [
+            "",
+            "step",
+            "step:0:0.5",
+            "step:1:0",
+            "step:1:1.5",
+            "cosine:-1",
+            "linear",
+        ] {
+            assert!(bad.parse::<LrSchedule>().is_err(), "{bad:?} accepted");
+        }
+        let cfg = |schedule| TrainConfig {
+            epochs: 4,
+            lr: 0.01,
+            schedule,
+            ..TrainConfig::default()
+        };
+        let rates = |c: &TrainConfig| -> Vec<f32> {
+            let mut o = c.optimizer();
+            (0..4)
+                .map(|e| {
+                    o.set_epoch(e);
+                    o.current_lr()
+                })
+                .collect()
+        };
+        let step = cfg(LrSchedule::Step {
+            every: 1,
+            gamma: 0.5,
+        });
+        assert_eq!(rates(&step), vec![0.01, 0.005, 0.0025, 0.00125]);
+        let cos = rates(&cfg(LrSchedule::Cosine { min: 0.0 }));
+        assert_eq!(cos[0], 0.01);
+        assert!((cos[2] - 0.005).abs() < 1e-6, "{cos:?}");
+        assert!(cos.windows(2).all(|w| w[1] < w[0]), "{cos:?}");
+        assert_eq!(rates(&cfg(LrSchedule::Constant)), vec![0.01; 4]);
+    }
+
+    #[test]
+    fn resuming_with_another_schedule_is_refused_and_old_checkpoints_are_constant() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ck = dir.path().join("ck.bin");
+        step(&ck, OptimizerKind::Adam).expect("first step");
+        let mut c = Checkpoint::load(&ck).expect("load");
+        c.config.retain(|(f, _)| f != "--lr-schedule");
+        c.save(&ck).expect("save");
+        let halving = LrSchedule::Step {
+            every: 1,
+            gamma: 0.5,
+        };
+        let r = step_with(&ck, halving, OptimizerKind::Adam);
+        assert_eq!(refused_flag(r), "--lr-schedule");
+        step(&ck, OptimizerKind::Adam).expect("the constant schedule resumes");
     }
 }

@@ -145,6 +145,7 @@ impl Preset {
                     batch_size: Some(480),
                     lr: Some(0.01),
                     optimizer: Some(OptimizerKind::Sgd),
+                    lr_schedule: None,
                     seed: 1,
                 },
                 // One LeNet-5 step at batch 480 decrypts 480 x 4704 forward values: a few FE

@@ -282,6 +282,10 @@ pub struct TrainArgs {
     /// `trainer --optimizer` [default: adam].
     #[arg(long)]
     pub optimizer: Option<cryptonn::trainer::OptimizerKind>,
+    /// Learning rate from epoch to epoch, as `trainer --lr-schedule`: constant,
+    /// step:EVERY:GAMMA or cosine[:MIN] [default: constant].
+    #[arg(long)]
+    pub lr_schedule: Option<cryptonn::trainer::LrSchedule>,
     /// Seed of initialization, batch order and rounding (the same for every run).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -302,6 +306,7 @@ impl TrainArgs {
             batch_size: self.batch_size.or(preset.batch_size),
             lr: self.lr.or(preset.lr),
             optimizer: self.optimizer.or(preset.optimizer),
+            lr_schedule: self.lr_schedule.or(preset.lr_schedule),
             seed: self.seed,
         }
     }
@@ -345,6 +350,7 @@ impl TrainArgs {
             stochastic_rounding: false,
             lr: self.lr.unwrap_or(defaults.lr),
             optimizer: self.optimizer(),
+            schedule: self.lr_schedule.unwrap_or_default(),
             progress: false,
         })
     }

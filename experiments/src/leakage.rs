@@ -1160,6 +1160,7 @@ fn run_one(
         batch_size: Some(bs),
         lr: Some(args.lr),
         optimizer: None,
+        lr_schedule: None,
         seed,
     };
     let cfg = targs.config(args.bits, args.epochs)?;
@@ -2209,6 +2210,7 @@ mod tests {
             batch_size: Some(16),
             lr: Some(0.01),
             optimizer: None,
+            lr_schedule: None,
             seed: 5,
         };
         let cfg = targs.config(8, 2).unwrap();

@@ -247,9 +247,11 @@ fn serve(args: &ServeArgs) -> Result<()> {
     };
     config.net = cryptonn::net::Settings {
         verbose: !args.quiet,
-        ..args
-            .net
-            .settings(config.net.token.clone(), args.max_frame)?
+        ..args.net.settings(
+            config.net.token.clone(),
+            args.max_frame,
+            cryptonn::net::DEFAULT_PEER_RATE,
+        )?
     };
     config.net.transport = cryptonn::cli::server_transport(
         &args

@@ -67,6 +67,11 @@ struct ModelArgs {
     /// setting). A checkpoint resumes only with the optimizer it was made with.
     #[arg(long, default_value_t = trainer::OptimizerKind::Adam)]
     optimizer: trainer::OptimizerKind,
+    /// Learning rate from epoch to epoch: constant, step:EVERY:GAMMA (times GAMMA every
+    /// EVERY epochs, e.g. step:1:0.3) or cosine[:MIN] (annealed over the run's epochs). A
+    /// checkpoint resumes only with the schedule it was made with.
+    #[arg(long, default_value_t = trainer::LrSchedule::Constant)]
+    lr_schedule: trainer::LrSchedule,
     /// Checkpoint file: written after every step, resumed from if present (with the same
     /// settings and data; a conflicting flag is an error that names it).
     #[arg(long)]
@@ -96,6 +101,7 @@ impl ModelArgs {
             stochastic_rounding: self.stochastic_rounding,
             lr: self.lr,
             optimizer: self.optimizer,
+            schedule: self.lr_schedule,
             progress: !self.quiet,
         }
     }
@@ -355,7 +361,11 @@ fn serve(
     let verbose = opts.verbose;
     // The flags are checked here, before the authority is asked; the frame limit, known
     // once the service has started, is checked against --max-inflight-bytes when it serves.
-    let settings = net.settings(client_token(client_token_file)?, 1)?;
+    let settings = net.settings(
+        client_token(client_token_file)?,
+        1,
+        cryptonn::inference::DEFAULT_PEER_RATE,
+    )?;
     let mut auth =
         cryptonn::protocol::AuthorityClient::connect_with(authority, token, tls.client.clone())
             .with_context(|| format!("connecting to the authority at {authority}"))?;
