@@ -44,6 +44,7 @@ use curv::arithmetic::{BigInt, Converter};
 use curv::elliptic::curves::{ECPoint, Point, Scalar};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use zeroize::{Zeroize, Zeroizing};
@@ -500,6 +501,24 @@ fn sparse_multiples_cost<E: FeCurve>(
     tables + nonzero + windows * (1 << (c0w - 1)) + keys.len() * (windows + 1)
 }
 
+/// Into how many groups each ciphertext's keys are cut when `cts` ciphertexts are
+/// decrypted on `threads` threads: 1 when the ciphertexts share out evenly, else enough
+/// that ciphertexts times groups is a multiple of the threads (so a batch of 3 on 2 cores
+/// takes 1.5 rounds, not 2), never groups of fewer than 16 keys.
+fn key_groups(cts: usize, threads: usize, keys: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let threads = threads.max(1);
+    (threads / gcd(cts.max(1), threads))
+        .min(keys.div_ceil(16))
+        .max(1)
+}
+
 /// Where decryption time goes: group arithmetic (`Σ y_i C_i − sk·C_0`) and discrete logs.
 ///
 /// Times are summed over the sections of all threads (close to CPU time).
@@ -668,9 +687,7 @@ pub struct FeipDecryptor<E: FeCurve> {
     bounds: Vec<u64>,
     /// The bounds searched by the discrete log (doubled for doubled products).
     solve_bounds: Vec<u64>,
-    /// Largest `|y_i|` over the keys at each position, for [`Strategy::Multiples`].
-    column_max: Vec<u64>,
-    /// Per position, the keys with a non-zero entry there and the entry, for
+    /// Per position, the keys with a non-zero entry there and the entry, in key order, for
     /// [`Strategy::Multiples`].
     by_point: Vec<Vec<(u32, i64)>>,
     /// Additions per ciphertext of [`Strategy::Multiples`] for these keys.
@@ -782,17 +799,15 @@ impl<E: FeCurve> FeipDecryptor<E> {
                 },
             })
             .collect();
-        let (column_max, by_point) = if strategy == Strategy::Multiples {
-            let mut by_point = vec![Vec::new(); n];
+        let mut by_point = Vec::new();
+        if strategy == Strategy::Multiples {
+            by_point = vec![Vec::new(); n];
             for (j, k) in keys.iter().enumerate() {
                 for (i, &v) in k.y.iter().enumerate().filter(|(_, v)| **v != 0) {
                     by_point[i].push((j as u32, v));
                 }
             }
-            (column_max, by_point)
-        } else {
-            (Vec::new(), Vec::new())
-        };
+        }
         let doubled = planes.as_ref().is_some_and(BitPlanes::doubled);
         let solve_bounds = if doubled {
             bounds.iter().map(|&b| 2 * b).collect()
@@ -809,7 +824,6 @@ impl<E: FeCurve> FeipDecryptor<E> {
             c0w,
             bounds,
             solve_bounds,
-            column_max,
             by_point,
             multiples,
             planes,
@@ -855,13 +869,7 @@ impl<E: FeCurve> FeipDecryptor<E> {
                 return cts.iter().map(|_| Err(e.clone())).collect();
             }
         }
-        let h = self.keys.len();
-        // With fewer ciphertexts than threads, split the keys instead.
-        let key_groups = if cts.len() >= rayon::current_num_threads() {
-            1
-        } else {
-            rayon::current_num_threads().min(h.div_ceil(16)).max(1)
-        };
+        let key_groups = key_groups(cts.len(), rayon::current_num_threads(), self.keys.len());
         cts.par_iter()
             .map(|ct| {
                 self.params.check_len("ciphertext", ct.c.len())?;
@@ -903,34 +911,52 @@ impl<E: FeCurve> FeipDecryptor<E> {
             None => c0.scalar_mul(sk.as_raw()),
         };
         if self.strategy == Strategy::Multiples {
-            // Point-major: build one point's multiples and apply them to every key while
-            // they are in cache (a table per point, consumed at once).
-            let mut accs = vec![E::Point::zero(); h];
-            let mut table = SmallMultiples::<E>::new(&pts[0], 0);
-            for (i, p) in pts.iter().enumerate() {
-                table.refill(p, self.column_max[i] as usize);
-                for &(k, v) in &self.by_point[i] {
-                    table.add_to(&mut accs[k as usize], v);
-                }
-            }
-            accs.into_iter()
-                .zip(self.prepared.iter().zip(&self.keys))
-                .map(|(mut acc, (k, key))| {
-                    acc.sub_point_assign(&c0_term(k, &key.sk));
-                    acc
+            let per = h.div_ceil(key_groups);
+            return (0..key_groups)
+                .into_par_iter()
+                .flat_map_iter(|g| {
+                    let keys = g * per..((g + 1) * per).min(h);
+                    let mut accs = self.multiples_sums(&pts, keys.clone());
+                    for (acc, j) in accs.iter_mut().zip(keys) {
+                        acc.sub_point_assign(&c0_term(&self.prepared[j], &self.keys[j].sk));
+                    }
+                    accs
                 })
-                .collect()
-        } else {
-            self.prepared
-                .par_iter()
-                .zip(&self.keys)
-                .map_init(Vec::new, |buckets, (k, key)| {
-                    let mut acc = msm_signed_with::<E>(&pts, &key.y, k.max_abs, buckets);
-                    acc.sub_point_assign(&c0_term(k, &key.sk));
-                    acc
-                })
-                .collect()
+                .collect();
         }
+        self.prepared
+            .par_iter()
+            .zip(&self.keys)
+            .map_init(Vec::new, |buckets, (k, key)| {
+                let mut acc = msm_signed_with::<E>(&pts, &key.y, k.max_abs, buckets);
+                acc.sub_point_assign(&c0_term(k, &key.sk));
+                acc
+            })
+            .collect()
+    }
+
+    /// `Σ y_i C_i` for the keys in `keys`, point-major: one point's multiples are built
+    /// (only as far as these keys need) and applied to every key while they are in cache.
+    /// `by_point` lists each point's keys in key order, so a range of keys is a slice.
+    fn multiples_sums(&self, pts: &[RawPoint<E>], keys: Range<usize>) -> Vec<RawPoint<E>> {
+        let mut accs = vec![E::Point::zero(); keys.len()];
+        let Some(first) = pts.first() else {
+            return accs;
+        };
+        let mut table = SmallMultiples::<E>::new(first, 0);
+        for (p, entries) in pts.iter().zip(&self.by_point) {
+            let lo = entries.partition_point(|&(k, _)| (k as usize) < keys.start);
+            let hi = entries.partition_point(|&(k, _)| (k as usize) < keys.end);
+            let used = &entries[lo..hi];
+            let Some(max) = used.iter().map(|&(_, v)| v.unsigned_abs()).max() else {
+                continue;
+            };
+            table.refill(p, max as usize);
+            for &(k, v) in used {
+                table.add_to(&mut accs[k as usize - keys.start], v);
+            }
+        }
+        accs
     }
 
     /// The discrete logs of one ciphertext's sums, halved for doubled products.
@@ -1072,6 +1098,33 @@ mod tests {
             assert_eq!(row, &want);
         }
         assert!(d.additions_per_ciphertext().is_some());
+        // Keys cut into groups (as for a lone or an odd query on several cores) give the
+        // same sums as one group.
+        let whole = d.group_sums(&cts[0], 1);
+        for groups in [2, 3, 7] {
+            assert!(d.group_sums(&cts[0], groups) == whole, "{groups} groups");
+        }
+    }
+
+    #[test]
+    fn keys_are_cut_so_that_every_thread_has_work() {
+        // (ciphertexts, threads, keys) -> groups
+        for (cts, threads, keys, want) in [
+            (1, 2, 4704, 2),
+            (2, 2, 4704, 1),
+            (3, 2, 4704, 2),
+            (4, 2, 4704, 1),
+            (3, 4, 4704, 4),
+            (6, 4, 4704, 2),
+            (64, 2, 128, 1),
+            (1, 8, 20, 2),
+            (0, 2, 10, 1),
+            (5, 1, 10, 1),
+        ] {
+            let g = key_groups(cts, threads, keys);
+            assert_eq!(g, want, "{cts} ciphertexts, {threads} threads, {keys} keys");
+            assert!(threads < 2 || (cts * g) % threads == 0 || g == keys.div_ceil(16));
+        }
     }
 
     /// The shapes of training pick the strategies the cost model was designed for.
