@@ -283,7 +283,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub optimizer: Option<cryptonn::trainer::OptimizerKind>,
     /// Learning rate from epoch to epoch, as `trainer --lr-schedule`: constant,
-    /// step:EVERY:GAMMA or cosine[:MIN] [default: constant].
+    /// step:EVERY:GAMMA or cosine or cosine:MIN [default: constant].
     #[arg(long)]
     pub lr_schedule: Option<cryptonn::trainer::LrSchedule>,
     /// Seed of initialization, batch order and rounding (the same for every run).

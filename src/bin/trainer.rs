@@ -68,7 +68,7 @@ struct ModelArgs {
     #[arg(long, default_value_t = trainer::OptimizerKind::Adam)]
     optimizer: trainer::OptimizerKind,
     /// Learning rate from epoch to epoch: constant, step:EVERY:GAMMA (times GAMMA every
-    /// EVERY epochs, e.g. step:1:0.3) or cosine[:MIN] (annealed over the run's epochs). A
+    /// EVERY epochs, e.g. step:1:0.3) or cosine or cosine:MIN (annealed over the run's epochs). A
     /// checkpoint resumes only with the schedule it was made with.
     #[arg(long, default_value_t = trainer::LrSchedule::Constant)]
     lr_schedule: trainer::LrSchedule,
