@@ -1349,6 +1349,18 @@ impl<S: Service> Conn<S> {
     }
 
     /// Serves requests until the connection ends.
+    /// Notes (when verbose) a caller that stopped sending inside a request; the connection
+    /// is then closed.
+    fn stalled(&self) {
+        if self.sh.verbose() {
+            eprintln!(
+                "{}: {}: stalled inside a request, closing",
+                S::ROLE,
+                self.peer
+            );
+        }
+    }
+
     async fn serve<T: AsyncRead + AsyncWrite + Unpin>(&mut self, mut io: T) {
         let limit = self.sh.settings.frame_limit;
         loop {
@@ -1363,14 +1375,7 @@ impl<S: Service> Conn<S> {
             // Authenticated: the request's length, up to the frame limit.
             let mut len = [0u8; 4];
             if fill(&mut io, &mut len, None, self.idle()).await.is_err() {
-                if self.sh.verbose() {
-                    eprintln!(
-                        "{}: {}: stalled inside a request, closing",
-                        S::ROLE,
-                        self.peer
-                    );
-                }
-                return;
+                return self.stalled();
             }
             let len = u32::from_be_bytes(len) as usize;
             if len > limit {
@@ -1410,16 +1415,7 @@ impl<S: Service> Conn<S> {
             };
             let body = match read_body(&mut io, len, self.idle()).await {
                 Ok(b) => b,
-                Err(_) => {
-                    if self.sh.verbose() {
-                        eprintln!(
-                            "{}: {}: stalled inside a request, closing",
-                            S::ROLE,
-                            self.peer
-                        );
-                    }
-                    return;
-                }
+                Err(_) => return self.stalled(),
             };
             let (sh, peer) = (self.sh.clone(), self.peer.clone());
             let answer = tokio::task::spawn_blocking(move || respond_bytes(&sh, &peer, body)).await;
