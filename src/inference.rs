@@ -35,7 +35,7 @@
 //! [`encrypt_queries`] encrypts inputs (labelled or not) as queries (fixed-base tables, all
 //! cores), [`run_queries`] sends them with `K` in flight and records each answer's latency.
 
-use crate::net::{self, Failure, Service, Settings};
+use crate::net::{self, lock, Failure, Service, Settings};
 use crate::protocol::{AuthorityClient, Client, ClientConfig, ProtocolError, PublicParams, Reply};
 use crate::Curve;
 use fe::dlog::DlogTable;
@@ -405,11 +405,6 @@ fn check_model_fits(model: &QuantizedModel, params: &PublicParams) -> Result<(),
         .info()
         .check_fits(&params.dataset)
         .map_err(|e| InferenceError::Mismatch(e.to_string()))
-}
-
-/// Locks a mutex, ignoring poisoning (the queue stays consistent: every update is one call).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Core {

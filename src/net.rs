@@ -630,8 +630,9 @@ impl<S: Service> Shared<S> {
     }
 }
 
-/// Locks a mutex, ignoring poisoning (the books stay consistent: every update is one call).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks a mutex, ignoring poisoning (the server's books and the prediction service's queue
+/// stay consistent: every update is one call).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 

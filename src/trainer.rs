@@ -660,6 +660,13 @@ mod tests {
         })
     }
 
+    /// Rewrites the checkpoint at `ck` as one made before `flag` existed.
+    fn forget_flag(ck: &Path, flag: &str) {
+        let mut c = Checkpoint::load(ck).expect("load");
+        c.config.retain(|(f, _)| f != flag);
+        c.save(ck).expect("save");
+    }
+
     fn refused_flag(r: Result<RunResult, TrainerError>) -> String {
         match r {
             Err(TrainerError::Train(TrainError::ConfigMismatch { flag, .. })) => flag,
@@ -682,9 +689,7 @@ mod tests {
         let ck = dir.path().join("ck.bin");
         step(&ck, OptimizerKind::Adam).expect("first step");
         // A checkpoint written before --optimizer existed records no such flag.
-        let mut c = Checkpoint::load(&ck).expect("load");
-        c.config.retain(|(f, _)| f != "--optimizer");
-        c.save(&ck).expect("save");
+        forget_flag(&ck, "--optimizer");
         assert_eq!(refused_flag(step(&ck, OptimizerKind::Sgd)), "--optimizer");
         step(&ck, OptimizerKind::Adam).expect("adam resumes");
     }
@@ -751,9 +756,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let ck = dir.path().join("ck.bin");
         step(&ck, OptimizerKind::Adam).expect("first step");
-        let mut c = Checkpoint::load(&ck).expect("load");
-        c.config.retain(|(f, _)| f != "--lr-schedule");
-        c.save(&ck).expect("save");
+        forget_flag(&ck, "--lr-schedule");
         let halving = LrSchedule::Step {
             every: 1,
             gamma: 0.5,
