@@ -7,12 +7,16 @@
 //! the one-hot vector scaled by [`nn::first_layer::LABEL_SCALE`]. Samples that do not fill a
 //! last batch are left out (the column key has the batch length). Data whose description
 //! does not fit the parameters (features, bound, classes) is refused before any encryption.
+//!
+//! The columns go under the parameters' shared column key, or, when the authority binds
+//! column keys to batches ([`crate::authority::Policy::bind_batches`]), batch `k`'s under
+//! batch `k`'s own key ([`ColumnKeys`]), and the file's header says which.
 
 use crate::dataset::{DatasetError, DatasetHeader, WireBatch, Writer, FORMAT_VERSION};
-use crate::protocol::PublicParams;
+use crate::protocol::{AuthorityClient, ProtocolError, PublicParams, Published};
 use crate::Curve;
 use fe::febo::FeboEncryptor;
-use fe::feip::FeipEncryptor;
+use fe::feip::{FeipEncryptor, FeipPublicKey};
 use nn::data::{Dataset, DatasetInfo};
 use nn::first_layer::LABEL_SCALE;
 use std::path::Path;
@@ -48,6 +52,33 @@ pub struct EncryptSummary {
     pub seconds: f64,
 }
 
+/// The column keys the batches are encrypted under.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ColumnKeys {
+    /// The public parameters' shared column key.
+    Shared,
+    /// Batch `k` under key `k`, from an authority that binds column keys to batches.
+    PerBatch(Vec<FeipPublicKey<Curve>>),
+}
+
+impl ColumnKeys {
+    /// What the authority of `published` asks for, for `samples` samples: its batches' keys,
+    /// fetched over `conn`, if it binds column keys to batches, the shared key otherwise.
+    pub fn fetch(
+        conn: &mut AuthorityClient,
+        published: &Published,
+        samples: usize,
+    ) -> Result<Self, ProtocolError> {
+        if !published.policy.bind_batches {
+            return Ok(ColumnKeys::Shared);
+        }
+        let batches = u32::try_from(samples / published.params.batch_size().max(1))
+            .map_err(|_| ProtocolError::Unexpected("more than 2^32 batches".into()))?;
+        conn.batch_col_params(&published.params, batches)
+            .map(ColumnKeys::PerBatch)
+    }
+}
+
 /// Checks that data described by `info` fits `params` (features, bound, classes, and names
 /// where both have them), with an error that gives both sides.
 pub fn check_fits(info: &DatasetInfo, params: &PublicParams) -> Result<(), ClientError> {
@@ -59,10 +90,12 @@ pub fn check_fits(info: &DatasetInfo, params: &PublicParams) -> Result<(), Clien
     })
 }
 
-/// Encrypts `data` under `params` into `out` (atomically), batch by batch on all cores.
+/// Encrypts `data` under `params` (the columns under `columns`) into `out` (atomically),
+/// batch by batch on all cores.
 pub fn encrypt_dataset(
     data: &Dataset,
     params: &PublicParams,
+    columns: &ColumnKeys,
     out: &Path,
     source: &str,
     progress: bool,
@@ -79,6 +112,17 @@ pub fn encrypt_dataset(
             data.len()
         )));
     }
+    if let ColumnKeys::PerBatch(keys) = columns {
+        if keys.len() < nb || keys.iter().any(|k| k.params() != params.col.params()) {
+            return Err(ClientError::Input(format!(
+                "{} batch column keys of parameters {:?} for {nb} batches of the column key's \
+                 parameters {:?}",
+                keys.len(),
+                keys.first().map(|k| k.params()),
+                params.col.params()
+            )));
+        }
+    }
     let header = DatasetHeader {
         version: FORMAT_VERSION,
         curve: <Curve as curv::elliptic::curves::Curve>::CURVE_NAME.to_string(),
@@ -89,9 +133,10 @@ pub fn encrypt_dataset(
         dataset: data.info.clone(),
         label_scale: LABEL_SCALE,
         source: source.to_string(),
+        bound_columns: matches!(columns, ColumnKeys::PerBatch(_)),
     };
     let rows_enc = FeipEncryptor::new(&params.row);
-    let cols_enc = FeipEncryptor::new(&params.col);
+    let shared_cols = FeipEncryptor::new(&params.col);
     let labels_enc = FeboEncryptor::new(&params.febo);
     let mut w = Writer::create(out, header)?;
     let pb = crate::progress_bar(progress, nb as u64, "encrypting batches");
@@ -106,10 +151,18 @@ pub fn encrypt_dataset(
                 (0..classes).map(move |k| if k == l { LABEL_SCALE } else { 0 })
             })
             .collect();
+        // A batch's own key needs its own fixed-base tables (64 x 37 x 128 points for
+        // batches of 64, against some 4 million additions to encrypt the batch).
+        let cols = match columns {
+            ColumnKeys::Shared => shared_cols.encrypt_many_to_bytes(&cols)?,
+            ColumnKeys::PerBatch(keys) => {
+                FeipEncryptor::new(&keys[b]).encrypt_many_to_bytes(&cols)?
+            }
+        };
         let batch = WireBatch::from_encoded(
             b as u32,
             rows_enc.encrypt_many_to_bytes(&rows)?,
-            cols_enc.encrypt_many_to_bytes(&cols)?,
+            cols,
             labels_enc.encrypt_many_to_bytes(&labels),
         );
         w.append_wire(&batch)?;

@@ -34,8 +34,10 @@ use thiserror::Error;
 
 const MAGIC: &[u8; 8] = b"CNNENC01";
 const INDEX_MAGIC: &[u8; 8] = b"CNNIDX01";
-/// Version of the encrypted-dataset format (2: the header carries the dataset description).
-pub const FORMAT_VERSION: u32 = 2;
+/// Version of the encrypted-dataset format (2: the header carries the dataset description;
+/// 3: and whether the columns are bound to their batch, [`DatasetHeader::bound_columns`]).
+/// Version-2 files are still read, as unbound.
+pub const FORMAT_VERSION: u32 = 3;
 /// Largest record accepted when reading (a batch of 1024 samples is about 55 MiB).
 pub const MAX_RECORD: u64 = 256 << 20;
 
@@ -96,6 +98,11 @@ pub struct DatasetHeader {
     pub label_scale: i64,
     /// Free text: where the data came from.
     pub source: String,
+    /// Batch `k`'s columns are encrypted under batch `k`'s own column key, from an authority
+    /// that binds column keys to batches ([`crate::authority::Policy::bind_batches`]), rather
+    /// than under the parameters' shared column key. Last, so that a version-2 header is a
+    /// version-3 header without it.
+    pub bound_columns: bool,
 }
 
 /// One batch, encrypted.
@@ -324,10 +331,14 @@ impl Reader {
         if Sha256::digest(hb).as_slice() != sum {
             return Err(invalid(path, "header checksum mismatch"));
         }
+        let mut hb = hb.to_vec();
+        if hb.get(..4) == Some(&2u32.to_le_bytes()[..]) {
+            hb.push(0); // version 2: unbound columns
+        }
         let header: DatasetHeader = codec()
-            .deserialize(hb)
+            .deserialize(&hb)
             .map_err(|e| invalid(path, format!("header: {e}")))?;
-        if header.version != FORMAT_VERSION {
+        if header.version != FORMAT_VERSION && header.version != 2 {
             return Err(invalid(
                 path,
                 format!(
@@ -499,6 +510,7 @@ mod tests {
             dataset,
             label_scale: 1,
             source: String::new(),
+            bound_columns: false,
         };
         let mut w = Writer::create(&path, header).unwrap();
         w.append_wire(&WireBatch::from_encoded(0, vec![], vec![], vec![]))
@@ -506,5 +518,62 @@ mod tests {
         w.finish().unwrap();
         let e = Reader::open(&path).err().unwrap().to_string();
         assert!(e.contains("features"), "{e}");
+    }
+
+    /// A version-2 file (the header without `bound_columns`) is read as unbound: made here by
+    /// cutting the flag's byte out of a version-3 file and mending lengths, offsets and sums.
+    #[test]
+    fn version_2_files_are_read_as_unbound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v3.enc");
+        let header = DatasetHeader {
+            version: FORMAT_VERSION,
+            curve: <Curve as curv::elliptic::curves::Curve>::CURVE_NAME.to_string(),
+            params_fingerprint: [7; 32],
+            batch_size: 1,
+            num_batches: 1,
+            num_samples: 1,
+            dataset: DatasetInfo::new(3, 255, 2).unwrap(),
+            label_scale: 1,
+            source: "old".into(),
+            bound_columns: false,
+        };
+        let mut w = Writer::create(&path, header.clone()).unwrap();
+        w.append_wire(&WireBatch::from_encoded(0, vec![], vec![], vec![]))
+            .unwrap();
+        w.finish().unwrap();
+        let v3 = std::fs::read(&path).unwrap();
+        let hlen = u32::from_le_bytes(v3[8..12].try_into().unwrap()) as usize;
+        let mut hb = v3[12..12 + hlen - 1].to_vec();
+        hb[..4].copy_from_slice(&2u32.to_le_bytes());
+        let mut v2 = v3[..8].to_vec();
+        v2.extend_from_slice(&((hlen - 1) as u32).to_le_bytes());
+        v2.extend_from_slice(&hb);
+        v2.extend_from_slice(&Sha256::digest(&hb));
+        let body_end = v3.len() - 16 - 32 - 16;
+        v2.extend_from_slice(&v3[12 + hlen + 32..body_end]);
+        let (offset, length) = (
+            u64::from_le_bytes(v3[body_end..body_end + 8].try_into().unwrap()) - 1,
+            &v3[body_end + 8..body_end + 16],
+        );
+        let mut index = offset.to_le_bytes().to_vec();
+        index.extend_from_slice(length);
+        v2.extend_from_slice(&index);
+        v2.extend_from_slice(&Sha256::digest(&index));
+        v2.extend_from_slice(&v3[v3.len() - 16..]);
+        let old = dir.path().join("v2.enc");
+        std::fs::write(&old, &v2).unwrap();
+        let r = Reader::open(&old).unwrap();
+        assert_eq!(r.header().version, 2);
+        assert!(!r.header().bound_columns);
+        assert_eq!(r.header().source, "old");
+        assert_eq!(r.header().params_fingerprint, [7; 32]);
+        // A version-3 file with the same cut is refused, not misread.
+        let mut bad = v2.clone();
+        bad[12..16].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        let sum = Sha256::digest(&bad[12..12 + hlen - 1]);
+        bad[12 + hlen - 1..12 + hlen - 1 + 32].copy_from_slice(&sum);
+        std::fs::write(&old, &bad).unwrap();
+        assert!(Reader::open(&old).is_err());
     }
 }

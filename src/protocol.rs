@@ -34,8 +34,8 @@ use thiserror::Error;
 
 /// Version of the protocol; both ends must agree. Version 2 put the token in a header of its
 /// own, read before the request, and publishes the dataset description and the key policy
-/// with the parameters.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// with the parameters; version 3 added batch-bound column keys.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest frame accepted by either end (64 MiB).
 pub const MAX_FRAME: usize = 64 << 20;
 /// Largest request header (version and token), in bytes.
@@ -215,7 +215,31 @@ pub enum Request {
     /// batch size) per position and kernel, the deltas there over the batch; bounded like
     /// placed kernels rather than by `max_feip_vectors` (logged as column keys).
     ConvColKeys(Vec<Vec<i32>>),
+    /// The column public keys of batches `first..first + count` (at most
+    /// [`MAX_BATCH_PARAMS`]), from an authority that binds column keys to batches
+    /// ([`crate::authority::Policy::bind_batches`]): the client encrypts batch `k`'s columns
+    /// under key `k`.
+    BatchColParams {
+        /// The first batch.
+        first: u32,
+        /// How many batches.
+        count: u32,
+    },
+    /// Column keys bound to one batch: they decrypt that batch's columns and nothing else.
+    /// `conv` says whether they are a convolution's delta lanes (bounded as
+    /// [`Request::ConvColKeys`]) or a dense layer's delta columns (as [`Request::ColKeys`]).
+    BoundColKeys {
+        /// The batch (its index in the encrypted dataset).
+        batch: u32,
+        /// A convolution's lanes rather than dense columns.
+        conv: bool,
+        /// The vectors (length = batch size).
+        vectors: Vec<Vec<i32>>,
+    },
 }
+
+/// Most batches in one [`Request::BatchColParams`] (64 KiB of points per batch of 64 is 2 MiB).
+pub const MAX_BATCH_PARAMS: u32 = 1024;
 
 /// The header frame of a request: read and checked before the request itself. Its first two
 /// bytes are the version (little-endian), whatever the version.
@@ -236,6 +260,8 @@ pub enum Response {
     FeipSecrets(Vec<Vec<u8>>),
     /// Basic-operation keys, in request order.
     FeboKeys(Vec<FeboFunctionKey<Curve>>),
+    /// The column public keys of the batches asked for, in order, as their `fe` encodings.
+    BatchColParams(Vec<Vec<u8>>),
     /// The request was understood and refused (authentication or key policy).
     Refused(String),
     /// The request could not be understood.
@@ -946,6 +972,60 @@ impl AuthorityClient {
         self.feip_keys(ys, Request::ColKeys)
     }
 
+    /// Column keys bound to batch `batch` (from an authority that binds them): a
+    /// convolution's delta lanes if `conv`, a dense layer's delta columns otherwise.
+    pub fn bound_col_keys(
+        &mut self,
+        batch: u32,
+        conv: bool,
+        ys: &[Vec<i64>],
+    ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
+        let vectors = ys
+            .iter()
+            .map(|y| wire_vector(y))
+            .collect::<Result<_, _>>()?;
+        let response = self.call(Request::BoundColKeys {
+            batch,
+            conv,
+            vectors,
+        })?;
+        keys_from(response, ys)
+    }
+
+    /// The column public keys of batches `0..count` from an authority that binds column
+    /// keys to batches, asked [`MAX_BATCH_PARAMS`] at a time; each is checked against
+    /// `params` (the batch length and the value bound).
+    pub fn batch_col_params(
+        &mut self,
+        params: &PublicParams,
+        count: u32,
+    ) -> Result<Vec<FeipPublicKey<Curve>>, ProtocolError> {
+        let mut keys = Vec::with_capacity(count as usize);
+        let mut first = 0u32;
+        while first < count {
+            let n = (count - first).min(MAX_BATCH_PARAMS);
+            let encoded = match self.call(Request::BatchColParams { first, count: n })? {
+                Response::BatchColParams(v) if v.len() == n as usize => v,
+                other => return Err(unexpected(&other)),
+            };
+            for (i, bytes) in encoded.iter().enumerate() {
+                let key = FeipPublicKey::<Curve>::from_bytes(bytes)?;
+                if key.params() != params.col.params() {
+                    return Err(ProtocolError::Unexpected(format!(
+                        "the column key of batch {} has parameters {:?}, the public \
+                         parameters' column key {:?}",
+                        first as usize + i,
+                        key.params(),
+                        params.col.params()
+                    )));
+                }
+                keys.push(key);
+            }
+            first += n;
+        }
+        Ok(keys)
+    }
+
     /// Inner-product keys for a prediction service's first-layer rows (length `n + 1`).
     pub fn inference_keys(
         &mut self,
@@ -991,6 +1071,7 @@ fn unexpected(r: &Response) -> ProtocolError {
         Response::Params(_) => "parameters".to_string(),
         Response::FeipSecrets(v) => format!("{} inner-product keys", v.len()),
         Response::FeboKeys(v) => format!("{} basic-operation keys", v.len()),
+        Response::BatchColParams(v) => format!("{} batch column keys", v.len()),
         Response::Refused(m) | Response::Error(m) | Response::Busy(m) => m.clone(),
     };
     ProtocolError::Unexpected(what)

@@ -589,6 +589,23 @@ pub fn dlog_table(path: Option<&Path>) -> Result<Arc<DlogTable<Curve>>, TrainerE
     Ok(Arc::new(t))
 }
 
+/// Refuses data whose column binding differs from the authority's: its column keys would
+/// decrypt nothing in range (or be refused).
+fn check_binding(data: &Path, file_bound: bool, authority_binds: bool) -> Result<(), TrainerError> {
+    let says = |b: bool| if b { "binds" } else { "does not bind" };
+    if file_bound != authority_binds {
+        return Err(TrainerError::Config(format!(
+            "{} was encrypted with columns {} its batches, but the authority {} column keys to \
+             batches (bind_batches in its policy); re-encrypt the data with `client encrypt` \
+             against this authority",
+            data.display(),
+            if file_bound { "bound to" } else { "shared by" },
+            says(authority_binds)
+        )));
+    }
+    Ok(())
+}
+
 /// Opens the encrypted dataset, connects to the authority and checks that the data was made
 /// under its parameters: the secure products and what the run needs to know of the data.
 pub fn secure_products(
@@ -603,6 +620,7 @@ pub fn secure_products(
     let params = published.params;
     let reader = Reader::open_for(&setup.data, &params)?;
     let h = reader.header();
+    check_binding(&setup.data, h.bound_columns, published.policy.bind_batches)?;
     let data = RunData {
         info: h.dataset.clone(),
         identity: format!(

@@ -644,7 +644,15 @@ fn dataset() {
     let values = ndarray::Array2::from_shape_fn((4, 3), |(i, j)| (i * 70 + j * 11) as u16);
     let data = Dataset::new(values, vec![0, 1, 1, 0], info()).unwrap();
     let valid_path = dir.join("valid.enc");
-    cryptonn::client::encrypt_dataset(&data, &params, &valid_path, "fuzz", false).unwrap();
+    cryptonn::client::encrypt_dataset(
+        &data,
+        &params,
+        &cryptonn::client::ColumnKeys::Shared,
+        &valid_path,
+        "fuzz",
+        false,
+    )
+    .unwrap();
     let valid = std::fs::read(&valid_path).unwrap();
     let parts = DatasetParts::parse(&valid);
     assert_eq!(

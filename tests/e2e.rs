@@ -193,3 +193,79 @@ fn trainer_rejects_bad_encrypted_datasets() {
     run(&mut train_cmd(&s.authority, &s.data, &w.join("ok.bin"), w));
     assert!(w.join("ok.bin").exists());
 }
+
+/// An authority that binds column keys to batches: the client encrypts each batch's columns
+/// under the batch's own key, training over TCP still equals the simulation bit for bit,
+/// data encrypted the other way is refused with a clear error by either authority, and under a
+/// rank budget below what a step needs the trainer asks for no more than the budget, as its
+/// simulation does.
+#[test]
+fn batch_bound_keys_train_as_the_simulation_and_mismatched_data_is_refused() {
+    let (batch, limit) = (16, 64);
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = dir.path();
+    let keys = w.join("auth");
+    let shared = start_authority(&keys, batch);
+    // Two more processes on the same keys, each with its own audit log.
+    let audit = |name: &str| w.join(name).to_string_lossy().into_owned();
+    let bound = common::serve(&keys, &["--bind-batches", "--audit", &audit("bound.log")]);
+    let (shared_data, bound_data) = (w.join("shared.enc"), w.join("bound.enc"));
+    encrypt(&shared, limit, &shared_data);
+    encrypt(&bound, limit, &bound_data);
+
+    simulate(limit, batch, &w.join("sim.bin"));
+    run(&mut train_cmd(&bound, &bound_data, &w.join("bound.bin"), w));
+    assert_eq!(
+        std::fs::read(w.join("bound.bin")).expect("model"),
+        std::fs::read(w.join("sim.bin")).expect("model"),
+        "training with batch-bound keys must give the simulation's weights"
+    );
+
+    for (a, data) in [(&bound, &shared_data), (&shared, &bound_data)] {
+        let e = common::fails(&mut train_cmd(a, data, &w.join("never.bin"), w));
+        assert!(e.contains("re-encrypt"), "{e}");
+        assert!(!w.join("never.bin").exists());
+    }
+
+    // 24 units over batches of 16: a step would spend rank 16 of its batch. Under a budget of
+    // 15 the trainer zeroes the lane past it (the authority would refuse it), and the
+    // simulation told the same policy does the same.
+    let policy = w.join("budget.json");
+    std::fs::write(
+        &policy,
+        r#"{"bind_batches": true, "batch_rank_budget": 15}"#,
+    )
+    .expect("write");
+    let policy_arg = policy.to_string_lossy().into_owned();
+    let tight = common::serve(
+        &keys,
+        &["--policy", &policy_arg, "--audit", &audit("tight.log")],
+    );
+    run(&mut train_cmd(&tight, &bound_data, &w.join("tight.bin"), w));
+    run(Command::new(TRAINER)
+        .args(["simulate", "--quiet"])
+        .args(MODEL)
+        .args([
+            "--limit",
+            &limit.to_string(),
+            "--batch-size",
+            &batch.to_string(),
+        ])
+        .args(["--policy", &policy_arg, "--out"])
+        .arg(w.join("tight-sim.bin"))
+        .env_remove("CRYPTONN_MNIST_DIR"));
+    let tight_model = std::fs::read(w.join("tight.bin")).expect("model");
+    assert_eq!(
+        tight_model,
+        std::fs::read(w.join("tight-sim.bin")).expect("model"),
+        "training under a rank budget must give the simulation's weights"
+    );
+    assert_ne!(
+        tight_model,
+        std::fs::read(w.join("sim.bin")).expect("model"),
+        "the budget must have zeroed some lane"
+    );
+    drop(tight);
+    let log = std::fs::read_to_string(w.join("tight.log")).expect("audit log");
+    assert!(!log.contains("\"outcome\":\"refused\""), "{log}");
+}

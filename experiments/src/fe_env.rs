@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 use cryptonn::authority::{self, Authority, ServerConfig, ServerHandle};
-use cryptonn::client::{encrypt_dataset, EncryptSummary};
+use cryptonn::client::{encrypt_dataset, ColumnKeys, EncryptSummary};
 use cryptonn::dataset::Reader;
 use cryptonn::protocol::AuthorityClient;
 use cryptonn::secure::{SecureProducts, Timings};
@@ -60,8 +60,9 @@ impl FeEnv {
             .and_then(|mut c| c.params())
             .context("fetching the public parameters from the authority")?;
         let data = dir.path().join("train.enc");
-        let encryption = encrypt_dataset(train, &params, &data, source, progress)
-            .context("encrypting the training set")?;
+        let encryption =
+            encrypt_dataset(train, &params, &ColumnKeys::Shared, &data, source, progress)
+                .context("encrypting the training set")?;
         Ok(FeEnv {
             dir,
             server: Some(server),

@@ -268,6 +268,38 @@ impl<E: FeCurve> FeipMasterSecretKey<E> {
     pub fn derive_keys(&self, ys: &[Vec<i64>]) -> Result<Vec<FeipFunctionKey<E>>> {
         ys.par_iter().map(|y| self.derive_key(y)).collect()
     }
+
+    /// A child master key named by `label`, with the same parameters:
+    /// `s'_i = SHA-512("cryptonn feip child" ‖ s_1 ‖ … ‖ s_n ‖ len(label) ‖ label ‖ i) mod q`.
+    ///
+    /// Children of one key with different labels are independent keys as far as anyone
+    /// without `s` can tell (SHA-512 keyed by the parent's secret acts as a PRF), so a function
+    /// key of one child decrypts nothing in range under another child or the parent. The same
+    /// label always gives the same child, so the holder of `s` need store nothing else.
+    pub fn derive_child(&self, label: &[u8]) -> Self {
+        use sha2::{Digest, Sha512};
+        let mut seed = Sha512::new();
+        seed.update(b"cryptonn feip child");
+        for s in &self.s {
+            seed.update(Zeroizing::new(E::scalar_le_bytes(s)).as_slice());
+        }
+        seed.update((label.len() as u64).to_le_bytes());
+        seed.update(label);
+        let s: Vec<Scalar<E>> = (0..self.params.n as u64)
+            .into_par_iter()
+            .map(|i| {
+                let mut h = seed.clone();
+                h.update(i.to_le_bytes());
+                let mut wide = Zeroizing::new([0u8; 64]);
+                wide.copy_from_slice(&h.finalize());
+                let mut n = BigInt::from_bytes(&wide[..]);
+                let si = Scalar::from_bigint(&n);
+                n.zeroize();
+                si
+            })
+            .collect();
+        Self::from_scalars(self.params, s)
+    }
 }
 
 impl<E: FeCurve> FeipFunctionKey<E> {
@@ -1063,6 +1095,37 @@ serde_via_bytes!(FeipCiphertext);
 mod tests {
     use super::*;
     use crate::group::{Ristretto, Secp256k1};
+
+    /// A child key is a function of the parent and the label only, fits its own public key,
+    /// and its function keys decrypt nothing in range under another child or the parent.
+    #[test]
+    fn child_keys_are_deterministic_and_bound_to_their_label() {
+        let params = FeipParams::new(8, 255).expect("params");
+        let (pk, msk) = setup::<Ristretto>(params);
+        let (a, a2, b) = (
+            msk.derive_child(b"batch 0"),
+            msk.derive_child(b"batch 0"),
+            msk.derive_child(b"batch 1"),
+        );
+        let (pka, pkb) = (a.public_key(), b.public_key());
+        assert_eq!(pka, a2.public_key());
+        assert_ne!(pka, pkb);
+        assert_ne!(pka, pk);
+        assert_eq!(a.params(), params);
+        let x: Vec<i64> = (0..8).map(|i| 30 * i).collect();
+        let y: Vec<i64> = vec![3, -1, 0, 2, 7, -5, 1, 1];
+        let want: i64 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+        let dlog = DlogTable::<Ristretto>::new(1 << 16).expect("dlog");
+        let ct_a = FeipEncryptor::new(&pka).encrypt(&x).expect("encrypt");
+        let ct_b = FeipEncryptor::new(&pkb).encrypt(&x).expect("encrypt");
+        let ct_parent = FeipEncryptor::new(&pk).encrypt(&x).expect("encrypt");
+        let key_a = a.derive_key(&y).expect("key");
+        assert_eq!(decrypt(&params, &ct_a, &key_a, &dlog), Ok(want));
+        assert!(decrypt(&params, &ct_b, &key_a, &dlog).is_err());
+        assert!(decrypt(&params, &ct_parent, &key_a, &dlog).is_err());
+        let key_parent = msk.derive_key(&y).expect("key");
+        assert!(decrypt(&params, &ct_a, &key_parent, &dlog).is_err());
+    }
 
     /// Many sparse keys (a convolution's placed kernels): small multiples per point beat the
     /// bit planes' real count, and decrypt exactly.

@@ -172,6 +172,9 @@ pub struct AuditEntry {
     pub outcome: Outcome,
     /// Number of keys asked for.
     pub count: usize,
+    /// The batch that batch-bound column keys were asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<u32>,
     /// Why it was refused or failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -196,6 +199,7 @@ impl AuditEntry {
             kind,
             outcome,
             count,
+            batch: None,
             reason: None,
             keys: Vec::new(),
         }

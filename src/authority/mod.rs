@@ -33,6 +33,7 @@
 //! The master secret keys never leave this module except into their 0600 files.
 
 pub mod audit;
+pub mod budget;
 pub mod policy;
 
 pub use audit::{AuditEntry, AuditLimits, AuditLog, Failure, KeyKind, Outcome};
@@ -207,6 +208,15 @@ impl Authority {
         self.params.batch_size()
     }
 
+    /// The column master key of batch `batch` when keys are bound to batches: a child of the
+    /// column key ([`fe::feip::FeipMasterSecretKey::derive_child`]), made anew on each use so
+    /// that nothing but the column key is stored.
+    fn batch_col(&self, batch: u32) -> FeipMasterSecretKey<Curve> {
+        let mut label = b"batch ".to_vec();
+        label.extend_from_slice(&batch.to_le_bytes());
+        self.col.derive_child(&label)
+    }
+
     /// Answers a request under `policy`, without authentication or audit (the server adds
     /// both): the parameters, the keys, [`Response::Refused`] with the policy's reason, or
     /// [`Response::Error`] for a request that cannot be served (an invalid commitment).
@@ -265,6 +275,13 @@ impl Authority {
                 feip(&self.row, &rows)
             }
             Request::ColKeys(ys) | Request::ConvColKeys(ys) => feip(&self.col, ys),
+            Request::BoundColKeys { batch, vectors, .. } => feip(&self.batch_col(*batch), vectors),
+            Request::BatchColParams { first, count } => Ok(Response::BatchColParams(
+                (*first..first.saturating_add(*count))
+                    .into_par_iter()
+                    .map(|k| self.batch_col(k).public_key().to_bytes())
+                    .collect(),
+            )),
             Request::FeboKeys(reqs) => {
                 let parsed = reqs
                     .par_iter()
@@ -544,6 +561,8 @@ impl ServerConfig {
 struct AuthorityService {
     authority: Authority,
     policy: Policy,
+    /// The rank budget of batch-bound column keys, if the policy sets one.
+    ranks: Option<budget::RankLedger>,
     audit: AuditLog,
     verbose: bool,
 }
@@ -627,6 +646,7 @@ fn prepare(
     Ok((
         AuthorityService {
             authority,
+            ranks: policy.batch_rank_budget.map(budget::RankLedger::new),
             policy,
             audit,
             verbose: config.net.verbose,
@@ -674,14 +694,72 @@ fn kind_of(request: &Request) -> (KeyKind, usize) {
                 .map_or(0, |g| g.positions().saturating_mul(req.kernels.len())),
         ),
         Request::ColKeys(ys) | Request::ConvColKeys(ys) => (KeyKind::Col, ys.len()),
+        Request::BoundColKeys { vectors, .. } => (KeyKind::Col, vectors.len()),
         Request::FeboKeys(r) => (KeyKind::Febo, r.len()),
+        // Public keys, derived from the secret one but revealing nothing of it: not logged.
+        Request::BatchColParams { .. } => (KeyKind::Params, 0),
+    }
+}
+
+/// Answers an authenticated request for batch-bound column keys under the rank budget: the
+/// batch's rank stays locked from the check until the keys are logged, so two requests for
+/// one batch cannot both spend its last rank.
+fn respond_bound(
+    shared: &AuthorityService,
+    ledger: &budget::RankLedger,
+    peer: &str,
+    request: &Request,
+    batch: u32,
+    vectors: &[Vec<i32>],
+) -> Response {
+    let lock = ledger.batch(batch);
+    let mut rank = net::lock(&lock);
+    if let Err(reason) = shared.policy.check(request) {
+        return log_response(shared, peer, request, Response::Refused(reason));
+    }
+    match ledger.admit(&rank, vectors) {
+        budget::Admission::Exceeds {
+            would_reach,
+            before,
+        } => {
+            let reason = format!(
+                "batch {batch}: these {} column keys would raise the rank of the vectors \
+                 issued for it from {before} to {would_reach}, past the budget of {} \
+                 (batch_rank_budget)",
+                vectors.len(),
+                ledger.budget()
+            );
+            log_response(shared, peer, request, Response::Refused(reason))
+        }
+        budget::Admission::Within(next) => {
+            let response = shared.authority.answer(&shared.policy, request);
+            let response = log_response(shared, peer, request, response);
+            if matches!(response, Response::FeipSecrets(_)) {
+                budget::RankLedger::commit(&mut rank, next);
+            }
+            response
+        }
     }
 }
 
 /// Answers an authenticated request: policy, derivation, audit (before anything is sent).
 fn respond(shared: &AuthorityService, peer: &str, request: &Request) -> Response {
-    let (kind, count) = kind_of(request);
+    if let (Some(ledger), Request::BoundColKeys { batch, vectors, .. }) = (&shared.ranks, request) {
+        return respond_bound(shared, ledger, peer, request, *batch, vectors);
+    }
     let response = shared.authority.answer(&shared.policy, request);
+    log_response(shared, peer, request, response)
+}
+
+/// Logs the answer to a key request (before anything is sent) and returns it, or an error
+/// in its place if the log cannot be written; parameters are not logged.
+fn log_response(
+    shared: &AuthorityService,
+    peer: &str,
+    request: &Request,
+    response: Response,
+) -> Response {
+    let (kind, count) = kind_of(request);
     if kind == KeyKind::Params {
         return response;
     }
@@ -694,15 +772,18 @@ fn respond(shared: &AuthorityService, peer: &str, request: &Request) -> Response
             };
             let mut e = AuditEntry::new(peer, kind, outcome, count);
             e.reason = Some(reason.clone());
+            e.batch = bound_batch(request);
             e
         }
         _ => {
             let mut e = AuditEntry::new(peer, kind, Outcome::Issued, count);
+            e.batch = bound_batch(request);
             e.keys = match request {
                 Request::RowKeys(ys)
                 | Request::ColKeys(ys)
                 | Request::InferenceKeys(ys)
-                | Request::ConvColKeys(ys) => {
+                | Request::ConvColKeys(ys)
+                | Request::BoundColKeys { vectors: ys, .. } => {
                     ys.par_iter().map(|y| audit::feip_record(kind, y)).collect()
                 }
                 Request::FeboKeys(reqs) => reqs.par_iter().map(audit::febo_record).collect(),
@@ -712,7 +793,7 @@ fn respond(shared: &AuthorityService, peer: &str, request: &Request) -> Response
                     .par_iter()
                     .map(|y| audit::feip_record(kind, y))
                     .collect(),
-                Request::Params => Vec::new(),
+                Request::Params | Request::BatchColParams { .. } => Vec::new(),
             };
             e
         }
@@ -730,5 +811,13 @@ fn respond(shared: &AuthorityService, peer: &str, request: &Request) -> Response
                 response
             }
         }
+    }
+}
+
+/// The batch of a request for batch-bound column keys.
+fn bound_batch(request: &Request) -> Option<u32> {
+    match request {
+        Request::BoundColKeys { batch, .. } => Some(*batch),
+        _ => None,
     }
 }

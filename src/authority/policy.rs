@@ -55,11 +55,31 @@
 //!   "max_feip_vectors": 4096,
 //!   "max_febo_keys": 65536,
 //!   "febo_ops": ["Sub"],
-//!   "max_febo_operand": 4096
+//!   "max_febo_operand": 4096,
+//!   "bind_batches": false,
+//!   "batch_rank_budget": null
 //! }
 //! ```
+//!
+//! # Batch binding
+//!
+//! By default one column master key serves every batch, so a key for the delta vector `d`
+//! decrypts `dᵀX_k` of *every* batch `k`, not only the one it was asked for: after two steps
+//! of batch 64 with 128 units the trainer holds keys of rank 64 for every batch. With
+//! `bind_batches` the authority derives batch `k`'s column master key from its column key and
+//! `k` ([`fe::feip::FeipMasterSecretKey::derive_child`]), hands the client the matching
+//! public keys ([`Request::BatchColParams`]), and issues column keys for one named batch
+//! ([`Request::BoundColKeys`]): under another batch's key the decryption is a random group
+//! element, which the bounded discrete log refuses.
+//!
+//! With `batch_rank_budget = R` the authority also counts, per batch, the rank of every
+//! column vector it has issued for it ([`super::budget`]) and refuses a request that would
+//! raise it past `R`. Below the batch size `B` the batch's backward products leave a
+//! subspace of dimension at least `B − R` of its images undetermined, whatever the trainer
+//! asks; honest training spends `H` (the first layer's width) per visit, so the budget caps
+//! the epochs at `⌊R / H⌋`. It bounds nothing about the forward products `z = W₁x`.
 
-use crate::protocol::{ConvKeyRequest, FeboKeyRequest, Request};
+use crate::protocol::{ConvKeyRequest, FeboKeyRequest, Request, MAX_BATCH_PARAMS};
 use crate::Curve;
 use fe::febo::Op;
 use fe::FeCurve;
@@ -86,6 +106,16 @@ pub struct Policy {
     pub febo_ops: Vec<Op>,
     /// Largest `|operand|` of a FEBO key (default 4096, the trainer's label scale).
     pub max_febo_operand: u64,
+    /// Bind column keys to batches (default false): batch `k`'s columns are encrypted under
+    /// their own master key, derived from the column key and `k`, and a column key is asked
+    /// for one batch ([`Request::BoundColKeys`]) and decrypts nothing in range on another.
+    /// Unbound column requests are refused. See [Batch binding](self#batch-binding).
+    pub bind_batches: bool,
+    /// With `bind_batches`: the most rank the column vectors issued for one batch may reach
+    /// over the authority's life (default, `null`: no budget). A request that would raise a
+    /// batch's rank past it is refused whole. Below the batch size it keeps the batch's
+    /// images undetermined by its backward products (module doc).
+    pub batch_rank_budget: Option<usize>,
     /// Length of row vectors; not configurable, set from the public parameters
     /// ([`Policy::with_lengths`]); 0 until then.
     #[serde(skip)]
@@ -135,6 +165,8 @@ impl Default for Policy {
             max_febo_keys: 65536,
             febo_ops: vec![Op::Sub],
             max_febo_operand: 4096,
+            bind_batches: false,
+            batch_rank_budget: None,
             row_len: 0,
             col_len: 0,
         }
@@ -189,7 +221,15 @@ impl Policy {
                 self.min_nonzero_col, self.col_len
             ));
         }
-        Ok(())
+        match self.batch_rank_budget {
+            Some(_) if !self.bind_batches => Err(
+                "batch_rank_budget needs bind_batches: without binding, every column key \
+                 decrypts every batch and a per-batch budget bounds nothing"
+                    .into(),
+            ),
+            Some(0) => Err("batch_rank_budget = 0 would refuse every column key".into()),
+            _ => Ok(()),
+        }
     }
 
     /// Checks a request against the policy: `Ok` if every key it asks for may be issued,
@@ -203,6 +243,11 @@ impl Policy {
             Request::InferenceKeys(ys) => {
                 self.check_feip("inference row", ys, self.row_len, self.min_row())
             }
+            Request::ColKeys(_) | Request::ConvColKeys(_) if self.bind_batches => Err(
+                "this authority binds column keys to batches: ask for them with the batch \
+                 (BoundColKeys; the dataset must be encrypted under the batches' keys)"
+                    .into(),
+            ),
             Request::ColKeys(ys) => {
                 self.check_feip("column", ys, self.col_len, self.min_nonzero_col)
             }
@@ -211,6 +256,30 @@ impl Policy {
                 self.check_conv(req).map(|_| ())
             }
             Request::ConvColKeys(ys) => self.check_conv_cols(ys),
+            Request::BatchColParams { .. } | Request::BoundColKeys { .. } if !self.bind_batches => {
+                Err("this authority does not bind column keys to batches \
+                     (bind_batches is false): use the shared column key"
+                    .into())
+            }
+            Request::BatchColParams { first, count } => {
+                if *count > MAX_BATCH_PARAMS || first.checked_add(*count).is_none() {
+                    return Err(format!(
+                        "batch keys {first}..{first}+{count}: at most {MAX_BATCH_PARAMS} per \
+                         request, below 2^32"
+                    ));
+                }
+                Ok(())
+            }
+            Request::BoundColKeys {
+                conv: false,
+                vectors,
+                ..
+            } => self.check_feip("column", vectors, self.col_len, self.min_nonzero_col),
+            Request::BoundColKeys {
+                conv: true,
+                vectors,
+                ..
+            } => self.check_conv_cols(vectors),
         }
     }
 
@@ -639,6 +708,54 @@ mod tests {
         );
         assert!(Policy::from_json(r#"{"min_nonzero_rows": 3}"#).is_err());
         assert!(Policy::from_json("not json").is_err());
+    }
+
+    #[test]
+    fn batch_binding_rules() {
+        let bound = Policy {
+            bind_batches: true,
+            ..Policy::default()
+        }
+        .with_lengths(785, 4);
+        let budget_alone = Policy {
+            batch_rank_budget: Some(3),
+            ..Policy::default()
+        }
+        .with_lengths(785, 4);
+        assert!(budget_alone
+            .validate()
+            .unwrap_err()
+            .contains("bind_batches"));
+        let zero = Policy {
+            batch_rank_budget: Some(0),
+            ..bound.clone()
+        };
+        assert!(zero.validate().is_err());
+        assert_eq!(bound.validate(), Ok(()));
+        let cols = vec![vec![1, 1, 0, 0]];
+        let bound_req = Request::BoundColKeys {
+            batch: 3,
+            conv: false,
+            vectors: cols.clone(),
+        };
+        assert_eq!(bound.check(&bound_req), Ok(()));
+        assert!(bound.check(&Request::ColKeys(cols.clone())).is_err());
+        assert!(bound.check(&Request::ConvColKeys(cols.clone())).is_err());
+        let plain = Policy::default().with_lengths(785, 4);
+        assert!(plain.check(&bound_req).is_err());
+        assert!(plain
+            .check(&Request::BatchColParams { first: 0, count: 1 })
+            .is_err());
+        assert_eq!(plain.check(&Request::ColKeys(cols)), Ok(()));
+        let params = |first, count| bound.check(&Request::BatchColParams { first, count });
+        assert_eq!(params(0, MAX_BATCH_PARAMS), Ok(()));
+        assert!(params(0, MAX_BATCH_PARAMS + 1).is_err());
+        assert!(params(u32::MAX, 2).is_err());
+        // The JSON form names both fields, and old files without them still load.
+        let json = bound.to_json();
+        assert!(json.contains("\"bind_batches\": true"), "{json}");
+        let old: Policy = serde_json::from_str(r#"{"max_abs": 127}"#).unwrap();
+        assert!(!old.bind_batches && old.batch_rank_budget.is_none());
     }
 
     #[test]

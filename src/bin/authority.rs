@@ -118,6 +118,19 @@ struct PolicyArgs {
     /// Largest |entry| of an inner-product key vector [default: 32767].
     #[arg(long, value_name = "N")]
     max_abs: Option<u32>,
+    /// Bind column keys to batches: each batch's columns are encrypted under its own key,
+    /// and a column key decrypts its own batch only (without it, a key asked for one batch
+    /// decrypts the same combination of every batch). Data must be encrypted (`client
+    /// encrypt`) against an authority serving with this flag.
+    #[arg(long)]
+    bind_batches: bool,
+    /// With --bind-batches: the most rank the column keys of one batch may reach while the
+    /// authority runs (a restart counts anew); a request past it is refused. Below the
+    /// batch size, no sequence of
+    /// backward steps determines the batch's images; honest training spends the first
+    /// layer's width per visit of a batch, so it allows floor(R / width) epochs.
+    #[arg(long, value_name = "R")]
+    batch_rank_budget: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -183,6 +196,10 @@ fn policy_of(args: &PolicyArgs) -> Result<Policy> {
     }
     if let Some(n) = args.max_abs {
         p.max_abs = n;
+    }
+    p.bind_batches |= args.bind_batches;
+    if let Some(r) = args.batch_rank_budget {
+        p.batch_rank_budget = Some(r);
     }
     Ok(p)
 }

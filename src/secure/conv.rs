@@ -126,7 +126,8 @@ impl<K: KeyService> SecureProducts<K> {
             })
             .collect();
         self.timings.backward += t.elapsed();
-        let keys = self.fetch_keys(!ys.is_empty(), |k| k.conv_col_keys(&ys))?;
+        let bound = self.key_batch(batch);
+        let keys = self.fetch_keys(!ys.is_empty(), |k| k.conv_col_keys(bound, &ys))?;
         let dlog = self.dlog.clone();
         let b = self.load(batch)?;
         let t = Instant::now();

@@ -19,6 +19,7 @@
 
 mod conv;
 
+use crate::authority::budget::{BatchRank, Prime};
 use crate::authority::policy::Policy;
 use crate::basis::Basis;
 use crate::dataset::{DatasetError, EncryptedBatch, Reader};
@@ -33,6 +34,7 @@ use ndarray::{Array2, ArrayView2, Axis};
 use nn::first_layer::{IntegerProducts, SeamError, LABEL_SCALE};
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,17 +42,24 @@ use std::time::{Duration, Instant};
 pub trait KeyService {
     /// Inner-product keys for weight rows.
     fn row_keys(&mut self, ys: &[Vec<i64>]) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError>;
-    /// Inner-product keys for delta columns.
-    fn col_keys(&mut self, ys: &[Vec<i64>]) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError>;
+    /// Inner-product keys for delta columns, bound to batch `batch` if given (an authority
+    /// that binds column keys to batches).
+    fn col_keys(
+        &mut self,
+        batch: Option<u32>,
+        ys: &[Vec<i64>],
+    ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError>;
     /// Keys for a convolution's kernels, placed by the authority at the rows `placed`.
     fn conv_row_keys(
         &mut self,
         req: ConvKeyRequest,
         placed: &[Vec<i64>],
     ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError>;
-    /// Keys for a convolution's delta lanes, one per position and kernel.
+    /// Keys for a convolution's delta lanes, one per position and kernel, bound to batch
+    /// `batch` if given.
     fn conv_col_keys(
         &mut self,
+        batch: Option<u32>,
         ys: &[Vec<i64>],
     ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError>;
     /// Basic-operation keys.
@@ -64,8 +73,15 @@ impl KeyService for AuthorityClient {
     fn row_keys(&mut self, ys: &[Vec<i64>]) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
         AuthorityClient::row_keys(self, ys)
     }
-    fn col_keys(&mut self, ys: &[Vec<i64>]) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
-        AuthorityClient::col_keys(self, ys)
+    fn col_keys(
+        &mut self,
+        batch: Option<u32>,
+        ys: &[Vec<i64>],
+    ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
+        match batch {
+            Some(b) => self.bound_col_keys(b, false, ys),
+            None => AuthorityClient::col_keys(self, ys),
+        }
     }
     fn conv_row_keys(
         &mut self,
@@ -76,9 +92,13 @@ impl KeyService for AuthorityClient {
     }
     fn conv_col_keys(
         &mut self,
+        batch: Option<u32>,
         ys: &[Vec<i64>],
     ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
-        AuthorityClient::conv_col_keys(self, ys)
+        match batch {
+            Some(b) => self.bound_col_keys(b, true, ys),
+            None => AuthorityClient::conv_col_keys(self, ys),
+        }
     }
     fn febo_keys(
         &mut self,
@@ -133,10 +153,49 @@ pub struct Timings {
 /// non-zero entries. Convolution: kernels that weigh too few pixels at some position
 /// ([`Policy::placement_shortfall`]) and, per position and kernel, delta lanes over the batch
 /// with too few non-zero entries (each is one column key).
+///
+/// Under a rank budget ([`Policy::batch_rank_budget`]) it also counts, per batch, the rank of
+/// the delta lanes it has let through, as the authority does, and zeroes a lane that would
+/// raise it past the budget (the lanes in the span already spent cost nothing). Once a
+/// batch's budget is spent, the first layer learns from it only in the directions already
+/// issued, and the other layers learn as before, so training goes on without a refusal.
+/// This count is not in checkpoints: a resumed run starts it anew, and the authority
+/// refuses once its own count is past the budget.
 #[derive(Debug, Clone)]
 pub struct KeyPolicyFilter<P> {
     inner: P,
     policy: Policy,
+    spent: Option<SpentRank>,
+}
+
+/// The rank the column keys of each batch have spent, by the trainer's own count.
+#[derive(Debug, Clone)]
+struct SpentRank {
+    prime: Prime,
+    budget: usize,
+    batches: HashMap<usize, BatchRank>,
+}
+
+impl SpentRank {
+    /// Zeroes the lanes of batch `batch` past the budget, counting the rest.
+    fn keep_within<'a>(
+        &mut self,
+        batch: usize,
+        lanes: impl Iterator<Item = ndarray::ArrayViewMut1<'a, i64>>,
+    ) {
+        let rank = self.batches.entry(batch).or_default();
+        for mut lane in lanes {
+            let v = lane.to_vec();
+            if v.iter().all(|x| *x == 0) {
+                continue;
+            }
+            if rank.rank() < self.budget {
+                rank.add(self.prime, &v);
+            } else if rank.raises(self.prime, &v) {
+                lane.fill(0);
+            }
+        }
+    }
 }
 
 impl Timings {
@@ -187,6 +246,11 @@ impl<P> KeyPolicyFilter<P> {
         KeyPolicyFilter {
             inner,
             policy: policy.clone(),
+            spent: policy.batch_rank_budget.map(|budget| SpentRank {
+                prime: Prime::random(),
+                budget,
+                batches: HashMap::new(),
+            }),
         }
     }
     /// The wrapped products.
@@ -244,8 +308,22 @@ impl<P: IntegerProducts> IntegerProducts for KeyPolicyFilter<P> {
                         zero_sparse_lanes(std::iter::once(lane), min_col);
                     }
                 }
+                if let Some(spent) = self.spent.as_mut() {
+                    for mut column in d.columns_mut() {
+                        for pos in 0..p.min(column.len()) {
+                            let step = ndarray::Slice::new(pos as isize, None, p as isize);
+                            let lane = column.slice_axis_mut(Axis(0), step);
+                            spent.keep_within(batch, std::iter::once(lane));
+                        }
+                    }
+                }
             }
-            None => zero_sparse_lanes(d.columns_mut().into_iter(), min_col),
+            None => {
+                zero_sparse_lanes(d.columns_mut().into_iter(), min_col);
+                if let Some(spent) = self.spent.as_mut() {
+                    spent.keep_within(batch, d.columns_mut().into_iter());
+                }
+            }
         }
         self.inner.backward_int(batch, d.view())
     }
@@ -286,6 +364,8 @@ pub struct SecureProducts<K: KeyService> {
     timings: Timings,
     /// The convolution of the first layer, `None` for a dense one.
     geometry: Option<nn::layers::Geometry>,
+    /// The file's columns are bound to their batch: column keys are asked for one batch.
+    bound: bool,
 }
 
 /// A batch being read and decoded on another thread.
@@ -310,6 +390,7 @@ impl<K: KeyService> SecureProducts<K> {
         SecureProducts {
             num_batches: reader.num_batches(),
             batch_size: reader.header().batch_size as usize,
+            bound: reader.header().bound_columns,
             reader: Arc::new(Mutex::new(reader)),
             pending: None,
             keys,
@@ -339,6 +420,11 @@ impl<K: KeyService> SecureProducts<K> {
         }
         self.geometry = geometry.copied();
         Ok(self)
+    }
+
+    /// The batch to bind column keys to: `batch` if the file's columns are bound.
+    fn key_batch(&self, batch: usize) -> Option<u32> {
+        self.bound.then_some(batch as u32)
     }
 
     /// Cumulative timings.
@@ -469,7 +555,8 @@ impl<K: KeyService> IntegerProducts for SecureProducts<K> {
             None => Cow::Borrowed(&ys),
         };
         self.timings.backward += t.elapsed();
-        let keys = self.fetch_keys(!asked.is_empty(), |k| k.col_keys(&asked))?;
+        let bound = self.key_batch(batch);
+        let keys = self.fetch_keys(!asked.is_empty(), |k| k.col_keys(bound, &asked))?;
         let dlog = self.dlog.clone();
         let b = self.load(batch)?;
         let t = Instant::now();

@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use cryptonn::cli::{warn_clamped, AuthorityArgs, DataArgs};
-use cryptonn::client::encrypt_dataset;
+use cryptonn::client::{encrypt_dataset, ColumnKeys};
 use cryptonn::protocol::resolve_token;
 use std::path::PathBuf;
 
@@ -146,7 +146,8 @@ fn main() -> Result<()> {
             quiet,
         } => {
             let mut conn = authority.connect()?;
-            let params = conn.params().context("fetching the public parameters")?;
+            let published = conn.published().context("fetching the public parameters")?;
+            let params = published.params.clone();
             let default_encoding = PathBuf::from(format!("{}.encoding.json", out.display()));
             let loaded = data
                 .load(
@@ -172,7 +173,15 @@ fn main() -> Result<()> {
                 train.info,
                 params.batch_size()
             );
-            let s = encrypt_dataset(&train, &params, &out, &loaded.source, !quiet)
+            let columns = ColumnKeys::fetch(&mut conn, &published, train.len())
+                .context("fetching the batches' column keys")?;
+            if let ColumnKeys::PerBatch(keys) = &columns {
+                eprintln!(
+                    "the authority binds column keys to batches: {} batch keys fetched",
+                    keys.len()
+                );
+            }
+            let s = encrypt_dataset(&train, &params, &columns, &out, &loaded.source, !quiet)
                 .context("encrypting the dataset")?;
             println!(
                 "wrote {}: {} batches, {} samples ({} left out), {:.1} MiB, {:.1} s",
