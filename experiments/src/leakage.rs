@@ -123,9 +123,10 @@ const NOISE_SEED: u64 = 0x6e6f_6973;
 type Chart = (&'static str, &'static str, fn(&Row) -> f64);
 
 /// The attacks, in the order of the CSV rows.
-pub const ATTACKS: [&str; 4] = [
+pub const ATTACKS: [&str; 5] = [
     "backward_step",
     "backward_stacked",
+    "backward_cross",
     "forward_ls",
     "forward_lp",
 ];
@@ -192,9 +193,11 @@ pub struct LeakageArgs {
     /// accuracy cost of each mitigation paired with the unmitigated run of the same seed.
     #[arg(long, default_value_t = 0)]
     pub cost_seeds: u64,
-    /// Mitigations to measure, comma-separated: `none`, `batch=N` (batches of N samples),
-    /// `noise=SIGMA` (Gaussian noise of SIGMA grey levels on the client's inputs).
-    #[arg(long, default_value = "none,batch=256,noise=8,noise=32", value_parser = parse_mitigations)]
+    /// Mitigations to measure, comma-separated: `none`, or parts joined by `+`: `batch=N`
+    /// (batches of N samples), `noise=SIGMA` (Gaussian noise of SIGMA grey levels on the
+    /// client's inputs), `bound` (column keys bound to their batch), `budget=R` (bound, with
+    /// a rank budget of R per batch), for example `batch=256+budget=192`.
+    #[arg(long, default_value = "none,batch=256,noise=8,noise=32,budget=32", value_parser = parse_mitigations)]
     pub mitigations: MitigationList,
     /// Batches whose images the forward attacks target, evenly spaced (0: every batch).
     #[arg(long, default_value_t = 4)]
@@ -229,30 +232,59 @@ pub struct LeakageArgs {
     pub fe_steps: usize,
 }
 
-/// A mitigation measured against the attacks.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Mitigation {
-    /// The default settings.
-    None,
+/// A mitigation measured against the attacks: any combination of its parts (all off: the
+/// default settings).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Mitigation {
     /// Batches of this many samples.
-    Batch(usize),
+    pub batch: Option<usize>,
     /// Gaussian noise of this standard deviation (grey levels) on the client's inputs.
-    Noise(f64),
+    pub noise: Option<f64>,
+    /// Column keys bound to their batch (`authority serve --bind-batches`).
+    pub bound: bool,
+    /// A rank budget per batch (`--batch-rank-budget`; implies `bound`).
+    pub budget: Option<usize>,
 }
 
 impl Mitigation {
-    /// The name used in `leakage.csv` (`none`, `batch=256`, `noise=8`).
+    /// The default settings.
+    pub const NONE: Mitigation = Mitigation {
+        batch: None,
+        noise: None,
+        bound: false,
+        budget: None,
+    };
+
+    /// The name used in `leakage.csv` (`none`, `batch=256`, `noise=8`, `bound`,
+    /// `batch=512+budget=511`).
     pub fn name(&self) -> String {
-        match self {
-            Mitigation::None => "none".into(),
-            Mitigation::Batch(n) => format!("batch={n}"),
-            Mitigation::Noise(s) => format!("noise={s}"),
+        let mut parts = Vec::new();
+        if let Some(n) = self.batch {
+            parts.push(format!("batch={n}"));
         }
+        if let Some(x) = self.noise {
+            parts.push(format!("noise={x}"));
+        }
+        match self.budget {
+            Some(r) => parts.push(format!("budget={r}")),
+            None if self.bound => parts.push("bound".into()),
+            None => {}
+        }
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join("+")
+        }
+    }
+
+    /// Whether a column key decrypts its own batch only.
+    pub fn binds(&self) -> bool {
+        self.bound || self.budget.is_some()
     }
 
     /// A file-name form of [`Mitigation::name`].
     fn file_name(&self) -> String {
-        self.name().replace('=', "").replace('.', "_")
+        self.name().replace('=', "").replace(['.', '+'], "_")
     }
 }
 
@@ -260,36 +292,47 @@ impl Mitigation {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MitigationList(pub Vec<Mitigation>);
 
-/// Parses `none,batch=256,noise=8`.
+/// Parses `none,batch=256,noise=8,bound,batch=512+budget=511`: mitigations separated by
+/// commas, each `none` or parts joined by `+`.
 pub fn parse_mitigations(s: &str) -> Result<MitigationList, String> {
     let mut v = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let m = match part.split_once('=') {
-            None if part == "none" => Mitigation::None,
-            Some(("batch", n)) => match n.trim().parse::<usize>() {
-                Ok(n) if n >= 1 => Mitigation::Batch(n),
-                _ => {
-                    return Err(format!(
-                        "{part:?}: the batch size must be a positive integer"
-                    ))
-                }
-            },
-            Some(("noise", x)) => match x.trim().parse::<f64>() {
-                Ok(x) if x.is_finite() && x > 0.0 => Mitigation::Noise(x),
-                _ => return Err(format!("{part:?}: the noise must be a positive number")),
-            },
-            _ => {
-                return Err(format!(
-                    "{part:?} is not a mitigation (none, batch=N or noise=SIGMA)"
-                ))
+    for item in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let mut m = Mitigation::NONE;
+        if item != "none" {
+            for part in item.split('+').map(str::trim) {
+                parse_part(&mut m, part, item)?;
             }
-        };
+        }
         v.push(m);
     }
     if v.is_empty() {
         return Err("no mitigation given (use none for the default settings)".into());
     }
     Ok(MitigationList(v))
+}
+
+/// One `+`-separated part of a mitigation.
+fn parse_part(m: &mut Mitigation, part: &str, item: &str) -> Result<(), String> {
+    let count = |n: &str, what: &str| match n.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{item:?}: the {what} must be a positive integer")),
+    };
+    match part.split_once('=') {
+        None if part == "bound" => m.bound = true,
+        Some(("batch", n)) => m.batch = Some(count(n, "batch size")?),
+        Some(("budget", n)) => m.budget = Some(count(n, "rank budget")?),
+        Some(("noise", x)) => match x.trim().parse::<f64>() {
+            Ok(x) if x.is_finite() && x > 0.0 => m.noise = Some(x),
+            _ => return Err(format!("{item:?}: the noise must be a positive number")),
+        },
+        _ => {
+            return Err(format!(
+                "{part:?} is not a mitigation (none, or parts joined by +: batch=N, \
+                 noise=SIGMA, bound, budget=R)"
+            ))
+        }
+    }
+    Ok(())
 }
 
 /// [`Dataset::with_noise`] with draws seeded by `seed`: the client's `--input-noise`, made
@@ -394,6 +437,9 @@ pub struct Recorder<P> {
     keep_forward: Vec<bool>,
     forward: BTreeMap<usize, Vec<ForwardObservation>>,
     stacked: BTreeMap<usize, Stacked>,
+    /// `Σ d d^T` over the delta vectors of every backward step, whatever its batch (`B x B`;
+    /// batches share their length): what unbound column keys give on any batch.
+    cross_gram: Option<Array2<f64>>,
     /// The latest forward step: batch and `z_int` (B x H).
     last_forward: Option<(usize, Array2<i64>)>,
     /// The latest backward step: batch, `d_q` (B x H) and `g_int` (H x (n+1)).
@@ -415,6 +461,7 @@ impl<P: IntegerProducts> Recorder<P> {
             keep_forward,
             forward: BTreeMap::new(),
             stacked: BTreeMap::new(),
+            cross_gram: None,
             last_forward: None,
             last_backward: None,
             last_error: None,
@@ -491,6 +538,11 @@ impl<P: IntegerProducts> IntegerProducts for Recorder<P> {
         // Integers below 2^53 throughout, so these float products are exact.
         let dd = d.dot(&d.t());
         let dg = d.dot(&to_f64(g.view()));
+        match self.cross_gram.as_mut() {
+            Some(c) if c.dim() == dd.dim() => *c += &dd,
+            Some(_) => {} // a batch of another length: its keys fit no other batch
+            None => self.cross_gram = Some(dd.clone()),
+        }
         match self.stacked.get_mut(&batch) {
             Some(st) => {
                 st.gram += &dd;
@@ -1145,13 +1197,10 @@ fn run_one(
     fe_steps: usize,
     pb: &indicatif::ProgressBar,
 ) -> Result<RunOutput> {
-    let bs = match mitigation {
-        Mitigation::Batch(n) => n,
-        _ => args.batch_size,
-    };
-    let encrypted = match mitigation {
-        Mitigation::Noise(sigma) => add_input_noise(&data.train, sigma, seed ^ NOISE_SEED)?,
-        _ => data.train.clone(),
+    let bs = mitigation.batch.unwrap_or(args.batch_size);
+    let encrypted = match mitigation.noise {
+        Some(sigma) => add_input_noise(&data.train, sigma, seed ^ NOISE_SEED)?,
+        None => data.train.clone(),
     };
     let targs = TrainArgs {
         spec: Some(args.spec.clone()),
@@ -1185,10 +1234,18 @@ fn run_one(
     let n = encrypted.features();
 
     let recorder = Recorder::new(products, ranges.clone(), keep);
-    let mut layer = Quantized::new(
-        crate::common::policy_filter(recorder, &encrypted.info, bs),
-        cfg.quantizer(),
-    )?;
+    // The authority's policy under this mitigation: the trainer filters by it as it does
+    // in an encrypted run (a rank budget zeroes the delta lanes past it).
+    let policy = cryptonn::authority::Policy {
+        bind_batches: mitigation.binds(),
+        batch_rank_budget: mitigation.budget,
+        ..cryptonn::authority::Policy::default()
+    }
+    .with_lengths(encrypted.info.row_len(), bs);
+    policy
+        .validate()
+        .map_err(|e| anyhow!("{}: {e}", mitigation.name()))?;
+    let mut layer = Quantized::new(KeyPolicyFilter::new(recorder, &policy), cfg.quantizer())?;
     let mut progress = Progress {
         model: targs.model(&encrypted.info)?,
         optimizer: cfg.optimizer(),
@@ -1323,6 +1380,16 @@ fn run_one(
                 );
                 sc.equations = ranks.iter().sum::<usize>() as f64 / ranks.len().max(1) as f64;
                 push("backward_stacked", sc);
+                // backward_cross: unbound keys applied to every batch
+                let cross_est = if mitigation.binds() {
+                    None
+                } else {
+                    let est = cross_batch_estimates(rec, &encrypted, &ranges)?;
+                    let mut sc = score(&all_images, &|i| est.0[i].clone(), &data.train, &encrypted);
+                    sc.equations = est.1 as f64;
+                    push("backward_cross", sc);
+                    Some(est.0)
+                };
                 // forward_ls and forward_lp
                 let mut fwd_est: Vec<Option<Vec<u8>>> = vec![None; encrypted.len()];
                 let mut eqs = Vec::new();
@@ -1390,6 +1457,12 @@ fn run_one(
                         .entry("backward_stacked")
                         .or_default()
                         .push((ep, grid_of(&|i| stacked_est[i].clone())));
+                    if let Some(est) = &cross_est {
+                        snapshots
+                            .entry("backward_cross")
+                            .or_default()
+                            .push((ep, grid_of(&|i| est[i].clone())));
+                    }
                     snapshots
                         .entry("forward_ls")
                         .or_default()
@@ -1433,6 +1506,34 @@ fn run_one(
     })
 }
 
+/// The cross-batch attack on unbound column keys: every delta vector the trainer was ever
+/// issued a key for decrypts its combination of *every* batch's columns, so for each batch
+/// the normal equations are `C X = C X_k` with `C = Σ d d^T` over all steps (the right side
+/// is what those keys decrypt), solved by the projection `C^+ C` onto their span. Returns
+/// the estimate per training image and the rank of `C`.
+fn cross_batch_estimates<P>(
+    rec: &Recorder<P>,
+    encrypted: &Dataset,
+    ranges: &[Range<usize>],
+) -> Result<(Vec<Option<Vec<u8>>>, usize)> {
+    let mut est = vec![None; encrypted.len()];
+    let Some(c) = &rec.cross_gram else {
+        return Ok((est, 0));
+    };
+    let (proj, rank) = lstsq(c.view(), c.view(), 1e-11)?;
+    let n = encrypted.features();
+    for range in ranges.iter().filter(|r| r.len() == c.nrows()) {
+        let x = Array2::from_shape_fn((range.len(), n), |(k, j)| {
+            f64::from(encrypted.values[[range.start + k, j]])
+        });
+        let xhat = proj.dot(&x);
+        for (k, img) in range.clone().enumerate() {
+            est[img] = Some(to_pixels(xhat.row(k)));
+        }
+    }
+    Ok((est, rank))
+}
+
 /// The trainer's first layer over the recording products.
 type AttackedLayer = Quantized<KeyPolicyFilter<Recorder<PlainIntegers>>>;
 
@@ -1459,10 +1560,7 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
         .map(|i| args.seed + i)
         .collect();
     let steps_of = |m: &Mitigation| {
-        let bs = match m {
-            Mitigation::Batch(n) => *n,
-            _ => args.batch_size,
-        };
+        let bs = m.batch.unwrap_or(args.batch_size);
         let total = (data.train.len() / bs.max(1)) * args.epochs;
         args.max_steps.map_or(total, |s| s.min(total)) as u64
     };
@@ -1475,7 +1573,7 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
     let mut finals: BTreeMap<(String, u64), f64> = BTreeMap::new();
     let mut first_runs: Vec<(Mitigation, RunOutput)> = Vec::new();
     // The real FE steps belong to the (first) unmitigated run of the first seed.
-    let fe_run = mitigations.iter().position(|m| *m == Mitigation::None);
+    let fe_run = mitigations.iter().position(|m| *m == Mitigation::NONE);
     if args.fe_steps > 0 && fe_run.is_none() {
         eprintln!(
             "leakage: no unmitigated run (mitigation none), so no real FE steps (--fe-steps {})",
@@ -1522,7 +1620,7 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
     let cost_of = |m: &Mitigation, seed: u64| -> f64 {
         match (
             finals.get(&(m.name(), seed)),
-            finals.get(&(Mitigation::None.name(), seed)),
+            finals.get(&(Mitigation::NONE.name(), seed)),
         ) {
             (Some(a), Some(b)) => b - a,
             _ => f64::NAN,
@@ -1539,7 +1637,7 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
         .map(|(seed, m)| {
             let acc = finals.get(&(m.name(), seed)).copied().unwrap_or(f64::NAN);
             let base = finals
-                .get(&(Mitigation::None.name(), seed))
+                .get(&(Mitigation::NONE.name(), seed))
                 .copied()
                 .unwrap_or(f64::NAN);
             vec![
@@ -1608,7 +1706,7 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
                 pct(r.score.exact_encrypted),
                 pct(r.label_accuracy),
                 pct(r.test_accuracy),
-                if *m == Mitigation::None {
+                if *m == Mitigation::NONE {
                     "(baseline)".into()
                 } else {
                     paired_cost(&costs)
@@ -1650,7 +1748,7 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
             .join(", ")
     ));
     for m in mitigations {
-        if let Mitigation::Noise(sigma) = m {
+        if let Some(sigma) = &m.noise {
             t.note(format!(
                 "{}: Gaussian mechanism with σ = {sigma} grey levels; at δ = 1e-5 it is ε = {:.1} \
                  per image (L2 sensitivity 255·28 = 7140) and ε = {:.2} per pixel (sensitivity \
@@ -1674,7 +1772,7 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
             "test accuracy",
         ],
     );
-    if let Some((_, o)) = first_runs.iter().find(|(m, _)| *m == Mitigation::None) {
+    if let Some((_, o)) = first_runs.iter().find(|(m, _)| *m == Mitigation::NONE) {
         for r in &o.rows {
             progress_t.row(vec![
                 r.step.to_string(),
@@ -1979,11 +2077,37 @@ mod tests {
         assert_eq!(
             parse_mitigations("none, batch=256,noise=8").unwrap().0,
             vec![
-                Mitigation::None,
-                Mitigation::Batch(256),
-                Mitigation::Noise(8.0)
+                Mitigation::NONE,
+                Mitigation {
+                    batch: Some(256),
+                    ..Mitigation::NONE
+                },
+                Mitigation {
+                    noise: Some(8.0),
+                    ..Mitigation::NONE
+                }
             ]
         );
+        let combined = parse_mitigations("bound, batch=512+budget=511").unwrap().0;
+        assert_eq!(
+            combined,
+            vec![
+                Mitigation {
+                    bound: true,
+                    ..Mitigation::NONE
+                },
+                Mitigation {
+                    batch: Some(512),
+                    budget: Some(511),
+                    ..Mitigation::NONE
+                }
+            ]
+        );
+        assert_eq!(combined[1].name(), "batch=512+budget=511");
+        assert!(combined[1].binds() && combined[0].binds() && !Mitigation::NONE.binds());
+        assert_eq!(combined[1].file_name(), "batch512_budget511");
+        assert!(parse_mitigations("budget=0").is_err());
+        assert!(parse_mitigations("batch=64+dp").is_err());
         assert!(parse_mitigations("batch=0").is_err());
         assert!(parse_mitigations("noise=-1").is_err());
         assert!(parse_mitigations("dp").is_err());
@@ -2077,6 +2201,35 @@ mod tests {
         let (est, rank) = lstsq(gram.view(), rhs.view(), 1e-11).unwrap();
         assert_eq!(rank, 16);
         assert_eq!(est.mapv(|v| v.round()), x);
+    }
+
+    /// Unbound keys from one step on batch 0, of full rank, give batch 1 exactly through
+    /// the cross-batch attack; with one rank fewer they do not.
+    #[test]
+    fn cross_batch_attack_is_exact_once_the_keys_span_the_batch() {
+        let (b, n) = (8usize, 30usize);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let images = Array2::from_shape_fn((2 * b, n), |_| rng.gen_range(0..=255u8));
+        let data = Dataset::grey_images(images, vec![0; 2 * b], 5, 6, 2).unwrap();
+        let ranges = vec![0..b, b..2 * b];
+        let exact_in_batch_1 = |h: usize, seed: u64| {
+            let products = PlainIntegers::from_dataset(data.clone(), b, false).unwrap();
+            let mut rec = Recorder::new(products, ranges.clone(), vec![false, false]);
+            let (_, d) = batch_and_deltas(b, h, n, seed);
+            rec.backward_int(0, d.mapv(|v| v as i64).view()).unwrap();
+            let (est, rank) = cross_batch_estimates(&rec, &data, &ranges).unwrap();
+            let exact = (b..2 * b)
+                .filter(|&i| {
+                    let want: Vec<u8> = (0..n).map(|j| data.values[[i, j]] as u8).collect();
+                    est[i].as_ref() == Some(&want)
+                })
+                .count();
+            (rank, exact)
+        };
+        assert_eq!(exact_in_batch_1(12, 5), (8, 8));
+        let (rank, exact) = exact_in_batch_1(7, 6);
+        assert_eq!(rank, 7);
+        assert!(exact < 2, "{exact} of 8 images exact with rank 7");
     }
 
     #[test]
@@ -2181,7 +2334,7 @@ mod tests {
             seed: 5,
             seeds: 1,
             cost_seeds: 0,
-            mitigations: MitigationList(vec![Mitigation::None]),
+            mitigations: MitigationList(vec![Mitigation::NONE]),
             forward_batches: 2,
             lp_images: 1,
             lp_epochs: 0,
@@ -2195,7 +2348,7 @@ mod tests {
         let o = run_one(
             &args,
             &data,
-            Mitigation::None,
+            Mitigation::NONE,
             5,
             true,
             0,

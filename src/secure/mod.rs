@@ -786,6 +786,37 @@ mod tests {
         );
     }
 
+    /// Under a rank budget the filter lets lanes through until the batch's rank reaches it,
+    /// then only lanes in the span already spent; batches are counted apart.
+    #[test]
+    fn policy_filter_keeps_each_batch_within_its_rank_budget() {
+        let policy = Policy {
+            bind_batches: true,
+            batch_rank_budget: Some(2),
+            ..Policy::default()
+        }
+        .with_lengths(4, 3);
+        let mut f = KeyPolicyFilter::new(Recorder::default(), &policy);
+        // Columns: e0+e1, e1+e2, their sum (in their span), e0+e2 (outside it) and zeros.
+        let d = array![[1, 0, 1, 1, 0], [1, 1, 2, 0, 0], [0, 1, 1, 1, 0]];
+        f.backward_int(0, d.view()).expect("filtered");
+        let seen = f.inner().d.clone().expect("deltas seen");
+        assert_eq!(seen.column(0), d.column(0));
+        assert_eq!(seen.column(1), d.column(1));
+        assert_eq!(seen.column(2), d.column(2), "in the span: kept");
+        assert!(
+            seen.column(3).iter().all(|v| *v == 0),
+            "past the budget: zeroed"
+        );
+        // Later steps of batch 0: still only the span; batch 1 starts afresh.
+        f.backward_int(0, d.view()).expect("filtered");
+        assert_eq!(f.inner().d.clone().expect("deltas seen"), seen);
+        let tail = d.slice_axis(Axis(1), ndarray::Slice::from(3..)).to_owned();
+        f.backward_int(1, tail.view()).expect("filtered");
+        let other = f.inner().d.clone().expect("deltas seen");
+        assert_eq!(other.column(0), d.column(3));
+    }
+
     #[test]
     fn policy_filter_zeroes_exactly_the_sparse_lanes() {
         let policy = Policy {
