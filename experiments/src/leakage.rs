@@ -57,17 +57,18 @@
 //! * **forward_ls**: every step on batch `k` gives `H` equations per image,
 //!   `w_q[:, :n] x = z_int[b, :]^T - 255 w_q[:, n]` (the bias input is known), with the same
 //!   matrix for the whole batch. After `e` epochs an image has `m = e H` equations (minus rows
-//!   the key policy zeroed) in `n` unknowns; the minimum-norm least-squares solution
-//!   `A^+ r = A^T (A A^T)^+ r` (for `m < n`) or `(A^T A)^+ A^T r` (for `m >= n`) is computed by
-//!   Cholesky on the Gram matrix (SVD if that fails), rounded and clamped. It is unique, hence
-//!   exact up to rounding, once `rank A = n`: for 128 units after 7 epochs.
+//!   the key policy zeroed) in `n` unknowns, of rank `k <= min(m, n)` (below `m` when the
+//!   weights stop changing); the minimum-norm least-squares solution `A^+ r` is computed from
+//!   the SVD `A = U S V^T` reduced to the `k` singular values above `1e-10 σ_max` (see
+//!   [`RowSpace`]), rounded and clamped. It is unique, hence exact up to rounding, once
+//!   `k = n`: for 128 units after 7 epochs. The `equations` column reports `k`.
 //! * **forward_lp** (Ioniță and Ioniță, RAID 2025): when `m < n`, the box `0 <= x <= 255`
 //!   makes a linear program much stronger than least squares on sparse images like MNIST's:
 //!   `minimize Σ_i x_i subject to A x = r, 0 <= x_i <= 255` (simplex, `microlp`, on the
-//!   equivalent orthonormal rows `Q^T x = R^{-T} r` from a QR factorization `A^T = Q R`, see
+//!   equivalent orthonormal rows `V_k^T x = S_k^{-1} U_k^T r` of the reduced SVD, see
 //!   [`LpSystem`]), rounded. Solved for the first `--lp-images` images of the
-//!   forward sample at the end of each of the first `--lp-epochs` epochs while `m < n`; when
-//!   `m >= n` the least-squares solution is unique and is used.
+//!   forward sample at the end of each of the first `--lp-epochs` epochs while `k < n`; when
+//!   `k = n` the least-squares solution is unique and is used.
 //!
 //! # Scores
 //!
@@ -640,19 +641,6 @@ pub fn lstsq(a: ArrayView2<f64>, b: ArrayView2<f64>, rel_tol: f64) -> Result<(Ar
     Ok((from_dmatrix(&x), rank))
 }
 
-/// Solves the symmetric positive semi-definite system `g x = r`: Cholesky when `g` is
-/// definite, else the pseudo-inverse (SVD, singular values below `1e-11 σ_max` dropped).
-fn solve_psd(g: ArrayView2<f64>, r: ArrayView2<f64>) -> Result<(Array2<f64>, usize)> {
-    let gm = to_dmatrix(g);
-    if let Some(ch) = gm.clone().cholesky() {
-        let x = ch.solve(&to_dmatrix(r));
-        if x.iter().all(|v| v.is_finite()) {
-            return Ok((from_dmatrix(&x), g.nrows()));
-        }
-    }
-    lstsq(g, r, 1e-11)
-}
-
 /// The first `n` entries of `v`.
 fn head(v: ArrayView1<f64>, n: usize) -> ArrayView1<f64> {
     let n = n.min(v.len());
@@ -698,15 +686,48 @@ fn forward_system(obs: &[ForwardObservation], n: usize) -> (Array2<f64>, Array2<
     (a, r)
 }
 
-/// Minimum-norm least squares of the stacked forward system: the estimate `B x n`.
-fn forward_ls(a: ArrayView2<f64>, r: ArrayView2<f64>) -> Result<Array2<f64>> {
-    let (m, n) = a.dim();
-    if m < n {
-        let (y, _) = solve_psd(a.dot(&a.t()).view(), r)?;
-        Ok(a.t().dot(&y).reversed_axes())
-    } else {
-        let (x, _) = solve_psd(a.t().dot(&a).view(), a.t().dot(&r).view())?;
-        Ok(x.reversed_axes())
+/// A forward system `A x = r` (`m x n`) reduced to its row space by the SVD
+/// `A = U S V^T`: the orthonormal rows `V_k^T` (`k x n`, `k = rank A`, singular values below
+/// `1e-10 σ_max` dropped) and the map `S_k^{-1} U_k^T` (`k x m`) of right-hand sides, so that
+/// `A x = r` (consistent) is `V_k^T x = S_k^{-1} U_k^T r`. Repeated or dependent equations
+/// (weights that stopped changing) do not count: what decides uniqueness is `k`, not `m`.
+struct RowSpace {
+    vt: Array2<f64>,
+    map: Array2<f64>,
+}
+
+impl RowSpace {
+    fn of(a: ArrayView2<f64>) -> Result<Self> {
+        let (m, n) = a.dim();
+        if m == 0 {
+            return Ok(RowSpace {
+                vt: Array2::zeros((0, n)),
+                map: Array2::zeros((0, 0)),
+            });
+        }
+        let svd = to_dmatrix(a).svd(true, true);
+        let (u, vt) = match (&svd.u, &svd.v_t) {
+            (Some(u), Some(vt)) => (u, vt),
+            _ => bail!("the SVD of a {m} x {n} forward system failed"),
+        };
+        let sv = &svd.singular_values;
+        let smax = sv.iter().cloned().fold(0.0, f64::max);
+        let keep: Vec<usize> = (0..sv.len()).filter(|&i| sv[i] > 1e-10 * smax).collect();
+        Ok(RowSpace {
+            vt: Array2::from_shape_fn((keep.len(), n), |(k, j)| vt[(keep[k], j)]),
+            map: Array2::from_shape_fn((keep.len(), m), |(k, i)| u[(i, keep[k])] / sv[keep[k]]),
+        })
+    }
+
+    /// The rank of the system.
+    fn rank(&self) -> usize {
+        self.vt.nrows()
+    }
+
+    /// The minimum-norm least-squares solutions for the right-hand sides `r` (`m x B`),
+    /// one row per column of `r`.
+    fn min_norm(&self, r: ArrayView2<f64>) -> Array2<f64> {
+        self.vt.t().dot(&self.map.dot(&r)).reversed_axes()
     }
 }
 
@@ -725,9 +746,23 @@ pub struct LpSystem {
     r: Option<DMatrix<f64>>,
     /// Per-row scales of the raw rows.
     scales: Vec<f64>,
+    /// The map of right-hand sides of a system reduced to its row space
+    /// ([`LpSystem::from_row_space`]).
+    map: Option<Array2<f64>>,
 }
 
 impl LpSystem {
+    /// The constraints of a system reduced to its row space: `V_k^T x = S_k^{-1} U_k^T r`
+    /// (any number of equations, dependent ones included).
+    fn from_row_space(rs: &RowSpace) -> Self {
+        LpSystem {
+            rows: rs.vt.clone(),
+            r: None,
+            scales: vec![1.0; rs.rank()],
+            map: Some(rs.map.clone()),
+        }
+    }
+
     /// Prepares the constraints of `a x = r` (`a` is `m x n`).
     pub fn new(a: ArrayView2<f64>) -> Self {
         let (m, n) = a.dim();
@@ -741,6 +776,7 @@ impl LpSystem {
                     rows: from_dmatrix(&q.transpose()),
                     r: Some(r),
                     scales: vec![1.0; m],
+                    map: None,
                 };
             }
         }
@@ -753,6 +789,7 @@ impl LpSystem {
             rows: a.to_owned(),
             r: None,
             scales,
+            map: None,
         }
     }
 
@@ -761,13 +798,14 @@ impl LpSystem {
     /// `time_limit` seconds. An equality system the solver calls infeasible is retried with
     /// every equation relaxed to `±1e-6` (in units of `u`, far below a grey level).
     pub fn solve(&self, r: ArrayView1<f64>, time_limit: f64) -> Option<Vec<f64>> {
-        let rhs: Vec<f64> = match &self.r {
-            Some(rm) => {
+        let rhs: Vec<f64> = match (&self.r, &self.map) {
+            (_, Some(map)) => map.dot(&r).iter().map(|v| v / 255.0).collect(),
+            (Some(rm), None) => {
                 let b = DMatrix::from_fn(r.len(), 1, |i, _| r[i] / 255.0);
                 let c = rm.transpose().solve_lower_triangular(&b)?;
                 c.iter().cloned().collect()
             }
-            None => r
+            (None, None) => r
                 .iter()
                 .zip(&self.scales)
                 .map(|(v, s)| if *s > 0.0 { v / (255.0 * s) } else { 0.0 })
@@ -1393,14 +1431,17 @@ fn run_one(
                 // forward_ls and forward_lp
                 let mut fwd_est: Vec<Option<Vec<u8>>> = vec![None; encrypted.len()];
                 let mut eqs = Vec::new();
+                let mut fwd_rank: BTreeMap<usize, usize> = BTreeMap::new();
                 for (&b, obs) in &rec.forward {
                     let (a, r) = forward_system(obs, n);
-                    eqs.push(a.nrows());
-                    let x = forward_ls(a.view(), r.view())?;
+                    let rs = RowSpace::of(a.view())?;
+                    eqs.push(rs.rank());
+                    fwd_rank.insert(b, rs.rank());
+                    let x = rs.min_norm(r.view());
                     for (k, img) in ranges[b].clone().enumerate() {
                         fwd_est[img] = Some(to_pixels(x.row(k)));
                     }
-                    if !epoch_end || a.nrows() >= n || !lp_epoch {
+                    if !epoch_end || rs.rank() >= n || !lp_epoch {
                         continue;
                     }
                     let mut system = None;
@@ -1409,7 +1450,7 @@ fn run_one(
                             continue;
                         }
                         let k = img - ranges[b].start;
-                        let sys = system.get_or_insert_with(|| LpSystem::new(a.view()));
+                        let sys = system.get_or_insert_with(|| LpSystem::from_row_space(&rs));
                         *slot = sys
                             .solve(r.column(k), args.lp_time_limit)
                             .map(|v| to_pixels(ArrayView1::from(&v)));
@@ -1430,8 +1471,7 @@ fn run_one(
                     let lp_of = |i: usize| -> Option<Vec<u8>> {
                         let pos = lp_images.iter().position(|&j| j == i)?;
                         let b = ranges.iter().position(|r| r.contains(&i))?;
-                        let m = rec.forward.get(&b).map(|o| forward_system(o, n).0.nrows());
-                        if m.is_some_and(|m| m >= n) {
+                        if fwd_rank.get(&b).is_some_and(|&k| k >= n) {
                             fwd_est[i].clone()
                         } else {
                             lp_est[pos].clone()
@@ -1791,8 +1831,10 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
         }
         progress_t.note(format!(
             "equations: for backward_step the mean rank of the single-step delta matrices so far, \
-             for backward_stacked the mean rank of the stacked systems, for the forward attacks \
-             the equations per image (unknowns: {} pixels); {} steps per epoch.",
+             for backward_stacked the mean rank of the stacked systems, for backward_cross the \
+             rank of all delta vectors issued so far, for the forward attacks the rank of the \
+             forward system per image (independent equations; unknowns: {} pixels); {} steps \
+             per epoch.",
             data.train.features(),
             o.steps_per_epoch
         ));
@@ -2255,7 +2297,7 @@ mod tests {
         // One step: 16 equations in 40 unknowns, least squares is not exact.
         let (a, r) = forward_system(&obs[..1], n);
         assert_eq!(a.dim(), (16, n));
-        let est = forward_ls(a.view(), r.view()).unwrap();
+        let est = RowSpace::of(a.view()).unwrap().min_norm(r.view());
         assert_ne!(est.mapv(|v| v.round().clamp(0.0, 255.0)), x);
         // The box-constrained LP on the same 16 equations satisfies them, stays in the box
         // and, the image being sparse, comes much closer than least squares.
@@ -2273,8 +2315,23 @@ mod tests {
         );
         // Three steps: 48 >= 40 equations, exact.
         let (a, r) = forward_system(&obs, n);
-        let est = forward_ls(a.view(), r.view()).unwrap();
+        let est = RowSpace::of(a.view()).unwrap().min_norm(r.view());
         assert_eq!(est.mapv(|v| v.round()), x);
+        // The first step seen three times (weights that stopped changing): 48 equations of
+        // rank 16, still underdetermined; the LP on the row space gives the one-step LP's
+        // solution.
+        let frozen = vec![obs[0].clone(), obs[0].clone(), obs[0].clone()];
+        let (a3, r3) = forward_system(&frozen, n);
+        assert_eq!(a3.nrows(), 48);
+        let rs = RowSpace::of(a3.view()).unwrap();
+        assert_eq!(rs.rank(), 16);
+        let lp3 = LpSystem::from_row_space(&rs)
+            .solve(r3.column(0), 10.0)
+            .unwrap();
+        let resid = a3.dot(&ArrayView1::from(&lp3)) - r3.column(0);
+        assert!(resid.iter().all(|v| v.abs() < 1e-3), "{resid:?}");
+        let to_px = |v: &[f64]| v.iter().map(|p| p.round()).collect::<Vec<_>>();
+        assert_eq!(to_px(&lp3), to_px(&lp));
     }
 
     #[test]
