@@ -3,13 +3,14 @@
 //! also when two callers race for a batch's last rank.
 #![allow(clippy::unwrap_used)]
 
-use cryptonn::authority::{self, InitOptions, Policy, ServerConfig, ServerHandle};
+use cryptonn::authority::{self, AuthorityError, InitOptions, Policy, ServerConfig, ServerHandle};
 use cryptonn::protocol::{AuthorityClient, ProtocolError, PublicParams, Request, MAX_BATCH_PARAMS};
 use fe::dlog::DlogTable;
 use fe::feip::{FeipEncryptor, FeipPublicKey};
 use fe::Ristretto;
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 const BATCH: usize = 8;
 
@@ -19,35 +20,41 @@ struct Server {
     token: String,
     audit: PathBuf,
     params: PublicParams,
-    _dir: tempfile::TempDir,
+    dir: Arc<tempfile::TempDir>,
 }
 
 fn start(budget: Option<usize>) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let made = authority::init(
+    authority::init(
         dir.path(),
         nn::mnist::info(),
         BATCH,
         &InitOptions::default(),
     )
     .unwrap();
+    serve(Arc::new(dir), budget).unwrap()
+}
+
+/// Serves the keys in `dir` (again, after a restart) with a binding policy.
+fn serve(dir: Arc<tempfile::TempDir>, budget: Option<usize>) -> Result<Server, AuthorityError> {
+    let token = authority::read_token(dir.path()).unwrap();
     let audit = dir.path().join(authority::AUDIT_FILE);
-    let mut config = ServerConfig::new(made.token.clone(), &audit);
+    let mut config = ServerConfig::new(token.clone(), &audit);
     config.policy = Policy {
         bind_batches: true,
         batch_rank_budget: budget,
         ..Policy::default()
     };
     let auth = authority::load(dir.path()).unwrap();
-    let handle = authority::spawn(TcpListener::bind("127.0.0.1:0").unwrap(), auth, config).unwrap();
-    Server {
+    let handle = authority::spawn(TcpListener::bind("127.0.0.1:0").unwrap(), auth, config)?;
+    Ok(Server {
         addr: handle.local_addr().to_string(),
+        params: authority::read_params(&dir.path().join(authority::PARAMS_FILE)).unwrap(),
         handle,
-        token: made.token,
+        token,
         audit,
-        params: made.params,
-        _dir: dir,
-    }
+        dir,
+    })
 }
 
 fn connect(s: &Server) -> AuthorityClient {
@@ -200,4 +207,48 @@ fn two_callers_cannot_both_spend_the_last_rank() {
         "exactly one of four independent vectors fits the last rank: {outcomes:?}"
     );
     s.handle.shutdown().unwrap();
+}
+
+#[test]
+fn a_restart_keeps_the_rank_spent_and_a_corrupted_journal_is_refused() {
+    let s = start(Some(3));
+    let mut c = connect(&s);
+    c.bound_col_keys(4, false, &[pair(0, 1), pair(1, 2), pair(2, 3)])
+        .unwrap();
+    c.bound_col_keys(5, false, &[pair(0, 1)]).unwrap();
+    let dir = s.dir.clone();
+    s.handle.shutdown().unwrap();
+    let journal = dir.path().join(authority::RANKS_FILE);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&journal).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    // Restarted: batch 4 is still at its budget, batch 5 has 2 left.
+    let s = serve(dir.clone(), Some(3)).unwrap();
+    let mut c = connect(&s);
+    let m = refused(c.bound_col_keys(4, false, &[pair(4, 5)]));
+    assert!(m.contains("from 3 to 4"), "{m}");
+    c.bound_col_keys(5, false, &[pair(1, 2), pair(2, 3)])
+        .unwrap();
+    assert!(refused(c.bound_col_keys(5, false, &[pair(3, 4)])).contains("budget of 3"));
+    s.handle.shutdown().unwrap();
+
+    // A record cut short (a crash before its keys went out) is dropped ...
+    let good = std::fs::read(&journal).unwrap();
+    std::fs::write(&journal, [&good[..], &[9u8, 0, 0, 0, 1, 2]].concat()).unwrap();
+    let s = serve(dir.clone(), Some(3)).unwrap();
+    assert!(refused(connect(&s).bound_col_keys(4, false, &[pair(4, 5)])).contains("from 3"));
+    s.handle.shutdown().unwrap();
+    assert_eq!(
+        std::fs::read(&journal).unwrap(),
+        good,
+        "the torn tail is cut off"
+    );
+    // ... and a tampered complete record stops the authority at start.
+    let mut bad = good.clone();
+    bad[10] ^= 1;
+    std::fs::write(&journal, &bad).unwrap();
+    let e = serve(dir, Some(3)).err().expect("refused").to_string();
+    assert!(e.contains("corrupted"), "{e}");
 }

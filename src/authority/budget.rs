@@ -18,11 +18,24 @@
 //! a non-zero minor is below `(2^15 √B)^B`, so it has fewer than `B·(15 + log₂ B / 2) / 61`
 //! prime factors of 62 bits (about 17 for `B = 64`), out of about `2^56` such primes.
 //!
+//! # The journal
+//!
+//! A served ledger appends, per admitted request, the vectors that raised its batch's rank
+//! to a journal file (`ranks.log` beside the audit log, mode 0600): a length, the bincode
+//! of `(batch, vectors)` and its SHA-256. The record is synced before the keys go out, and a
+//! restarted authority counts the journal again, so a restart does not refill any budget.
+//! Only rank-raising vectors are kept, at most the batch size per batch.
+//!
 //! Written here because it is a few dozen lines of modular elimination, and the big-number
 //! libraries in use (curv over GMP) give primes but no modular matrix rank.
 
 use curv::arithmetic::{BigInt, Converter, Primes, Samplable};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// A prime modulus of rank counting (62 bits, drawn at random: see the module doc).
@@ -131,13 +144,15 @@ pub struct RankLedger {
     prime: Prime,
     budget: usize,
     batches: Mutex<HashMap<u32, Arc<Mutex<BatchRank>>>>,
+    /// Where the vectors that raised a rank are appended, so that a restart keeps the count.
+    journal: Option<Mutex<File>>,
 }
 
 /// What [`RankLedger::admit`] decided.
 #[derive(Debug)]
 pub enum Admission {
-    /// Within the budget: `commit` with this rank once the keys are issued.
-    Within(BatchRank),
+    /// Within the budget: [`RankLedger::commit`] this once the keys are logged.
+    Within(Admitted),
     /// Past the budget: the rank the request would reach, and the rank before it.
     Exceeds {
         /// The rank with the request.
@@ -147,8 +162,54 @@ pub enum Admission {
     },
 }
 
+/// An admitted request: the batch's rank with it, and the vectors that raised it.
+#[derive(Debug)]
+pub struct Admitted {
+    next: BatchRank,
+    raised: Vec<Vec<i32>>,
+}
+
+impl Admitted {
+    /// The batch's rank once the request is issued.
+    pub fn rank(&self) -> usize {
+        self.next.rank()
+    }
+}
+
+/// Errors of the rank journal.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// Reading or writing it failed.
+    #[error("rank journal {}: {source}", .path.display())]
+    Io {
+        /// The journal.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A complete record does not match its checksum, or is malformed.
+    #[error(
+        "rank journal {} is corrupted at byte {offset}: {reason} (it holds the rank every batch \
+         has spent; restore it, or move it away to start every count at zero)",
+        .path.display()
+    )]
+    Corrupt {
+        /// The journal.
+        path: PathBuf,
+        /// Where the bad record starts.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Largest record of the journal: a request of 65,536 vectors of 1,024 entries would not fit,
+/// but the vectors that raise a rank are at most the batch size.
+const MAX_RECORD: usize = 64 << 20;
+
 impl RankLedger {
-    /// An empty ledger with a budget of `budget` per batch and a fresh secret prime.
+    /// An empty ledger with a budget of `budget` per batch and a fresh secret prime, kept in
+    /// memory only.
     pub fn new(budget: usize) -> Self {
         Self::with_prime(budget, Prime::random())
     }
@@ -159,7 +220,72 @@ impl RankLedger {
             prime,
             budget,
             batches: Mutex::new(HashMap::new()),
+            journal: None,
         }
+    }
+
+    /// A ledger kept in the journal `path` (created with mode 0600 if missing): the ranks it
+    /// records are counted again, under a fresh prime, and every commit is appended and
+    /// synced before the keys go out. A record cut short by a crash is dropped (its keys
+    /// were never sent); a complete record that does not match its checksum is an error.
+    pub fn open(budget: usize, path: &Path) -> Result<Self, JournalError> {
+        let io = |source| JournalError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut ledger = Self::new(budget);
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io(e)),
+        };
+        let valid = ledger.replay(&bytes, path)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
+        if valid < bytes.len() as u64 {
+            file.set_len(valid).map_err(io)?;
+        }
+        ledger.journal = Some(Mutex::new(file));
+        Ok(ledger)
+    }
+
+    /// Counts the records of `bytes` again; the length of the complete ones.
+    fn replay(&mut self, bytes: &[u8], path: &Path) -> Result<u64, JournalError> {
+        let mut at = 0usize;
+        let batches = self.batches.get_mut().unwrap_or_else(|e| e.into_inner());
+        while bytes.len() - at >= 4 {
+            let len = u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+                as usize;
+            let corrupt = |reason: &str| JournalError::Corrupt {
+                path: path.to_path_buf(),
+                offset: at as u64,
+                reason: reason.into(),
+            };
+            if len > MAX_RECORD {
+                return Err(corrupt("record length out of range"));
+            }
+            let Some(record) = bytes.get(at + 4..at + 4 + len + 32) else {
+                break; // cut short by a crash before its keys were sent
+            };
+            let (body, sum) = record.split_at(len);
+            if Sha256::digest(body).as_slice() != sum {
+                return Err(corrupt("checksum mismatch"));
+            }
+            let (batch, vectors): (u32, Vec<Vec<i32>>) =
+                bincode::deserialize(body).map_err(|e| corrupt(&e.to_string()))?;
+            let rank = Arc::get_mut(batches.entry(batch).or_default())
+                .map(|m| m.get_mut().unwrap_or_else(|e| e.into_inner()))
+                .ok_or_else(|| corrupt("batch in use"))?;
+            for v in &vectors {
+                rank.add(self.prime, v);
+            }
+            at += 4 + len + 32;
+        }
+        Ok(at as u64)
     }
 
     /// The budget per batch.
@@ -175,14 +301,17 @@ impl RankLedger {
         Arc::clone(all.entry(batch).or_default())
     }
 
-    /// Whether issuing `vectors` keeps `current` within the budget; the would-be rank if so.
+    /// Whether issuing `vectors` keeps `current` within the budget.
     pub fn admit(&self, current: &BatchRank, vectors: &[Vec<i32>]) -> Admission {
         let mut next = current.clone();
+        let mut raised = Vec::new();
         for v in vectors {
             if next.rank() >= v.len() {
                 break; // full rank: nothing can raise it further
             }
-            next.add(self.prime, v);
+            if next.add(self.prime, v) {
+                raised.push(v.clone());
+            }
         }
         if next.rank() > self.budget {
             Admission::Exceeds {
@@ -190,13 +319,30 @@ impl RankLedger {
                 before: current.rank(),
             }
         } else {
-            Admission::Within(next)
+            Admission::Within(Admitted { next, raised })
         }
     }
 
-    /// Records an admitted rank once its keys are issued.
-    pub fn commit(current: &mut BatchRank, admitted: BatchRank) {
-        *current = admitted;
+    /// Records an admitted request of batch `batch`: appended to the journal (and synced)
+    /// first, then counted. On an error nothing is counted, and the keys must not be sent.
+    pub fn commit(
+        &self,
+        batch: u32,
+        current: &mut BatchRank,
+        admitted: Admitted,
+    ) -> Result<(), std::io::Error> {
+        if let (Some(journal), false) = (&self.journal, admitted.raised.is_empty()) {
+            let body =
+                bincode::serialize(&(batch, &admitted.raised)).map_err(std::io::Error::other)?;
+            let mut record = (body.len() as u32).to_le_bytes().to_vec();
+            record.extend_from_slice(&body);
+            record.extend_from_slice(&Sha256::digest(&body));
+            let mut file = crate::net::lock(journal);
+            file.write_all(&record)?;
+            file.sync_data()?;
+        }
+        *current = admitted.next;
+        Ok(())
     }
 }
 
@@ -297,7 +443,7 @@ mod tests {
         let Admission::Within(next) = ledger.admit(&r0, &[unit(0), unit(1)]) else {
             panic!("two vectors are within a budget of 3");
         };
-        RankLedger::commit(&mut r0, next);
+        ledger.commit(0, &mut r0, next).expect("in memory");
         assert_eq!(r0.rank(), 2);
         let sum: Vec<i32> = vec![5, -7, 0, 0, 0];
         let Admission::Within(next) = ledger.admit(&r0, &[sum.clone(), sum]) else {

@@ -70,6 +70,8 @@ pub const PARAMS_FILE: &str = "params.bin";
 pub const TOKEN_FILE: &str = "token";
 /// Default name of the audit log inside the key directory.
 pub const AUDIT_FILE: &str = "audit.log";
+/// Name of the rank budget's journal, beside the audit log.
+pub const RANKS_FILE: &str = "ranks.log";
 
 pub use crate::net::{
     generate_token, ServerHandle, DEFAULT_AUTH_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
@@ -543,15 +545,20 @@ pub struct ServerConfig {
     pub audit: PathBuf,
     /// Rotation and failure-summary limits of the audit log.
     pub audit_limits: AuditLimits,
+    /// The journal of the rank budget ([`budget`]), used when the policy sets one: by
+    /// default [`RANKS_FILE`] beside the audit log.
+    pub ranks: PathBuf,
 }
 
 impl ServerConfig {
     /// The default configuration with the given token and audit file.
     pub fn new(token: impl Into<String>, audit: impl Into<PathBuf>) -> Self {
+        let audit: PathBuf = audit.into();
         ServerConfig {
             net: net::Settings::new(token),
             policy: Policy::default(),
-            audit: audit.into(),
+            ranks: audit.with_file_name(RANKS_FILE),
+            audit,
             audit_limits: AuditLimits::default(),
         }
     }
@@ -643,10 +650,15 @@ fn prepare(
     config.net.validate()?;
     let audit = AuditLog::open_with(&config.audit, config.audit_limits.clone())
         .map_err(|e| io_err(&config.audit, e))?;
+    let ranks = policy
+        .batch_rank_budget
+        .map(|budget| budget::RankLedger::open(budget, &config.ranks))
+        .transpose()
+        .map_err(|e| AuthorityError::InvalidArgument(e.to_string()))?;
     Ok((
         AuthorityService {
             authority,
-            ranks: policy.batch_rank_budget.map(budget::RankLedger::new),
+            ranks,
             policy,
             audit,
             verbose: config.net.verbose,
@@ -732,12 +744,20 @@ fn respond_bound(
             log_response(shared, peer, request, Response::Refused(reason))
         }
         budget::Admission::Within(next) => {
-            let response = shared.authority.answer(&shared.policy, request);
-            let response = log_response(shared, peer, request, response);
+            // The rank is journaled before the audit log and the keys: a failure after it
+            // over-counts the batch's rank, never under-counts it.
+            let mut response = shared.authority.answer(&shared.policy, request);
             if matches!(response, Response::FeipSecrets(_)) {
-                budget::RankLedger::commit(&mut rank, next);
+                if let Err(e) = ledger.commit(batch, &mut rank, next) {
+                    if shared.verbose {
+                        eprintln!("authority: cannot write the rank journal: {e}");
+                    }
+                    response = Response::Error(
+                        "the authority cannot write its rank journal; no keys issued".into(),
+                    );
+                }
             }
-            response
+            log_response(shared, peer, request, response)
         }
     }
 }

@@ -124,11 +124,10 @@ struct PolicyArgs {
     /// encrypt`) against an authority serving with this flag.
     #[arg(long)]
     bind_batches: bool,
-    /// With --bind-batches: the most rank the column keys of one batch may reach while the
-    /// authority runs (a restart counts anew); a request past it is refused. Below the
-    /// batch size, no sequence of
-    /// backward steps determines the batch's images; honest training spends the first
-    /// layer's width per visit of a batch, so it allows floor(R / width) epochs.
+    /// With --bind-batches: the most rank the column keys of one batch may reach; a request
+    /// past it is refused. Below the batch size, no sequence of backward steps determines
+    /// the batch's images. The trainer stays within it by itself (it zeroes the delta lanes
+    /// past it). The count is kept in ranks.log beside the audit log, so a restart keeps it.
     #[arg(long, value_name = "R")]
     batch_rank_budget: Option<usize>,
 }
