@@ -42,7 +42,8 @@
 //!
 //! * **labels**: `e_int[b, k] = a_q[b, k] - 4096 [k = y_b]`, and `0 <= a_q <= 4096`, so the
 //!   label is the index of the smallest entry (exact unless the network is already certain,
-//!   `a_q[b, y_b] = 4096`, where every entry is 0).
+//!   `a_q[b, y_b] = 4096`, where every entry is 0: then nothing is read, and the label read
+//!   at an earlier visit stands).
 //! * **backward_step**: one step's `g_int = d_q^T X_int` is `H` equations per pixel column in
 //!   the `B` unknowns of that column, with the same matrix `d_q^T` for every column. The
 //!   minimum-norm least-squares solution `X = (d_q^T)^+ g_int` (SVD, singular values below
@@ -575,7 +576,10 @@ impl<P: IntegerProducts> IntegerProducts for Recorder<P> {
         let range = self.range(batch)?;
         for (row, img) in e.rows().into_iter().zip(range) {
             if let Some(slot) = self.labels.get_mut(img) {
-                *slot = label_from_error(row);
+                // A label once read stays read: a later certain prediction gives no label.
+                if let Some(label) = label_from_error(row) {
+                    *slot = Some(label);
+                }
             }
         }
         Ok(e)
@@ -598,16 +602,19 @@ impl<P: IntegerProducts> IntegerProducts for Recorder<P> {
     }
 }
 
-/// The label in one row of `a_q - 4096 Y`: the index of the smallest entry (the first one
-/// among equals).
+/// The label in one row of `a_q - 4096 Y`: the index of the smallest entry, `None` when
+/// the smallest is not unique (an all-zero row, from a certain prediction).
 pub fn label_from_error(row: ArrayView1<i64>) -> Option<u8> {
-    let mut best: Option<(usize, i64)> = None;
-    for (k, &v) in row.iter().enumerate() {
-        if best.map_or(true, |(_, b)| v < b) {
-            best = Some((k, v));
-        }
+    let min = row.iter().copied().min()?;
+    let mut at = row
+        .iter()
+        .enumerate()
+        .filter(|(_, &v)| v == min)
+        .map(|(k, _)| k);
+    match (at.next(), at.next()) {
+        (Some(k), None) => u8::try_from(k).ok(),
+        _ => None, // a tie (a certain prediction: every entry 0) says nothing
     }
-    best.and_then(|(k, _)| u8::try_from(k).ok())
 }
 
 fn to_dmatrix(m: ArrayView2<f64>) -> DMatrix<f64> {
@@ -1064,6 +1071,9 @@ struct FeReport {
 /// decrypts, and its own [`Attacker`] sees only those decrypted values.
 struct FeSteps {
     env: FeEnv,
+    /// The encrypted steps' own threads: on the global pool, a thread waiting inside a
+    /// step would steal whole training runs of other mitigations and time them as the step.
+    pool: rayon::ThreadPool,
     shadow: Shadow<FeLayer>,
     attacker: Attacker,
     max: usize,
@@ -1087,8 +1097,13 @@ impl FeSteps {
         let nb = ranges.len();
         let batches = fe_env::visited_batches(nb, cfg.seed, epochs, max);
         let subset = fe_env::batches_subset(encrypted, bs, &batches)?;
-        let env = FeEnv::start(bs, &subset, source, false)?;
-        let dlog = fe_env::dlog_table()?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("fe-step-{i}"))
+            .build()
+            .context("starting the threads of the real FE steps")?;
+        let env = pool.install(|| FeEnv::start(bs, &subset, source, false))?;
+        let dlog = pool.install(fe_env::dlog_table)?;
         let products = Remap::new(env.products(dlog)?, nb, bs, &batches);
         let recorder = Recorder::new(products, ranges.to_vec(), vec![false; nb]);
         let layer = Quantized::new(
@@ -1103,6 +1118,7 @@ impl FeSteps {
         };
         Ok(FeSteps {
             env,
+            pool,
             shadow: Shadow::new(layer, initial, cfg.optimizer()),
             attacker: Attacker {
                 step_best: vec![None; encrypted.len()],
@@ -1134,9 +1150,9 @@ impl FeSteps {
         let secure = |s: &Self| s.shadow.layer.inner().inner().inner().inner().timings();
         let before = secure(self);
         let t = Stopwatch::start();
-        let stats = self
-            .shadow
-            .step(epoch, batch)
+        let (pool, shadow) = (&self.pool, &mut self.shadow);
+        let stats = pool
+            .install(|| shadow.step(epoch, batch))
             .with_context(|| format!("real FE step {step} (epoch {epoch}, batch {batch})"))?;
         let seconds = t.secs();
         let timings = secure(self).since(&before);
@@ -2112,6 +2128,8 @@ mod tests {
         assert_eq!(label_from_error(array![100, -3000, 2900].view()), Some(1));
         assert_eq!(label_from_error(array![-4096, 0, 0].view()), Some(0));
         assert_eq!(label_from_error(array![5, 7, 2].view()), Some(2));
+        assert_eq!(label_from_error(array![0, 0, 0].view()), None);
+        assert_eq!(label_from_error(array![3, -1, -1].view()), None);
     }
 
     #[test]
