@@ -13,7 +13,7 @@
 //! batch `k`'s own key ([`ColumnKeys`]), and the file's header says which.
 
 use crate::dataset::{DatasetError, DatasetHeader, WireBatch, Writer, FORMAT_VERSION};
-use crate::protocol::{AuthorityClient, ProtocolError, PublicParams, Published};
+use crate::protocol::{AuthorityClient, DatasetId, ProtocolError, PublicParams, Published};
 use crate::Curve;
 use fe::febo::FeboEncryptor;
 use fe::feip::{FeipEncryptor, FeipPublicKey};
@@ -57,13 +57,20 @@ pub struct EncryptSummary {
 pub enum ColumnKeys {
     /// The public parameters' shared column key.
     Shared,
-    /// Batch `k` under key `k`, from an authority that binds column keys to batches.
-    PerBatch(Vec<FeipPublicKey<Curve>>),
+    /// Batch `k` under key `k` of dataset `dataset`, from an authority that binds column
+    /// keys to batches.
+    PerBatch {
+        /// The dataset's random name, which the trainer's key requests give.
+        dataset: DatasetId,
+        /// One key per batch.
+        keys: Vec<FeipPublicKey<Curve>>,
+    },
 }
 
 impl ColumnKeys {
-    /// What the authority of `published` asks for, for `samples` samples: its batches' keys,
-    /// fetched over `conn`, if it binds column keys to batches, the shared key otherwise.
+    /// What the authority of `published` asks for, for `samples` samples: if it binds column
+    /// keys to batches, the keys of a new dataset (16 random bytes) for its batches, fetched
+    /// over `conn`; the shared key otherwise.
     pub fn fetch(
         conn: &mut AuthorityClient,
         published: &Published,
@@ -74,8 +81,10 @@ impl ColumnKeys {
         }
         let batches = u32::try_from(samples / published.params.batch_size().max(1))
             .map_err(|_| ProtocolError::Unexpected("more than 2^32 batches".into()))?;
-        conn.batch_col_params(&published.params, batches)
-            .map(ColumnKeys::PerBatch)
+        let mut dataset: DatasetId = [0; 16];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut dataset);
+        let keys = conn.batch_col_params(&published.params, dataset, batches)?;
+        Ok(ColumnKeys::PerBatch { dataset, keys })
     }
 }
 
@@ -112,7 +121,7 @@ pub fn encrypt_dataset(
             data.len()
         )));
     }
-    if let ColumnKeys::PerBatch(keys) = columns {
+    if let ColumnKeys::PerBatch { keys, .. } = columns {
         if keys.len() < nb || keys.iter().any(|k| k.params() != params.col.params()) {
             return Err(ClientError::Input(format!(
                 "{} batch column keys of parameters {:?} for {nb} batches of the column key's \
@@ -133,7 +142,10 @@ pub fn encrypt_dataset(
         dataset: data.info.clone(),
         label_scale: LABEL_SCALE,
         source: source.to_string(),
-        bound_columns: matches!(columns, ColumnKeys::PerBatch(_)),
+        column_binding: match columns {
+            ColumnKeys::Shared => None,
+            ColumnKeys::PerBatch { dataset, .. } => Some(*dataset),
+        },
     };
     let rows_enc = FeipEncryptor::new(&params.row);
     let shared_cols = FeipEncryptor::new(&params.col);
@@ -155,7 +167,7 @@ pub fn encrypt_dataset(
         // batches of 64, against some 4 million additions to encrypt the batch).
         let cols = match columns {
             ColumnKeys::Shared => shared_cols.encrypt_many_to_bytes(&cols)?,
-            ColumnKeys::PerBatch(keys) => {
+            ColumnKeys::PerBatch { keys, .. } => {
                 FeipEncryptor::new(&keys[b]).encrypt_many_to_bytes(&cols)?
             }
         };

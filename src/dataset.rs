@@ -35,7 +35,7 @@ use thiserror::Error;
 const MAGIC: &[u8; 8] = b"CNNENC01";
 const INDEX_MAGIC: &[u8; 8] = b"CNNIDX01";
 /// Version of the encrypted-dataset format (2: the header carries the dataset description;
-/// 3: and whether the columns are bound to their batch, [`DatasetHeader::bound_columns`]).
+/// 3: and whether the columns are bound to their batch, [`DatasetHeader::column_binding`]).
 /// Version-2 files are still read, as unbound.
 pub const FORMAT_VERSION: u32 = 3;
 /// Largest record accepted when reading (a batch of 1024 samples is about 55 MiB).
@@ -98,11 +98,12 @@ pub struct DatasetHeader {
     pub label_scale: i64,
     /// Free text: where the data came from.
     pub source: String,
-    /// Batch `k`'s columns are encrypted under batch `k`'s own column key, from an authority
-    /// that binds column keys to batches ([`crate::authority::Policy::bind_batches`]), rather
-    /// than under the parameters' shared column key. Last, so that a version-2 header is a
-    /// version-3 header without it.
-    pub bound_columns: bool,
+    /// `Some(dataset)`: batch `k`'s columns are encrypted under the column key of batch `k`
+    /// of `dataset`, from an authority that binds column keys to batches
+    /// ([`crate::authority::Policy::bind_batches`]); `None`: under the parameters' shared
+    /// column key. Last, so that a version-2 header is a version-3 header with `None` (one
+    /// zero byte).
+    pub column_binding: Option<crate::protocol::DatasetId>,
 }
 
 /// One batch, encrypted.
@@ -510,7 +511,7 @@ mod tests {
             dataset,
             label_scale: 1,
             source: String::new(),
-            bound_columns: false,
+            column_binding: None,
         };
         let mut w = Writer::create(&path, header).unwrap();
         w.append_wire(&WireBatch::from_encoded(0, vec![], vec![], vec![]))
@@ -536,7 +537,7 @@ mod tests {
             dataset: DatasetInfo::new(3, 255, 2).unwrap(),
             label_scale: 1,
             source: "old".into(),
-            bound_columns: false,
+            column_binding: None,
         };
         let mut w = Writer::create(&path, header.clone()).unwrap();
         w.append_wire(&WireBatch::from_encoded(0, vec![], vec![], vec![]))
@@ -565,7 +566,7 @@ mod tests {
         std::fs::write(&old, &v2).unwrap();
         let r = Reader::open(&old).unwrap();
         assert_eq!(r.header().version, 2);
-        assert!(!r.header().bound_columns);
+        assert_eq!(r.header().column_binding, None);
         assert_eq!(r.header().source, "old");
         assert_eq!(r.header().params_fingerprint, [7; 32]);
         // A version-3 file with the same cut is refused, not misread.

@@ -220,17 +220,19 @@ pub enum Request {
     /// ([`crate::authority::Policy::bind_batches`]): the client encrypts batch `k`'s columns
     /// under key `k`.
     BatchColParams {
+        /// The dataset the batches belong to (chosen at random by the client).
+        dataset: DatasetId,
         /// The first batch.
         first: u32,
         /// How many batches.
         count: u32,
     },
-    /// Column keys bound to one batch: they decrypt that batch's columns and nothing else.
-    /// `conv` says whether they are a convolution's delta lanes (bounded as
+    /// Column keys bound to one batch of one dataset: they decrypt that batch's columns and
+    /// nothing else. `conv` says whether they are a convolution's delta lanes (bounded as
     /// [`Request::ConvColKeys`]) or a dense layer's delta columns (as [`Request::ColKeys`]).
     BoundColKeys {
-        /// The batch (its index in the encrypted dataset).
-        batch: u32,
+        /// The batch.
+        batch: BatchId,
         /// A convolution's lanes rather than dense columns.
         conv: bool,
         /// The vectors (length = batch size).
@@ -238,8 +240,30 @@ pub enum Request {
     },
 }
 
-/// Most batches in one [`Request::BatchColParams`] (64 KiB of points per batch of 64 is 2 MiB).
+/// Most batches in one [`Request::BatchColParams`] (2 KiB of points per batch of 64: 2 MiB).
 pub const MAX_BATCH_PARAMS: u32 = 1024;
+/// Most points (batches times batch size) in one [`Request::BatchColParams`]: 32 MiB of
+/// encodings, half the frame limit.
+pub const MAX_BATCH_PARAM_POINTS: u64 = 1 << 20;
+
+/// The batches of one [`Request::BatchColParams`] for batches of `batch_size`.
+pub fn batch_params_per_request(batch_size: usize) -> u32 {
+    let by_points = MAX_BATCH_PARAM_POINTS / (batch_size.max(1) as u64);
+    (by_points.min(u64::from(MAX_BATCH_PARAMS)) as u32).max(1)
+}
+
+/// Names the batch keys of one encrypted dataset: 16 random bytes the client draws, so that
+/// batch `k` of one file and batch `k` of another have different keys and budgets.
+pub type DatasetId = [u8; 16];
+
+/// One batch of one dataset, as batch-bound column keys name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BatchId {
+    /// The dataset ([`crate::dataset::DatasetHeader::column_binding`]).
+    pub dataset: DatasetId,
+    /// The batch's index in it.
+    pub batch: u32,
+}
 
 /// The header frame of a request: read and checked before the request itself. Its first two
 /// bytes are the version (little-endian), whatever the version.
@@ -976,7 +1000,7 @@ impl AuthorityClient {
     /// convolution's delta lanes if `conv`, a dense layer's delta columns otherwise.
     pub fn bound_col_keys(
         &mut self,
-        batch: u32,
+        batch: BatchId,
         conv: bool,
         ys: &[Vec<i64>],
     ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
@@ -992,19 +1016,26 @@ impl AuthorityClient {
         keys_from(response, ys)
     }
 
-    /// The column public keys of batches `0..count` from an authority that binds column
-    /// keys to batches, asked [`MAX_BATCH_PARAMS`] at a time; each is checked against
-    /// `params` (the batch length and the value bound).
+    /// The column public keys of batches `0..count` of dataset `dataset` from an authority
+    /// that binds column keys to batches, asked [`batch_params_per_request`] at a time; each
+    /// is checked against `params` (the batch length and the value bound).
     pub fn batch_col_params(
         &mut self,
         params: &PublicParams,
+        dataset: DatasetId,
         count: u32,
     ) -> Result<Vec<FeipPublicKey<Curve>>, ProtocolError> {
         let mut keys = Vec::with_capacity(count as usize);
+        let per_request = batch_params_per_request(params.batch_size());
         let mut first = 0u32;
         while first < count {
-            let n = (count - first).min(MAX_BATCH_PARAMS);
-            let encoded = match self.call(Request::BatchColParams { first, count: n })? {
+            let n = (count - first).min(per_request);
+            let request = Request::BatchColParams {
+                dataset,
+                first,
+                count: n,
+            };
+            let encoded = match self.call(request)? {
                 Response::BatchColParams(v) if v.len() == n as usize => v,
                 other => return Err(unexpected(&other)),
             };

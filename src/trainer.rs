@@ -391,6 +391,15 @@ where
     F: FnMut(&Model, &EpochMetrics, &P) -> Result<(), TrainerError>,
 {
     let policy = &data.policy;
+    if let (Some(r), Some(p)) = (policy.batch_rank_budget, checkpoint.filter(|p| p.exists())) {
+        return Err(TrainerError::Config(format!(
+            "{} is a checkpoint, and the authority keeps a rank budget of {r} per batch: the \
+             rank this run has spent is not in the checkpoint, so a resumed run would ask for \
+             keys past the budget; start the run anew (with newly encrypted data, whose \
+             batches have their own budgets) or remove --checkpoint",
+            p.display()
+        )));
+    }
     let layer = Quantized::new(KeyPolicyFilter::new(products, policy), cfg.quantizer())
         .map_err(TrainError::from)?;
     run_layer(layer, data, cfg, test, checkpoint, stop_after, |m, e, l| {
@@ -620,7 +629,11 @@ pub fn secure_products(
     let params = published.params;
     let reader = Reader::open_for(&setup.data, &params)?;
     let h = reader.header();
-    check_binding(&setup.data, h.bound_columns, published.policy.bind_batches)?;
+    check_binding(
+        &setup.data,
+        h.column_binding.is_some(),
+        published.policy.bind_batches,
+    )?;
     let data = RunData {
         info: h.dataset.clone(),
         identity: format!(

@@ -188,7 +188,7 @@ fn mutations() -> impl Strategy<Value = Vec<Mutation>> {
 /// size), so that the fields worth corrupting are hit in a few cases rather than thousands.
 fn field_at<const N: usize>(bytes: &[u8], i: usize) -> usize {
     let any = i % (bytes.len() + 1 - N);
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         return any;
     }
     let fields: Vec<usize> = bytes

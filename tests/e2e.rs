@@ -265,6 +265,13 @@ fn batch_bound_keys_train_as_the_simulation_and_mismatched_data_is_refused() {
         std::fs::read(w.join("sim.bin")).expect("model"),
         "the budget must have zeroed some lane"
     );
+    // A resumed run would not know the rank it spent: refused before any key is asked.
+    let e = common::fails(
+        train_cmd(&tight, &bound_data, &w.join("never.bin"), w)
+            .arg("--checkpoint")
+            .arg(w.join("tight.bin")),
+    );
+    assert!(e.contains("rank budget"), "{e}");
     drop(tight);
     let log = std::fs::read_to_string(w.join("tight.log")).expect("audit log");
     assert!(!log.contains("\"outcome\":\"refused\""), "{log}");

@@ -63,8 +63,22 @@ fn request() -> impl Strategy<Value = Request> {
         Just(Request::Params),
         vecs.clone().prop_map(Request::RowKeys),
         vecs.clone().prop_map(Request::ColKeys),
-        vecs.prop_map(Request::ConvColKeys),
+        vecs.clone().prop_map(Request::ConvColKeys),
         febo.prop_map(Request::FeboKeys),
+        (any::<[u8; 16]>(), any::<u32>(), 0u32..2000).prop_map(|(dataset, first, count)| {
+            Request::BatchColParams {
+                dataset,
+                first,
+                count,
+            }
+        }),
+        (any::<[u8; 16]>(), any::<u32>(), any::<bool>(), vecs).prop_map(
+            |(dataset, batch, conv, vectors)| Request::BoundColKeys {
+                batch: cryptonn::protocol::BatchId { dataset, batch },
+                conv,
+                vectors,
+            }
+        ),
     ]
 }
 

@@ -241,7 +241,7 @@ fn attack(
                 st.connections.fetch_add(1, Ordering::Relaxed);
                 let _ = t.set_read_timeout(Some(Duration::from_secs(1)));
                 let len = (xorshift(&mut seed) % 2048) as usize;
-                let mut frame = if xorshift(&mut seed) % 4 == 0 {
+                let mut frame = if xorshift(&mut seed).is_multiple_of(4) {
                     // An enormous announced length.
                     (xorshift(&mut seed) as u32 | 1 << 31)
                         .to_be_bytes()

@@ -314,7 +314,7 @@ impl LockstepRow {
             ]);
         } else {
             row.push(format!("{:.6}", self.sim_seconds));
-            row.extend(std::iter::repeat(String::new()).take(6));
+            row.extend(std::iter::repeat_n(String::new(), 6));
         }
         row.push("true".into());
         row.push(format!("{:.9}", self.float.0));
@@ -587,7 +587,7 @@ impl Lockstep<'_> {
         let Some(c) = self.curves.as_mut() else {
             return Ok(());
         };
-        if self.step % c.every != 0 && self.step != self.total_steps {
+        if !self.step.is_multiple_of(c.every) && self.step != self.total_steps {
             return Ok(());
         }
         let epoch = self.step as f64 / self.nb as f64;

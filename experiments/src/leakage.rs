@@ -1025,7 +1025,7 @@ impl Attacker {
         self.step_ranks.push(rank);
         for (b, img) in range.enumerate() {
             let slot = &mut self.step_best[img];
-            if slot.as_ref().map_or(true, |(r, _)| rank >= *r) {
+            if slot.as_ref().is_none_or(|(r, _)| rank >= *r) {
                 *slot = Some((rank, to_pixels(head(x.row(b), n))));
             }
         }
@@ -1392,7 +1392,7 @@ fn run_one(
                     .filter(|&&i| labels[i] == Some(encrypted.labels[i]))
                     .count() as f64
                     / all_images.len().max(1) as f64;
-                let epoch_end = step % nb == 0;
+                let epoch_end = step.is_multiple_of(nb);
                 let lp_epoch = args.lp_epochs == 0 || step / nb <= args.lp_epochs;
                 let mut push = |attack: &'static str, score: Score| {
                     rows.push(Row {
@@ -1604,7 +1604,7 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
     }
     let data = args.common.load()?;
     let info = &data.train.info;
-    if info.x_bound != u32::from(u8::MAX) || !info.image.is_some_and(|s| s.channels == 1) {
+    if info.x_bound != u32::from(u8::MAX) || info.image.is_none_or(|s| s.channels != 1) {
         bail!(
             "the leakage experiment reconstructs grey images of bytes (values 0..=255), but \
              the data is {info}"

@@ -1186,7 +1186,7 @@ mod tests {
         ] {
             let g = key_groups(cts, threads, keys);
             assert_eq!(g, want, "{cts} ciphertexts, {threads} threads, {keys} keys");
-            assert!(threads < 2 || (cts * g) % threads == 0 || g == keys.div_ceil(16));
+            assert!(threads < 2 || (cts * g).is_multiple_of(threads) || g == keys.div_ceil(16));
         }
     }
 

@@ -172,6 +172,9 @@ pub struct AuditEntry {
     pub outcome: Outcome,
     /// Number of keys asked for.
     pub count: usize,
+    /// The dataset (hex) of batch-bound column keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
     /// The batch that batch-bound column keys were asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch: Option<u32>,
@@ -199,6 +202,7 @@ impl AuditEntry {
             kind,
             outcome,
             count,
+            dataset: None,
             batch: None,
             reason: None,
             keys: Vec::new(),

@@ -15,20 +15,23 @@
 //! the rationals but dependent modulo `p` (a short vector in a lattice of determinant `p`),
 //! and so read more than the budget; `p` is therefore drawn at random (62 bits) when the
 //! authority starts and never leaves it. For vectors of length `B` with entries below `2^15`
+//! (the policy's default `max_abs`)
 //! a non-zero minor is below `(2^15 √B)^B`, so it has fewer than `B·(15 + log₂ B / 2) / 61`
-//! prime factors of 62 bits (about 17 for `B = 64`), out of about `2^56` such primes.
+//! prime factors of 62 bits (about 19 for `B = 64`), out of about `2^56` such primes.
 //!
 //! # The journal
 //!
 //! A served ledger appends, per admitted request, the vectors that raised its batch's rank
-//! to a journal file (`ranks.log` beside the audit log, mode 0600): a length, the bincode
-//! of `(batch, vectors)` and its SHA-256. The record is synced before the keys go out, and a
+//! to a journal file (`ranks.log` in the key directory, mode 0600, locked by the serving
+//! process so that two authorities cannot count apart): a length, the bincode of
+//! `(batch, vectors)` and its SHA-256. The record is synced before the keys go out, and a
 //! restarted authority counts the journal again, so a restart does not refill any budget.
 //! Only rank-raising vectors are kept, at most the batch size per batch.
 //!
 //! Written here because it is a few dozen lines of modular elimination, and the big-number
 //! libraries in use (curv over GMP) give primes but no modular matrix rank.
 
+use crate::protocol::BatchId;
 use curv::arithmetic::{BigInt, Converter, Primes, Samplable};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -143,9 +146,18 @@ fn sub_scaled(p: u64, v: &mut [u64], row: &[u64], f: u64) {
 pub struct RankLedger {
     prime: Prime,
     budget: usize,
-    batches: Mutex<HashMap<u32, Arc<Mutex<BatchRank>>>>,
+    batches: Mutex<HashMap<BatchId, Arc<Mutex<BatchRank>>>>,
     /// Where the vectors that raised a rank are appended, so that a restart keeps the count.
-    journal: Option<Mutex<File>>,
+    journal: Option<Mutex<Journal>>,
+}
+
+/// The open journal: its file (locked for this process), the length of its complete
+/// records, and whether a failed write could not be undone (then nothing more is admitted).
+#[derive(Debug)]
+struct Journal {
+    file: File,
+    len: u64,
+    broken: bool,
 }
 
 /// What [`RankLedger::admit`] decided.
@@ -162,9 +174,10 @@ pub enum Admission {
     },
 }
 
-/// An admitted request: the batch's rank with it, and the vectors that raised it.
+/// An admitted request: its batch, the batch's rank with it, and the vectors that raised it.
 #[derive(Debug)]
 pub struct Admitted {
+    batch: BatchId,
     next: BatchRank,
     raised: Vec<Vec<i32>>,
 }
@@ -239,17 +252,28 @@ impl RankLedger {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(io(e)),
         };
-        let valid = ledger.replay(&bytes, path)?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
             .open(path)
             .map_err(io)?;
+        // One process per journal: two authorities counting apart would each give the
+        // whole budget.
+        file.try_lock().map_err(|e| {
+            io(std::io::Error::other(format!(
+                "locked by another authority serving these keys ({e}); stop it first"
+            )))
+        })?;
+        let valid = ledger.replay(&bytes, path)?;
         if valid < bytes.len() as u64 {
             file.set_len(valid).map_err(io)?;
         }
-        ledger.journal = Some(Mutex::new(file));
+        ledger.journal = Some(Mutex::new(Journal {
+            file,
+            len: valid,
+            broken: false,
+        }));
         Ok(ledger)
     }
 
@@ -275,7 +299,7 @@ impl RankLedger {
             if Sha256::digest(body).as_slice() != sum {
                 return Err(corrupt("checksum mismatch"));
             }
-            let (batch, vectors): (u32, Vec<Vec<i32>>) =
+            let (batch, vectors): (BatchId, Vec<Vec<i32>>) =
                 bincode::deserialize(body).map_err(|e| corrupt(&e.to_string()))?;
             let rank = Arc::get_mut(batches.entry(batch).or_default())
                 .map(|m| m.get_mut().unwrap_or_else(|e| e.into_inner()))
@@ -296,18 +320,18 @@ impl RankLedger {
     /// The lock of batch `batch`'s rank: hold it from [`RankLedger::admit`] to
     /// [`RankLedger::commit`] so that two requests for one batch cannot both pass on the
     /// same remaining budget.
-    pub fn batch(&self, batch: u32) -> Arc<Mutex<BatchRank>> {
+    pub fn batch(&self, batch: BatchId) -> Arc<Mutex<BatchRank>> {
         let mut all = crate::net::lock(&self.batches);
         Arc::clone(all.entry(batch).or_default())
     }
 
-    /// Whether issuing `vectors` keeps `current` within the budget.
-    pub fn admit(&self, current: &BatchRank, vectors: &[Vec<i32>]) -> Admission {
+    /// Whether issuing `vectors` for `batch` keeps its rank `current` within the budget.
+    pub fn admit(&self, batch: BatchId, current: &BatchRank, vectors: &[Vec<i32>]) -> Admission {
         let mut next = current.clone();
         let mut raised = Vec::new();
         for v in vectors {
-            if next.rank() >= v.len() {
-                break; // full rank: nothing can raise it further
+            if next.rank() >= v.len() || next.rank() > self.budget {
+                break; // full rank, or already past the budget: the answer is known
             }
             if next.add(self.prime, v) {
                 raised.push(v.clone());
@@ -319,27 +343,42 @@ impl RankLedger {
                 before: current.rank(),
             }
         } else {
-            Admission::Within(Admitted { next, raised })
+            Admission::Within(Admitted {
+                batch,
+                next,
+                raised,
+            })
         }
     }
 
-    /// Records an admitted request of batch `batch`: appended to the journal (and synced)
-    /// first, then counted. On an error nothing is counted, and the keys must not be sent.
-    pub fn commit(
-        &self,
-        batch: u32,
-        current: &mut BatchRank,
-        admitted: Admitted,
-    ) -> Result<(), std::io::Error> {
+    /// Records an admitted request: appended to the journal (and synced) first, then
+    /// counted. On an error nothing is counted, and the keys must not be sent; a record
+    /// written in part is cut off again, and if that fails too, the ledger admits nothing
+    /// more (a torn record inside the journal would hide the records after it).
+    pub fn commit(&self, current: &mut BatchRank, admitted: Admitted) -> std::io::Result<()> {
         if let (Some(journal), false) = (&self.journal, admitted.raised.is_empty()) {
-            let body =
-                bincode::serialize(&(batch, &admitted.raised)).map_err(std::io::Error::other)?;
+            let body = bincode::serialize(&(admitted.batch, &admitted.raised))
+                .map_err(std::io::Error::other)?;
             let mut record = (body.len() as u32).to_le_bytes().to_vec();
             record.extend_from_slice(&body);
             record.extend_from_slice(&Sha256::digest(&body));
-            let mut file = crate::net::lock(journal);
-            file.write_all(&record)?;
-            file.sync_data()?;
+            let mut j = crate::net::lock(journal);
+            if j.broken {
+                return Err(std::io::Error::other(
+                    "an earlier write failed and could not be undone; restart the authority",
+                ));
+            }
+            let written = j.file.write_all(&record).and_then(|()| j.file.sync_data());
+            if let Err(e) = written {
+                let len = j.len;
+                j.broken = j
+                    .file
+                    .set_len(len)
+                    .and_then(|()| j.file.sync_data())
+                    .is_err();
+                return Err(e);
+            }
+            j.len += record.len() as u64;
         }
         *current = admitted.next;
         Ok(())
@@ -403,8 +442,15 @@ mod tests {
         }
     }
 
+    fn id(batch: u32) -> BatchId {
+        BatchId {
+            dataset: [0; 16],
+            batch,
+        }
+    }
+
     fn rank_of(ledger: &RankLedger, vs: &[Vec<i32>]) -> usize {
-        match ledger.admit(&BatchRank::default(), vs) {
+        match ledger.admit(id(0), &BatchRank::default(), vs) {
             Admission::Within(r) => r.rank(),
             Admission::Exceeds { would_reach, .. } => would_reach,
         }
@@ -438,19 +484,19 @@ mod tests {
             v[i] = 1;
             v
         };
-        let b0 = ledger.batch(0);
+        let b0 = ledger.batch(id(0));
         let mut r0 = crate::net::lock(&b0);
-        let Admission::Within(next) = ledger.admit(&r0, &[unit(0), unit(1)]) else {
+        let Admission::Within(next) = ledger.admit(id(0), &r0, &[unit(0), unit(1)]) else {
             panic!("two vectors are within a budget of 3");
         };
-        ledger.commit(0, &mut r0, next).expect("in memory");
+        ledger.commit(&mut r0, next).expect("in memory");
         assert_eq!(r0.rank(), 2);
         let sum: Vec<i32> = vec![5, -7, 0, 0, 0];
-        let Admission::Within(next) = ledger.admit(&r0, &[sum.clone(), sum]) else {
+        let Admission::Within(next) = ledger.admit(id(0), &r0, &[sum.clone(), sum]) else {
             panic!("vectors in the span cost nothing");
         };
         assert_eq!(next.rank(), 2);
-        match ledger.admit(&r0, &[unit(2), unit(3)]) {
+        match ledger.admit(id(0), &r0, &[unit(2), unit(3)]) {
             Admission::Exceeds {
                 would_reach,
                 before,
@@ -459,10 +505,10 @@ mod tests {
         }
         assert_eq!(r0.rank(), 2, "a refused request leaves the rank");
         drop(r0);
-        let b1 = ledger.batch(1);
+        let b1 = ledger.batch(id(1));
         let r1 = crate::net::lock(&b1);
         assert!(matches!(
-            ledger.admit(&r1, &[unit(2), unit(3), unit(4)]),
+            ledger.admit(id(1), &r1, &[unit(2), unit(3), unit(4)]),
             Admission::Within(_)
         ));
     }

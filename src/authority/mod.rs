@@ -40,7 +40,7 @@ pub use audit::{AuditEntry, AuditLimits, AuditLog, Failure, KeyKind, Outcome};
 pub use policy::Policy;
 
 use crate::net::{self, Service};
-use crate::protocol::{self, PublicParams, Request, Response};
+use crate::protocol::{self, BatchId, PublicParams, Request, Response};
 use crate::Curve;
 use bincode::Options;
 use curv::elliptic::curves::Point;
@@ -213,9 +213,10 @@ impl Authority {
     /// The column master key of batch `batch` when keys are bound to batches: a child of the
     /// column key ([`fe::feip::FeipMasterSecretKey::derive_child`]), made anew on each use so
     /// that nothing but the column key is stored.
-    fn batch_col(&self, batch: u32) -> FeipMasterSecretKey<Curve> {
+    fn batch_col(&self, batch: BatchId) -> FeipMasterSecretKey<Curve> {
         let mut label = b"batch ".to_vec();
-        label.extend_from_slice(&batch.to_le_bytes());
+        label.extend_from_slice(&batch.dataset);
+        label.extend_from_slice(&batch.batch.to_le_bytes());
         self.col.derive_child(&label)
     }
 
@@ -278,10 +279,20 @@ impl Authority {
             }
             Request::ColKeys(ys) | Request::ConvColKeys(ys) => feip(&self.col, ys),
             Request::BoundColKeys { batch, vectors, .. } => feip(&self.batch_col(*batch), vectors),
-            Request::BatchColParams { first, count } => Ok(Response::BatchColParams(
+            Request::BatchColParams {
+                dataset,
+                first,
+                count,
+            } => Ok(Response::BatchColParams(
                 (*first..first.saturating_add(*count))
                     .into_par_iter()
-                    .map(|k| self.batch_col(k).public_key().to_bytes())
+                    .map(|batch| {
+                        let id = BatchId {
+                            dataset: *dataset,
+                            batch,
+                        };
+                        self.batch_col(id).public_key().to_bytes()
+                    })
                     .collect(),
             )),
             Request::FeboKeys(reqs) => {
@@ -546,7 +557,8 @@ pub struct ServerConfig {
     /// Rotation and failure-summary limits of the audit log.
     pub audit_limits: AuditLimits,
     /// The journal of the rank budget ([`budget`]), used when the policy sets one: by
-    /// default [`RANKS_FILE`] beside the audit log.
+    /// default [`RANKS_FILE`] beside the audit log (`authority serve` keeps it in the key
+    /// directory).
     pub ranks: PathBuf,
 }
 
@@ -721,15 +733,18 @@ fn respond_bound(
     ledger: &budget::RankLedger,
     peer: &str,
     request: &Request,
-    batch: u32,
+    batch: BatchId,
     vectors: &[Vec<i32>],
 ) -> Response {
-    let lock = ledger.batch(batch);
-    let mut rank = net::lock(&lock);
+    // The shape rules first: a refused request leaves no trace in the ledger.
     if let Err(reason) = shared.policy.check(request) {
         return log_response(shared, peer, request, Response::Refused(reason));
     }
-    match ledger.admit(&rank, vectors) {
+    let lock = ledger.batch(batch);
+    let mut rank = net::lock(&lock);
+    let admission = ledger.admit(batch, &rank, vectors);
+    let batch = batch.batch;
+    match admission {
         budget::Admission::Exceeds {
             would_reach,
             before,
@@ -748,7 +763,7 @@ fn respond_bound(
             // over-counts the batch's rank, never under-counts it.
             let mut response = shared.authority.answer(&shared.policy, request);
             if matches!(response, Response::FeipSecrets(_)) {
-                if let Err(e) = ledger.commit(batch, &mut rank, next) {
+                if let Err(e) = ledger.commit(&mut rank, next) {
                     if shared.verbose {
                         eprintln!("authority: cannot write the rank journal: {e}");
                     }
@@ -792,12 +807,12 @@ fn log_response(
             };
             let mut e = AuditEntry::new(peer, kind, outcome, count);
             e.reason = Some(reason.clone());
-            e.batch = bound_batch(request);
+            note_batch(&mut e, request);
             e
         }
         _ => {
             let mut e = AuditEntry::new(peer, kind, Outcome::Issued, count);
-            e.batch = bound_batch(request);
+            note_batch(&mut e, request);
             e.keys = match request {
                 Request::RowKeys(ys)
                 | Request::ColKeys(ys)
@@ -834,10 +849,10 @@ fn log_response(
     }
 }
 
-/// The batch of a request for batch-bound column keys.
-fn bound_batch(request: &Request) -> Option<u32> {
-    match request {
-        Request::BoundColKeys { batch, .. } => Some(*batch),
-        _ => None,
+/// Notes the dataset and batch of a request for batch-bound column keys in its entry.
+fn note_batch(entry: &mut AuditEntry, request: &Request) {
+    if let Request::BoundColKeys { batch, .. } = request {
+        entry.dataset = Some(audit::hex(&batch.dataset));
+        entry.batch = Some(batch.batch);
     }
 }

@@ -64,22 +64,27 @@
 //! # Batch binding
 //!
 //! By default one column master key serves every batch, so a key for the delta vector `d`
-//! decrypts `dᵀX_k` of *every* batch `k`, not only the one it was asked for: after two steps
-//! of batch 64 with 128 units the trainer holds keys of rank 64 for every batch. With
-//! `bind_batches` the authority derives batch `k`'s column master key from its column key and
-//! `k` ([`fe::feip::FeipMasterSecretKey::derive_child`]), hands the client the matching
-//! public keys ([`Request::BatchColParams`]), and issues column keys for one named batch
-//! ([`Request::BoundColKeys`]): under another batch's key the decryption is a random group
+//! decrypts `dᵀX_k` of *every* batch `k`, not only the one it was asked for: with 128 units
+//! and batches of 64, the first step's keys already have rank 64, hence decrypt every image of
+//! every batch. With `bind_batches` the authority derives the column master key of batch `k`
+//! of dataset `D` from its column key, `D` and `k`
+//! ([`fe::feip::FeipMasterSecretKey::derive_child`]), hands the client the matching public
+//! keys ([`Request::BatchColParams`]; the client draws `D` at random for each file it
+//! encrypts), and issues column keys for one named batch ([`Request::BoundColKeys`]): under
+//! any other batch's key, of this dataset or another, the decryption is a random group
 //! element, which the bounded discrete log refuses.
 //!
-//! With `batch_rank_budget = R` the authority also counts, per batch, the rank of every
-//! column vector it has issued for it ([`super::budget`]) and refuses a request that would
-//! raise it past `R`. Below the batch size `B` the batch's backward products leave a
-//! subspace of dimension at least `B − R` of its images undetermined, whatever the trainer
-//! asks; honest training spends `H` (the first layer's width) per visit, so the budget caps
-//! the epochs at `⌊R / H⌋`. It bounds nothing about the forward products `z = W₁x`.
+//! With `batch_rank_budget = R` (below the batch size `B`) the authority also counts, per
+//! batch, the rank of every column vector it has issued for it ([`super::budget`]) and
+//! refuses a request that would raise it past `R`: the batch's backward products then leave a
+//! space of dimension at least `B − R` of its pixel columns free, whatever the trainer asks.
+//! Linear algebra alone cannot close it; pixel bounds and sparsity can narrow it (the
+//! leakage experiment's estimates stay legible). A visit spends `min(H, B − rank)` of it
+//! (`H` the first layer's width), so with `H ≥ B` one visit spends it all and later deltas
+//! count only in the span already issued. It bounds nothing about the forward products
+//! `z = W₁x`.
 
-use crate::protocol::{ConvKeyRequest, FeboKeyRequest, Request, MAX_BATCH_PARAMS};
+use crate::protocol::{batch_params_per_request, ConvKeyRequest, FeboKeyRequest, Request};
 use crate::Curve;
 use fe::febo::Op;
 use fe::FeCurve;
@@ -228,6 +233,11 @@ impl Policy {
                     .into(),
             ),
             Some(0) => Err("batch_rank_budget = 0 would refuse every column key".into()),
+            Some(r) if r >= self.col_len => Err(format!(
+                "batch_rank_budget = {r} is not below the batch size {}: every batch's column \
+                 keys could reach full rank, and the budget would protect nothing",
+                self.col_len
+            )),
             _ => Ok(()),
         }
     }
@@ -261,11 +271,13 @@ impl Policy {
                      (bind_batches is false): use the shared column key"
                     .into())
             }
-            Request::BatchColParams { first, count } => {
-                if *count > MAX_BATCH_PARAMS || first.checked_add(*count).is_none() {
+            Request::BatchColParams { first, count, .. } => {
+                let most = batch_params_per_request(self.col_len);
+                if *count > most || first.checked_add(*count).is_none() {
                     return Err(format!(
-                        "batch keys {first}..{first}+{count}: at most {MAX_BATCH_PARAMS} per \
-                         request, below 2^32"
+                        "batch keys {first}..{first}+{count}: at most {most} per request for \
+                         batches of {}, below 2^32",
+                        self.col_len
                     ));
                 }
                 Ok(())
@@ -734,7 +746,10 @@ mod tests {
         assert_eq!(bound.validate(), Ok(()));
         let cols = vec![vec![1, 1, 0, 0]];
         let bound_req = Request::BoundColKeys {
-            batch: 3,
+            batch: crate::protocol::BatchId {
+                dataset: [1; 16],
+                batch: 3,
+            },
             conv: false,
             vectors: cols.clone(),
         };
@@ -744,12 +759,26 @@ mod tests {
         let plain = Policy::default().with_lengths(785, 4);
         assert!(plain.check(&bound_req).is_err());
         assert!(plain
-            .check(&Request::BatchColParams { first: 0, count: 1 })
+            .check(&Request::BatchColParams {
+                dataset: [0; 16],
+                first: 0,
+                count: 1,
+            })
             .is_err());
         assert_eq!(plain.check(&Request::ColKeys(cols)), Ok(()));
-        let params = |first, count| bound.check(&Request::BatchColParams { first, count });
-        assert_eq!(params(0, MAX_BATCH_PARAMS), Ok(()));
-        assert!(params(0, MAX_BATCH_PARAMS + 1).is_err());
+        let params = |first, count| {
+            bound.check(&Request::BatchColParams {
+                dataset: [0; 16],
+                first,
+                count,
+            })
+        };
+        let most = crate::protocol::MAX_BATCH_PARAMS;
+        assert_eq!(params(0, most), Ok(()));
+        assert!(params(0, most + 1).is_err());
+        // Large batches: fewer per request, so that the answer fits a frame.
+        assert_eq!(batch_params_per_request(4096), 256);
+        assert_eq!(batch_params_per_request(1 << 30), 1);
         assert!(params(u32::MAX, 2).is_err());
         // The JSON form names both fields, and old files without them still load.
         let json = bound.to_json();

@@ -125,9 +125,11 @@ struct PolicyArgs {
     #[arg(long)]
     bind_batches: bool,
     /// With --bind-batches: the most rank the column keys of one batch may reach; a request
-    /// past it is refused. Below the batch size, no sequence of backward steps determines
-    /// the batch's images. The trainer stays within it by itself (it zeroes the delta lanes
-    /// past it). The count is kept in ranks.log beside the audit log, so a restart keeps it.
+    /// past it is refused, and R must be below the batch size: then every batch keeps a
+    /// space of dimension (batch size - R) that no sequence of backward steps determines.
+    /// The trainer stays within it by itself (it zeroes the delta lanes past it), but cannot
+    /// resume a run from a checkpoint under it. The count is kept in DIR/ranks.log (locked
+    /// while serving), so a restart keeps it.
     #[arg(long, value_name = "R")]
     batch_rank_budget: Option<usize>,
 }
@@ -252,6 +254,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
             .unwrap_or_else(|| args.dir.join(authority::AUDIT_FILE)),
     );
     config.policy = policy_of(&args.policy)?;
+    // The rank budget's count belongs to the keys, wherever the audit log goes.
+    config.ranks = args.dir.join(authority::RANKS_FILE);
     if args.failure_summary_secs == 0 {
         bail!("--failure-summary-secs must be at least 1");
     }

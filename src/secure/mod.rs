@@ -24,7 +24,8 @@ use crate::authority::policy::Policy;
 use crate::basis::Basis;
 use crate::dataset::{DatasetError, EncryptedBatch, Reader};
 use crate::protocol::{
-    AuthorityClient, ConvKeyRequest, FeboKeyRequest, ProtocolError, PublicParams,
+    AuthorityClient, BatchId, ConvKeyRequest, DatasetId, FeboKeyRequest, ProtocolError,
+    PublicParams,
 };
 use crate::Curve;
 use fe::dlog::DlogTable;
@@ -46,7 +47,7 @@ pub trait KeyService {
     /// that binds column keys to batches).
     fn col_keys(
         &mut self,
-        batch: Option<u32>,
+        batch: Option<BatchId>,
         ys: &[Vec<i64>],
     ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError>;
     /// Keys for a convolution's kernels, placed by the authority at the rows `placed`.
@@ -59,7 +60,7 @@ pub trait KeyService {
     /// `batch` if given.
     fn conv_col_keys(
         &mut self,
-        batch: Option<u32>,
+        batch: Option<BatchId>,
         ys: &[Vec<i64>],
     ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError>;
     /// Basic-operation keys.
@@ -75,7 +76,7 @@ impl KeyService for AuthorityClient {
     }
     fn col_keys(
         &mut self,
-        batch: Option<u32>,
+        batch: Option<BatchId>,
         ys: &[Vec<i64>],
     ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
         match batch {
@@ -92,7 +93,7 @@ impl KeyService for AuthorityClient {
     }
     fn conv_col_keys(
         &mut self,
-        batch: Option<u32>,
+        batch: Option<BatchId>,
         ys: &[Vec<i64>],
     ) -> Result<Vec<FeipFunctionKey<Curve>>, ProtocolError> {
         match batch {
@@ -263,6 +264,21 @@ impl<P> KeyPolicyFilter<P> {
     }
 }
 
+/// Calls `f` on every delta lane of a convolution's deltas `d` (rows `b·P + pos`): the lane
+/// of position `pos` and kernel `o` is every `P`-th entry of column `o`, from row `pos`.
+fn for_each_conv_lane(
+    d: &mut Array2<i64>,
+    p: usize,
+    mut f: impl FnMut(ndarray::ArrayViewMut1<'_, i64>),
+) {
+    for mut column in d.columns_mut() {
+        for pos in 0..p.min(column.len()) {
+            let step = ndarray::Slice::new(pos as isize, None, p as isize);
+            f(column.slice_axis_mut(Axis(0), step));
+        }
+    }
+}
+
 /// Zeroes every lane (row or column) of `m` with fewer than `min` non-zero entries.
 fn zero_sparse_lanes<'a>(lanes: impl Iterator<Item = ndarray::ArrayViewMut1<'a, i64>>, min: usize) {
     for mut lane in lanes {
@@ -301,21 +317,13 @@ impl<P: IntegerProducts> IntegerProducts for KeyPolicyFilter<P> {
         match self.inner.patches().map(|g| g.positions()) {
             // Rows b*P + pos: the lane of (pos, o) is every P-th entry of column o.
             Some(p) => {
-                for mut column in d.columns_mut() {
-                    for pos in 0..p.min(column.len()) {
-                        let step = ndarray::Slice::new(pos as isize, None, p as isize);
-                        let lane = column.slice_axis_mut(Axis(0), step);
-                        zero_sparse_lanes(std::iter::once(lane), min_col);
-                    }
-                }
+                for_each_conv_lane(&mut d, p, |lane| {
+                    zero_sparse_lanes(std::iter::once(lane), min_col)
+                });
                 if let Some(spent) = self.spent.as_mut() {
-                    for mut column in d.columns_mut() {
-                        for pos in 0..p.min(column.len()) {
-                            let step = ndarray::Slice::new(pos as isize, None, p as isize);
-                            let lane = column.slice_axis_mut(Axis(0), step);
-                            spent.keep_within(batch, std::iter::once(lane));
-                        }
-                    }
+                    for_each_conv_lane(&mut d, p, |lane| {
+                        spent.keep_within(batch, std::iter::once(lane))
+                    });
                 }
             }
             None => {
@@ -364,8 +372,9 @@ pub struct SecureProducts<K: KeyService> {
     timings: Timings,
     /// The convolution of the first layer, `None` for a dense one.
     geometry: Option<nn::layers::Geometry>,
-    /// The file's columns are bound to their batch: column keys are asked for one batch.
-    bound: bool,
+    /// The dataset whose batch keys the file's columns are under: column keys are asked for
+    /// one batch of it.
+    bound: Option<DatasetId>,
 }
 
 /// A batch being read and decoded on another thread.
@@ -390,7 +399,7 @@ impl<K: KeyService> SecureProducts<K> {
         SecureProducts {
             num_batches: reader.num_batches(),
             batch_size: reader.header().batch_size as usize,
-            bound: reader.header().bound_columns,
+            bound: reader.header().column_binding,
             reader: Arc::new(Mutex::new(reader)),
             pending: None,
             keys,
@@ -422,9 +431,13 @@ impl<K: KeyService> SecureProducts<K> {
         Ok(self)
     }
 
-    /// The batch to bind column keys to: `batch` if the file's columns are bound.
-    fn key_batch(&self, batch: usize) -> Option<u32> {
-        self.bound.then_some(batch as u32)
+    /// The batch to bind column keys to: `batch` of the file's dataset if its columns are
+    /// bound.
+    fn key_batch(&self, batch: usize) -> Option<BatchId> {
+        self.bound.map(|dataset| BatchId {
+            dataset,
+            batch: batch as u32,
+        })
     }
 
     /// Cumulative timings.

@@ -140,7 +140,7 @@ pub fn parse_records(
     pixels: &mut Vec<u8>,
     labels: &mut Vec<u8>,
 ) -> Result<(), DataError> {
-    if b.is_empty() || b.len() % RECORD != 0 {
+    if b.is_empty() || !b.len().is_multiple_of(RECORD) {
         return Err(DataError::Format {
             what: what.into(),
             reason: format!(

@@ -138,7 +138,10 @@ impl Conv2d {
     ) -> Result<(Array2<f32>, DenseGrad), LayerError> {
         self.check_params()?;
         let (p, k) = (self.geometry.positions(), self.geometry.patch_len());
-        if cache.cols.ncols() != k || cache.cols.nrows() % p != 0 || cache.table.len() != p * k {
+        if cache.cols.ncols() != k
+            || !cache.cols.nrows().is_multiple_of(p)
+            || cache.table.len() != p * k
+        {
             return Err(LayerError::Shape {
                 what: "conv cache patches",
                 expected: vec![cache.cols.nrows() / p * p, k],

@@ -145,7 +145,7 @@ impl Geometry {
         cols: ArrayView2<f32>,
     ) -> Result<Array2<f32>, LayerError> {
         let (p, k) = (self.positions(), self.patch_len());
-        if cols.ncols() != k || cols.nrows() % p != 0 {
+        if cols.ncols() != k || !cols.nrows().is_multiple_of(p) {
             return Err(LayerError::Shape {
                 what: "col2im patches",
                 expected: vec![cols.nrows() / p * p, k],

@@ -175,7 +175,7 @@ fn main() -> Result<()> {
             );
             let columns = ColumnKeys::fetch(&mut conn, &published, train.len())
                 .context("fetching the batches' column keys")?;
-            if let ColumnKeys::PerBatch(keys) = &columns {
+            if let ColumnKeys::PerBatch { keys, .. } = &columns {
                 eprintln!(
                     "the authority binds column keys to batches: {} batch keys fetched",
                     keys.len()
