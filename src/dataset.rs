@@ -492,16 +492,9 @@ impl Reader {
 mod tests {
     use super::*;
 
-    /// Found by `tests/decoders.rs`: a header (with its checksum) announcing `usize::MAX`
-    /// features passed validation, and reading a record then overflowed computing the row
-    /// length `features + 1` (a panic in debug builds). The header is now refused.
-    #[test]
-    fn header_with_too_many_features_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("huge.enc");
-        let mut dataset = DatasetInfo::new(3, 255, 2).unwrap();
-        dataset.features = usize::MAX;
-        let header = DatasetHeader {
+    /// The header of a file of one batch of one sample described by `dataset`.
+    fn one_sample_header(dataset: DatasetInfo) -> DatasetHeader {
+        DatasetHeader {
             version: FORMAT_VERSION,
             curve: <Curve as curv::elliptic::curves::Curve>::CURVE_NAME.to_string(),
             params_fingerprint: [0; 32],
@@ -512,7 +505,19 @@ mod tests {
             label_scale: 1,
             source: String::new(),
             column_binding: None,
-        };
+        }
+    }
+
+    /// Found by `tests/decoders.rs`: a header (with its checksum) announcing `usize::MAX`
+    /// features passed validation, and reading a record then overflowed computing the row
+    /// length `features + 1` (a panic in debug builds). The header is now refused.
+    #[test]
+    fn header_with_too_many_features_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.enc");
+        let mut dataset = DatasetInfo::new(3, 255, 2).unwrap();
+        dataset.features = usize::MAX;
+        let header = one_sample_header(dataset);
         let mut w = Writer::create(&path, header).unwrap();
         w.append_wire(&WireBatch::from_encoded(0, vec![], vec![], vec![]))
             .unwrap();
@@ -521,23 +526,16 @@ mod tests {
         assert!(e.contains("features"), "{e}");
     }
 
-    /// A version-2 file (the header without `bound_columns`) is read as unbound: made here by
+    /// A version-2 file (the header without `column_binding`) is read as unbound: made here by
     /// cutting the flag's byte out of a version-3 file and mending lengths, offsets and sums.
     #[test]
     fn version_2_files_are_read_as_unbound() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v3.enc");
         let header = DatasetHeader {
-            version: FORMAT_VERSION,
-            curve: <Curve as curv::elliptic::curves::Curve>::CURVE_NAME.to_string(),
             params_fingerprint: [7; 32],
-            batch_size: 1,
-            num_batches: 1,
-            num_samples: 1,
-            dataset: DatasetInfo::new(3, 255, 2).unwrap(),
-            label_scale: 1,
             source: "old".into(),
-            column_binding: None,
+            ..one_sample_header(DatasetInfo::new(3, 255, 2).unwrap())
         };
         let mut w = Writer::create(&path, header.clone()).unwrap();
         w.append_wire(&WireBatch::from_encoded(0, vec![], vec![], vec![]))

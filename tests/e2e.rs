@@ -55,6 +55,11 @@ fn train_cmd(a: &Authority, data: &Path, model: &Path, work: &Path) -> Command {
 }
 
 fn simulate(limit: usize, batch: usize, model: &Path) {
+    simulate_with(limit, batch, model, &[]);
+}
+
+/// `trainer simulate` of [`MODEL`] with `extra` flags (a `--policy`, say).
+fn simulate_with(limit: usize, batch: usize, model: &Path, extra: &[&str]) {
     run(Command::new(TRAINER)
         .args(["simulate", "--quiet"])
         .args(MODEL)
@@ -64,6 +69,7 @@ fn simulate(limit: usize, batch: usize, model: &Path) {
             "--batch-size",
             &batch.to_string(),
         ])
+        .args(extra)
         .arg("--out")
         .arg(model)
         .env_remove("CRYPTONN_MNIST_DIR"));
@@ -242,18 +248,12 @@ fn batch_bound_keys_train_as_the_simulation_and_mismatched_data_is_refused() {
         &["--policy", &policy_arg, "--audit", &audit("tight.log")],
     );
     run(&mut train_cmd(&tight, &bound_data, &w.join("tight.bin"), w));
-    run(Command::new(TRAINER)
-        .args(["simulate", "--quiet"])
-        .args(MODEL)
-        .args([
-            "--limit",
-            &limit.to_string(),
-            "--batch-size",
-            &batch.to_string(),
-        ])
-        .args(["--policy", &policy_arg, "--out"])
-        .arg(w.join("tight-sim.bin"))
-        .env_remove("CRYPTONN_MNIST_DIR"));
+    simulate_with(
+        limit,
+        batch,
+        &w.join("tight-sim.bin"),
+        &["--policy", &policy_arg],
+    );
     let tight_model = std::fs::read(w.join("tight.bin")).expect("model");
     assert_eq!(
         tight_model,
