@@ -55,7 +55,8 @@ enum Command {
     Primitives(primitives::PrimitivesArgs),
     /// What an honest-but-curious trainer reconstructs from what it decrypts (images from
     /// δᵀX and z = W1 x by least squares and linear programming, labels from a − y), against
-    /// mitigations (larger batches, client-side input noise) with their accuracy cost.
+    /// mitigations (larger batches, client-side input noise, column keys bound to batches,
+    /// rank budgets) with their accuracy cost.
     Leakage(leakage::LeakageArgs),
     /// What a prediction service reconstructs from one encrypted query's z = W1 x (a
     /// box-constrained linear program per test image).
