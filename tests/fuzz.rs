@@ -292,6 +292,13 @@ fn audit_log() {
         std::fs::write(f, original).unwrap();
         assert!(!report.intact(), "{} without its last newline", f.display());
     }
+    // Another it found: a rotated file emptied passed for one rotated away.
+    for (f, original) in files.iter().filter(|(f, _)| *f != path) {
+        std::fs::write(f, b"").unwrap();
+        let report = audit::verify(&path).unwrap();
+        std::fs::write(f, original).unwrap();
+        assert!(!report.intact(), "{} emptied", f.display());
+    }
     // Any change to any file of a valid log is detected, and nothing panics.
     runner(120)
         .run(

@@ -1123,6 +1123,16 @@ pub fn verify(path: &Path) -> std::io::Result<AuditReport> {
             tally(&mut report, &line);
             prev = Some((hash, Some(line.seq)));
         }
+        if n == 0 && file.as_path() != path {
+            // Rotation renames a file full of entries: an empty one was emptied, and would
+            // otherwise pass for one rotated away (found by `tests/fuzz.rs`).
+            brk(
+                &mut report,
+                file,
+                0,
+                "a rotated file with no entries: its lines were removed".into(),
+            );
+        }
     }
     // The end of the log must be the head.
     let head_file = head_path(path);
