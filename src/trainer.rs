@@ -605,8 +605,9 @@ fn check_binding(data: &Path, file_bound: bool, authority_binds: bool) -> Result
     if file_bound != authority_binds {
         return Err(TrainerError::Config(format!(
             "{} was encrypted with columns {} its batches, but the authority {} column keys to \
-             batches (bind_batches in its policy); re-encrypt the data with `client encrypt` \
-             against this authority",
+             batches (`authority serve --shared-column-key` turns binding off); re-encrypt the \
+             data with `client encrypt` against this authority, or serve it the way it was \
+             encrypted",
             data.display(),
             if file_bound { "bound to" } else { "shared by" },
             says(authority_binds)

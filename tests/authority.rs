@@ -30,6 +30,13 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
+/// `config` serving one column key for every batch: these tests ask unbound column keys and
+/// decrypt under the parameters' column key (`tests/binding.rs` covers the default, bound one).
+fn shared_key(mut config: ServerConfig) -> ServerConfig {
+    config.policy.bind_batches = false;
+    config
+}
+
 struct Server {
     handle: ServerHandle,
     addr: String,
@@ -44,7 +51,10 @@ fn start_with(name: &str, tweak: impl FnOnce(&mut ServerConfig)) -> Server {
     let auth = authority::load(&dir).unwrap();
     let token = authority::read_token(&dir).unwrap();
     assert_eq!(token, made.token);
-    let mut config = ServerConfig::new(token.clone(), dir.join(authority::AUDIT_FILE));
+    let mut config = shared_key(ServerConfig::new(
+        token.clone(),
+        dir.join(authority::AUDIT_FILE),
+    ));
     tweak(&mut config);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let handle = authority::spawn(listener, auth, config).unwrap();
@@ -490,7 +500,10 @@ fn client_survives_an_authority_restart() {
     let (dir, addr, token) = (s.dir.clone(), s.addr.clone(), s.token.clone());
     let restart = move || {
         let listener = bind_again(&addr);
-        let config = ServerConfig::new(token.clone(), dir.join(authority::AUDIT_FILE));
+        let config = shared_key(ServerConfig::new(
+            token.clone(),
+            dir.join(authority::AUDIT_FILE),
+        ));
         authority::spawn(listener, authority::load(&dir).unwrap(), config).unwrap()
     };
 
@@ -909,7 +922,14 @@ fn binary_init_and_serve() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
 
     let mut child = std::process::Command::new(exe)
-        .args(["serve", "--listen", "127.0.0.1:0", "--quiet", "--dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--quiet",
+            "--shared-column-key",
+            "--dir",
+        ])
         .arg(&dir)
         .env_remove("CRYPTONN_TOKEN")
         .stdout(std::process::Stdio::piped())
@@ -992,7 +1012,10 @@ fn timing_key_issuance() {
     authority::init(&dir, nn::mnist::info(), 64, &InitOptions::default()).unwrap();
     let auth = authority::load(&dir).unwrap();
     let token = authority::read_token(&dir).unwrap();
-    let config = ServerConfig::new(token.clone(), dir.join(authority::AUDIT_FILE));
+    let config = shared_key(ServerConfig::new(
+        token.clone(),
+        dir.join(authority::AUDIT_FILE),
+    ));
     let handle = authority::spawn(TcpListener::bind("127.0.0.1:0").unwrap(), auth, config).unwrap();
     let params = {
         let mut c = AuthorityClient::connect(&handle.local_addr().to_string(), &token).unwrap();

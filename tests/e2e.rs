@@ -200,7 +200,7 @@ fn trainer_rejects_bad_encrypted_datasets() {
     assert!(w.join("ok.bin").exists());
 }
 
-/// An authority that binds column keys to batches: the client encrypts each batch's columns
+/// An authority that binds column keys to batches (the default): the client encrypts each batch's columns
 /// under the batch's own key, training over TCP still equals the simulation bit for bit,
 /// data encrypted the other way is refused with a clear error by either authority, and under a
 /// rank budget below what a step needs the trainer asks for no more than the budget, as its
@@ -211,10 +211,13 @@ fn batch_bound_keys_train_as_the_simulation_and_mismatched_data_is_refused() {
     let dir = tempfile::tempdir().expect("tmp");
     let w = dir.path();
     let keys = w.join("auth");
-    let shared = start_authority(&keys, batch);
+    let bound = start_authority(&keys, batch);
     // Two more processes on the same keys, each with its own audit log.
     let audit = |name: &str| w.join(name).to_string_lossy().into_owned();
-    let bound = common::serve(&keys, &["--bind-batches", "--audit", &audit("bound.log")]);
+    let shared = common::serve(
+        &keys,
+        &["--shared-column-key", "--audit", &audit("shared.log")],
+    );
     let (shared_data, bound_data) = (w.join("shared.enc"), w.join("bound.enc"));
     encrypt(&shared, limit, &shared_data);
     encrypt(&bound, limit, &bound_data);

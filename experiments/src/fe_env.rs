@@ -56,12 +56,17 @@ impl FeEnv {
         let server = authority::spawn(listener, auth, config).context("starting the authority")?;
         let addr = server.local_addr().to_string();
         // The client fetches the public parameters over the protocol, as `client encrypt` does.
-        let params = AuthorityClient::connect(&addr, &token)
-            .and_then(|mut c| c.params())
+        // and the batches' column keys (the authority binds them to batches by default).
+        let mut conn = AuthorityClient::connect(&addr, &token)
+            .context("connecting the client to the authority")?;
+        let published = conn
+            .published()
             .context("fetching the public parameters from the authority")?;
+        let columns = ColumnKeys::fetch(&mut conn, &published, train.len())
+            .context("fetching the batches' column keys")?;
         let data = dir.path().join("train.enc");
         let encryption =
-            encrypt_dataset(train, &params, &ColumnKeys::Shared, &data, source, progress)
+            encrypt_dataset(train, &published.params, &columns, &data, source, progress)
                 .context("encrypting the training set")?;
         Ok(FeEnv {
             dir,

@@ -242,7 +242,8 @@ pub struct Mitigation {
     pub batch: Option<usize>,
     /// Gaussian noise of this standard deviation (grey levels) on the client's inputs.
     pub noise: Option<f64>,
-    /// Column keys bound to their batch (`authority serve --bind-batches`).
+    /// Column keys bound to their batch (the authority's default; `none` is CryptoNN's single
+    /// column key, `authority serve --shared-column-key`).
     pub bound: bool,
     /// A rank budget per batch (`--batch-rank-budget`; implies `bound`).
     pub budget: Option<usize>,
@@ -1291,6 +1292,7 @@ fn run_one(
     // The authority's policy under this mitigation: the trainer filters by it as it does
     // in an encrypted run (a rank budget zeroes the delta lanes past it).
     let policy = cryptonn::authority::Policy {
+        // `none` is CryptoNN as published: one column key for every batch.
         bind_batches: mitigation.binds(),
         batch_rank_budget: mitigation.budget,
         ..cryptonn::authority::Policy::default()

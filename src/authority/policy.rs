@@ -56,14 +56,15 @@
 //!   "max_febo_keys": 65536,
 //!   "febo_ops": ["Sub"],
 //!   "max_febo_operand": 4096,
-//!   "bind_batches": false,
+//!   "bind_batches": true,
 //!   "batch_rank_budget": null
 //! }
 //! ```
 //!
 //! # Batch binding
 //!
-//! By default one column master key serves every batch, so a key for the delta vector `d`
+//! Without binding (`bind_batches: false`, `authority serve --shared-column-key`), one column
+//! master key serves every batch, so a key for the delta vector `d`
 //! decrypts `dᵀX_k` of *every* batch `k`, not only the one it was asked for: with 128 units
 //! and batches of 64, the first step's keys already have rank 64, hence decrypt every image of
 //! every batch. With `bind_batches` the authority derives the column master key of batch `k`
@@ -111,7 +112,7 @@ pub struct Policy {
     pub febo_ops: Vec<Op>,
     /// Largest `|operand|` of a FEBO key (default 4096, the trainer's label scale).
     pub max_febo_operand: u64,
-    /// Bind column keys to batches (default false): batch `k`'s columns are encrypted under
+    /// Bind column keys to batches (default true): batch `k`'s columns are encrypted under
     /// their own master key, derived from the column key and `k`, and a column key is asked
     /// for one batch ([`Request::BoundColKeys`]) and decrypts nothing in range on another.
     /// Unbound column requests are refused. See [Batch binding](self#batch-binding).
@@ -170,7 +171,7 @@ impl Default for Policy {
             max_febo_keys: 65536,
             febo_ops: vec![Op::Sub],
             max_febo_operand: 4096,
-            bind_batches: false,
+            bind_batches: true,
             batch_rank_budget: None,
             row_len: 0,
             col_len: 0,
@@ -480,6 +481,15 @@ impl Policy {
 mod tests {
     use super::*;
 
+    /// The default policy with one column key for every batch: the shape rules of unbound
+    /// column requests (bound ones obey the same rules, `batch_binding_rules`).
+    fn shared() -> Policy {
+        Policy {
+            bind_batches: false,
+            ..Policy::default()
+        }
+    }
+
     fn dense(len: usize, nonzero: usize, v: i32) -> Vec<i32> {
         (0..len).map(|i| if i < nonzero { v } else { 0 }).collect()
     }
@@ -495,7 +505,7 @@ mod tests {
 
     #[test]
     fn placed_kernels_pass_when_dense_and_are_refused_as_probes() {
-        let p = Policy::default().with_lengths(785, 64);
+        let p = shared().with_lengths(785, 64);
         // Six dense 8-bit kernels: every position passes, the corners covering 9 pixels.
         let dense: Vec<Vec<i32>> = (0..6)
             .map(|o| (0..26).map(|i| ((i * 7 + o * 3) % 200 - 100) | 1).collect())
@@ -557,7 +567,7 @@ mod tests {
     /// kernels (LeNet-5 needs 4,704 per step, past `max_feip_vectors`).
     #[test]
     fn convolution_training_keys_pass_when_normal_and_are_refused_as_probes() {
-        let p = Policy::default().with_lengths(785, 64);
+        let p = shared().with_lengths(785, 64);
         let dense: Vec<Vec<i32>> = (0..6)
             .map(|o| (0..26).map(|i| ((i * 7 + o * 3) % 200 - 100) | 1).collect())
             .collect();
@@ -585,7 +595,7 @@ mod tests {
     /// The rule the trainer's filter applies is the one the check applies.
     #[test]
     fn placement_shortfall_names_the_first_failing_position() {
-        let p = Policy::default().with_lengths(785, 64);
+        let p = shared().with_lengths(785, 64);
         let g = nn::layers::Geometry::new(
             "conv",
             nn::layers::ImageShape::new(1, 28, 28).expect("shape"),
@@ -610,7 +620,7 @@ mod tests {
 
     #[test]
     fn defaults_accept_training_shaped_requests() {
-        let p = Policy::default().with_lengths(785, 64);
+        let p = shared().with_lengths(785, 64);
         assert_eq!(p.validate(), Ok(()));
         assert_eq!(p.check(&Request::Params), Ok(()));
         let rows = vec![dense(785, 785, -127); 128];
@@ -625,7 +635,7 @@ mod tests {
 
     #[test]
     fn refuses_unit_and_sparse_vectors() {
-        let p = Policy::default().with_lengths(785, 64);
+        let p = shared().with_lengths(785, 64);
         let mut unit = vec![0; 785];
         unit[100] = 1;
         let e = p.check(&Request::RowKeys(vec![unit])).unwrap_err();
@@ -647,7 +657,7 @@ mod tests {
 
     #[test]
     fn refuses_wrong_length_and_large_entries() {
-        let p = Policy::default().with_lengths(785, 64);
+        let p = shared().with_lengths(785, 64);
         let e = p
             .check(&Request::RowKeys(vec![dense(784, 784, 1)]))
             .unwrap_err();
@@ -670,7 +680,7 @@ mod tests {
         let p = Policy {
             max_feip_vectors: 3,
             max_febo_keys: 2,
-            ..Policy::default()
+            ..shared()
         }
         .with_lengths(785, 4);
         assert!(p.check(&Request::ColKeys(vec![dense(4, 4, 1); 3])).is_ok());
@@ -730,6 +740,7 @@ mod tests {
         }
         .with_lengths(785, 4);
         let budget_alone = Policy {
+            bind_batches: false,
             batch_rank_budget: Some(3),
             ..Policy::default()
         }
@@ -756,7 +767,11 @@ mod tests {
         assert_eq!(bound.check(&bound_req), Ok(()));
         assert!(bound.check(&Request::ColKeys(cols.clone())).is_err());
         assert!(bound.check(&Request::ConvColKeys(cols.clone())).is_err());
-        let plain = Policy::default().with_lengths(785, 4);
+        let plain = Policy {
+            bind_batches: false,
+            ..Policy::default()
+        }
+        .with_lengths(785, 4);
         assert!(plain.check(&bound_req).is_err());
         assert!(plain
             .check(&Request::BatchColParams {
@@ -780,16 +795,16 @@ mod tests {
         assert_eq!(batch_params_per_request(4096), 256);
         assert_eq!(batch_params_per_request(1 << 30), 1);
         assert!(params(u32::MAX, 2).is_err());
-        // The JSON form names both fields, and old files without them still load.
-        let json = bound.to_json();
-        assert!(json.contains("\"bind_batches\": true"), "{json}");
+        // The JSON form names both fields, and files without them load with binding on.
+        let json = plain.to_json();
+        assert!(json.contains("\"bind_batches\": false"), "{json}");
         let old: Policy = serde_json::from_str(r#"{"max_abs": 127}"#).unwrap();
-        assert!(!old.bind_batches && old.batch_rank_budget.is_none());
+        assert!(old.bind_batches && old.batch_rank_budget.is_none());
     }
 
     #[test]
     fn validate_catches_impossible_minimums() {
-        let p = Policy::default().with_lengths(785, 1);
+        let p = shared().with_lengths(785, 1);
         assert!(p.validate().is_err());
         let p = Policy {
             min_nonzero_row: Some(786),
@@ -799,7 +814,7 @@ mod tests {
         assert!(p.validate().is_err());
         // the default minimum scales with short rows and never exceeds them
         for (len, min) in [(785, 16), (31, 16), (5, 3), (2, 1)] {
-            let p = Policy::default().with_lengths(len, 8);
+            let p = shared().with_lengths(len, 8);
             assert_eq!(p.min_row(), min);
             assert!(p.validate().is_ok());
         }

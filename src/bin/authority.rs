@@ -118,13 +118,14 @@ struct PolicyArgs {
     /// Largest |entry| of an inner-product key vector [default: 32767].
     #[arg(long, value_name = "N")]
     max_abs: Option<u32>,
-    /// Bind column keys to batches: each batch's columns are encrypted under its own key,
-    /// and a column key decrypts its own batch only (without it, a key asked for one batch
-    /// decrypts the same combination of every batch). Data must be encrypted (`client
-    /// encrypt`) against an authority serving with this flag.
-    #[arg(long)]
-    bind_batches: bool,
-    /// With --bind-batches: the most rank the column keys of one batch may reach; a request
+    /// Serve one column key for every batch instead of one per batch (the default binds
+    /// column keys to batches: each batch's columns are encrypted under its own key, and a
+    /// column key decrypts its own batch only). With a shared key, a key asked for one batch
+    /// decrypts the same combination of every batch: the first step's keys decrypt every
+    /// image. Only for data encrypted that way (before binding existed, or on purpose).
+    #[arg(long, conflicts_with = "batch_rank_budget")]
+    shared_column_key: bool,
+    /// The most rank the column keys of one batch may reach; a request
     /// past it is refused, and R must be below the batch size: then every batch keeps a
     /// space of dimension (batch size - R) that no sequence of backward steps determines.
     /// The trainer stays within it by itself (it zeroes the delta lanes past it), but cannot
@@ -198,7 +199,9 @@ fn policy_of(args: &PolicyArgs) -> Result<Policy> {
     if let Some(n) = args.max_abs {
         p.max_abs = n;
     }
-    p.bind_batches |= args.bind_batches;
+    if args.shared_column_key {
+        p.bind_batches = false;
+    }
     if let Some(r) = args.batch_rank_budget {
         p.batch_rank_budget = Some(r);
     }
