@@ -280,6 +280,11 @@ impl Mitigation {
         }
     }
 
+    /// The batch size of its runs: its own, or `default` (the unmitigated run's).
+    pub fn batch_size(&self, default: usize) -> usize {
+        self.batch.unwrap_or(default)
+    }
+
     /// Whether a column key decrypts its own batch only.
     pub fn binds(&self) -> bool {
         self.bound || self.budget.is_some()
@@ -1252,7 +1257,7 @@ fn run_one(
     fe_steps: usize,
     pb: &indicatif::ProgressBar,
 ) -> Result<RunOutput> {
-    let bs = mitigation.batch.unwrap_or(args.batch_size);
+    let bs = mitigation.batch_size(args.batch_size);
     let encrypted = match mitigation.noise {
         Some(sigma) => add_input_noise(&data.train, sigma, seed ^ NOISE_SEED)?,
         None => data.train.clone(),
@@ -1618,7 +1623,7 @@ pub fn run(args: &LeakageArgs) -> Result<Summary> {
         .map(|i| args.seed + i)
         .collect();
     let steps_of = |m: &Mitigation| {
-        let bs = m.batch.unwrap_or(args.batch_size);
+        let bs = m.batch_size(args.batch_size);
         let total = (data.train.len() / bs.max(1)) * args.epochs;
         args.max_steps.map_or(total, |s| s.min(total)) as u64
     };

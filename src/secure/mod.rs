@@ -160,8 +160,8 @@ pub struct Timings {
 /// raise it past the budget (the lanes in the span already spent cost nothing). Once a
 /// batch's budget is spent, the first layer learns from it only in the directions already
 /// issued, and the other layers learn as before, so training goes on without a refusal.
-/// This count is not in checkpoints: a resumed run starts it anew, and the authority
-/// refuses once its own count is past the budget.
+/// This count is not in checkpoints, so the trainer refuses to resume a run under a budget
+/// (a fresh count would ask for keys the authority refuses).
 #[derive(Debug, Clone)]
 pub struct KeyPolicyFilter<P> {
     inner: P,
