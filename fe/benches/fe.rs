@@ -8,6 +8,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use curv::elliptic::curves::{Point, Scalar};
+use fe::backend::Backend;
 use fe::dlog::{DlogTable, DEFAULT_HALF_WIDTH};
 use fe::feip::{self, FeipCiphertext, FeipFunctionKey, FeipParams};
 use fe::group::scalar_from_i64;
@@ -215,5 +216,35 @@ fn dlog_benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, feip_benches, dlog_benches);
+/// Every point-addition backend of this CPU side by side: the dense forward decryption (one
+/// ciphertext of n = 785 against 128 keys, dlog included), whose additions per ciphertext the
+/// decryptor counts, so that the reported time per key also gives additions per second.
+fn backend_benches(c: &mut Criterion) {
+    let dlog = one_core().install(|| DlogTable::<Ristretto>::new(DEFAULT_HALF_WIDTH).expect("t"));
+    for bits in [8, 4] {
+        let s = setup::<Ristretto>(785, 128, 1, bits);
+        let mut g = c.benchmark_group(format!("backend/n=785/{bits}-bit keys/128 keys"));
+        g.sample_size(10)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(4))
+            .throughput(Throughput::Elements(128));
+        for backend in Backend::available() {
+            let dec = feip::FeipDecryptor::new(&s.params, &s.keys, &dlog)
+                .expect("decryptor")
+                .with_backend(backend);
+            let adds = dec.additions_per_ciphertext().unwrap_or(0);
+            g.bench_function(
+                BenchmarkId::new(format!("decrypt ({adds} additions)"), backend.name()),
+                |b| {
+                    b.iter(|| {
+                        one_core().install(|| dec.decrypt(std::slice::from_ref(&s.ct), &dlog))
+                    })
+                },
+            );
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, backend_benches, feip_benches, dlog_benches);
 criterion_main!(benches);

@@ -31,12 +31,13 @@
 //!
 //! then batched discrete logs, on all cores.
 
+use crate::backend::Backend;
 use crate::dlog::{DlogTable, GeneratorTable};
 use crate::encoding::bound_for_key;
 use crate::error::{FeError, Result};
 use crate::group::{double, generator, halve, wrap, FeCurve, RawPoint};
 use crate::msm::{
-    best_window, double_k, msm_signed_with, recode_scalar, scalar_digits, subset_sum_products,
+    best_window, double_k, msm_signed_with, recode_scalar, scalar_digits, subset_sum_products_on,
     windows_for, BitPlanes, FixedBase, SmallMultiples, MAX_CHUNK_BITS, MAX_ZERO_FREE_CHUNK_BITS,
 };
 use crate::serial::{put_i64s, put_point, put_points, put_scalar, serde_via_bytes, Encode, Reader};
@@ -725,6 +726,8 @@ pub struct FeipDecryptor<E: FeCurve> {
     /// Additions per ciphertext of [`Strategy::Multiples`] for these keys.
     multiples: usize,
     planes: Option<BitPlanes>,
+    /// Where the bit-plane additions run.
+    backend: Backend,
 }
 
 impl<E: FeCurve> Drop for FeipDecryptor<E> {
@@ -859,7 +862,15 @@ impl<E: FeCurve> FeipDecryptor<E> {
             by_point,
             multiples,
             planes,
+            backend: Backend::active(),
         })
+    }
+
+    /// The same decryptor on another point-addition backend (the fallback where this curve or
+    /// CPU lacks it): for comparisons; the results are the same on every backend.
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
     }
 
     /// The number of keys.
@@ -933,7 +944,8 @@ impl<E: FeCurve> FeipDecryptor<E> {
             return (0..key_groups)
                 .into_par_iter()
                 .flat_map_iter(|g| {
-                    subset_sum_products::<E>(&all, planes, g * per..((g + 1) * per).min(h))
+                    let keys = g * per..((g + 1) * per).min(h);
+                    subset_sum_products_on::<E>(self.backend, &all, planes, keys)
                 })
                 .collect();
         }

@@ -29,6 +29,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod backend;
 pub mod dlog;
 pub mod encoding;
 mod error;

@@ -44,6 +44,7 @@
 //! The functions work on `curv`'s raw points ([`RawPoint`]) through the `ECPoint` trait, so they
 //! run at the speed of the underlying library's point addition.
 
+use crate::backend::{Backend, Lanes, Op};
 use crate::group::{FeCurve, RawPoint};
 use curv::elliptic::curves::{ECPoint, Scalar};
 use rayon::prelude::*;
@@ -788,70 +789,88 @@ fn any_bit(set: &[u64], start: usize, len: usize) -> bool {
     v & (u64::MAX >> (64 - len)) != 0
 }
 
-/// Builds the table of a chunk into `table`: every subset sum (two's complement), every
-/// signed pattern with top digit +1 (NAF), or every ±1 pattern with top digit +1 (zero-free),
-/// one addition per entry that is not a single point.
-fn build_table<E: FeCurve>(chunk: &[RawPoint<E>], digits: Digits, table: &mut Vec<RawPoint<E>>) {
+/// Builds the table of a chunk: every subset sum (two's complement), every signed pattern
+/// with top digit +1 (NAF), or every ±1 pattern with top digit +1 (zero-free), one addition per
+/// entry that is not a single point.
+///
+/// The entries are built level by level, so that the additions of a level are independent and
+/// run as one batch: level `j` adds point `j` to every entry of the levels below it.
+/// `ext` holds the entries as points, `table` the same entries as addends.
+fn build_table<E: FeCurve, L: Lanes<E>>(
+    lanes: &L,
+    chunk: &[L::Acc],
+    digits: Digits,
+    ext: &mut Vec<L::Acc>,
+    table: &mut Vec<L::Entry>,
+) {
+    ext.clear();
+    ext.push(lanes.identity());
     table.clear();
-    table.push(E::Point::zero());
+    let mut ops = Vec::new();
+    // Appends `count` copies of `p` to `ext`, adds `ops` to them, and their addends to `table`.
+    let level =
+        |ext: &mut Vec<L::Acc>, table: &mut Vec<L::Entry>, p: &L::Acc, count, ops: &[Op]| {
+            let from = ext.len();
+            ext.extend(std::iter::repeat_n(p.clone(), count));
+            lanes.add_many(ext, table, ops);
+            table.extend(lanes.entries(&ext[from..]));
+        };
     match digits {
         Digits::TwosComplement => {
-            for mask in 1usize..(1 << chunk.len()) {
-                let low = mask.trailing_zeros() as usize;
-                let rest = mask & (mask - 1);
-                let mut p = chunk[low].clone();
-                if rest != 0 {
-                    p.add_point_assign(&table[rest]);
-                }
-                table.push(p);
+            table.extend(lanes.entries(ext));
+            for (j, p) in chunk.iter().enumerate() {
+                // Entry 2^j + i = P_j + entry i.
+                let lo = 1usize << j;
+                ops.clear();
+                ops.extend((1..lo).map(|i| Op::new(lo + i, i, false)));
+                level(ext, table, p, lo, &ops);
             }
         }
         Digits::Naf => {
             // Entry u > 0 has top digit +1 at position j (3^j < 2u ≤ 3^(j+1)), and the
             // rest u − 3^j has fewer digits: entry = P_j ± entry |u − 3^j|.
-            let mut j = 0;
-            let mut pow = 1i64;
-            for u in 1..=(3i64.pow(chunk.len() as u32) - 1) / 2 {
-                if 2 * u > 3 * pow {
-                    j += 1;
-                    pow *= 3;
+            table.extend(lanes.entries(ext));
+            let mut pow = 1usize;
+            for p in chunk {
+                let (lo, hi) = (pow.div_ceil(2), (3 * pow - 1) / 2);
+                ops.clear();
+                for u in lo..=hi {
+                    let rest = u as i64 - pow as i64;
+                    if rest != 0 {
+                        ops.push(Op::new(u, rest.unsigned_abs() as usize, rest < 0));
+                    }
                 }
-                let rest = u - pow;
-                let mut p = chunk[j].clone();
-                if rest != 0 {
-                    add_signed::<E>(&mut p, &table[rest.unsigned_abs() as usize], rest < 0);
-                }
-                table.push(p);
+                level(ext, table, p, hi - lo + 1, &ops);
+                pow *= 3;
             }
         }
         Digits::ZeroFree => {
             // Entry 1 + m: P_top + Σ_(j<top) ±P_j, + where bit j of m is set. Entry 1 has
             // every lower digit −1; setting bit j adds 2·P_j.
             let (top, lower) = chunk.split_last().expect("chunks are not empty");
-            let mut first = top.clone();
-            for p in lower {
-                first.sub_point_assign(p);
-            }
-            table.push(first);
-            let doubled: Vec<RawPoint<E>> = lower
-                .iter()
-                .map(|p| {
-                    let mut d = p.clone();
-                    double_k::<E>(&mut d, 1);
-                    d
-                })
-                .collect();
-            for m in 1usize..(1 << lower.len()) {
-                let mut p = table[1 + (m & (m - 1))].clone();
-                p.add_point_assign(&doubled[m.trailing_zeros() as usize]);
-                table.push(p);
+            let lower_entries = lanes.entries(lower);
+            ext.push(top.clone());
+            ops.clear();
+            ops.extend((0..lower.len()).map(|i| Op::new(1, i, true)));
+            lanes.add_many(ext, &lower_entries, &ops);
+            let mut doubled = lower.to_vec();
+            ops.clear();
+            ops.extend((0..lower.len()).map(|i| Op::new(i, i, false)));
+            lanes.add_many(&mut doubled, &lower_entries, &ops);
+            table.extend(lanes.entries(ext));
+            for (j, d) in doubled.iter().enumerate() {
+                let lo = 1usize << j;
+                ops.clear();
+                ops.extend((lo..2 * lo).map(|m| Op::new(1 + m, 1 + m - lo, false)));
+                level(ext, table, d, lo, &ops);
             }
         }
     }
 }
 
 /// `Σ_i rows[k][i]·points[i]` for every prepared key `k` (twice that if
-/// [`BitPlanes::doubled`]), by bit planes over subset sums.
+/// [`BitPlanes::doubled`]), by bit planes over subset sums, on the process's backend
+/// ([`Backend::active`]).
 ///
 /// The loop runs chunk-major: one chunk's table is built, used by every key while it is in
 /// cache, and dropped; each key then combines its planes by Horner's rule. `keys` selects a
@@ -865,48 +884,71 @@ pub fn subset_sum_products<E: FeCurve>(
     planes: &BitPlanes,
     keys: std::ops::Range<usize>,
 ) -> Vec<RawPoint<E>> {
+    subset_sum_products_on::<E>(Backend::active(), points, planes, keys)
+}
+
+/// [`subset_sum_products`] on a chosen backend (the fallback where this curve or CPU lacks
+/// it): for tests and comparisons.
+pub fn subset_sum_products_on<E: FeCurve>(
+    backend: Backend,
+    points: &[RawPoint<E>],
+    planes: &BitPlanes,
+    keys: std::ops::Range<usize>,
+) -> Vec<RawPoint<E>> {
     assert_eq!(points.len(), planes.n, "one point per scalar");
     assert!(keys.end <= planes.keys);
+    E::planes_on(backend, points, planes, keys)
+}
+
+/// [`subset_sum_products`] with the arithmetic of `lanes`.
+pub(crate) fn products_with<E: FeCurve, L: Lanes<E>>(
+    lanes: &L,
+    points: &[RawPoint<E>],
+    planes: &BitPlanes,
+    keys: std::ops::Range<usize>,
+) -> Vec<RawPoint<E>> {
     let np = planes.planes;
     let per_key = planes.chunks.len() * np;
-    let zero = E::Point::zero();
-    let mut accs = vec![zero.clone(); keys.len() * np];
-    let mut table: Vec<RawPoint<E>> = Vec::new();
+    let nk = keys.len();
+    let points = lanes.load(points);
+    let mut accs = vec![lanes.identity(); nk * np];
+    let (mut ext, mut table, mut ops) = (Vec::new(), Vec::new(), Vec::new());
     // Σ P_i over the zero-free chunks: their all-plus entries.
-    let mut zero_free_sum = zero.clone();
+    let mut zero_free_sum = vec![lanes.identity()];
     for (c, chunk) in planes.chunks.iter().enumerate() {
-        build_table::<E>(
-            &points[chunk.start..chunk.start + chunk.len],
-            chunk.digits,
-            &mut table,
-        );
+        let range = chunk.start..chunk.start + chunk.len;
+        build_table::<E, L>(lanes, &points[range], chunk.digits, &mut ext, &mut table);
         if chunk.digits == Digits::ZeroFree {
-            zero_free_sum.add_point_assign(&table[1 << (chunk.len - 1)]);
+            let all_plus = [Op::new(0, 1 << (chunk.len - 1), false)];
+            lanes.add_many(&mut zero_free_sum, &table, &all_plus);
         }
-        for (acc, k) in accs.chunks_mut(np).zip(keys.clone()) {
+        ops.clear();
+        for (i, k) in keys.clone().enumerate() {
             let base = k * per_key + c * np;
-            for (a, &code) in acc.iter_mut().zip(&planes.codes[base..base + np]) {
+            for (p, &code) in planes.codes[base..base + np].iter().enumerate() {
                 if code != 0 {
-                    add_signed::<E>(a, &table[(code & !NEG) as usize], code & NEG != 0);
+                    let entry = (code & !NEG) as usize;
+                    ops.push(Op::new(i * np + p, entry, code & NEG != 0));
                 }
             }
         }
+        lanes.add_many(&mut accs, &table, &ops);
     }
-    let doubled = planes.doubled();
-    accs.chunks(np)
-        .map(|acc| {
-            // Σ 2^p·acc[p] (signs are in the codes), by Horner's rule from the top plane.
-            let mut r = acc[np - 1].clone();
-            for a in acc[..np - 1].iter().rev() {
-                double_k::<E>(&mut r, 1);
-                r.add_point_assign(a);
-            }
-            if doubled {
-                r.sub_point_assign(&zero_free_sum);
-            }
-            r
-        })
-        .collect()
+    // Σ 2^p·acc[p] (signs are in the codes), by Horner's rule from the top plane, all keys
+    // in one batch per step.
+    let plane = |p: usize| -> Vec<L::Acc> { (0..nk).map(|i| accs[i * np + p].clone()).collect() };
+    let same: Vec<Op> = (0..nk).map(|i| Op::new(i, i, false)).collect();
+    let mut r = plane(np - 1);
+    for p in (0..np - 1).rev() {
+        let twice = lanes.entries(&r);
+        lanes.add_many(&mut r, &twice, &same);
+        lanes.add_many(&mut r, &lanes.entries(&plane(p)), &same);
+    }
+    if planes.doubled() {
+        let minus: Vec<Op> = (0..nk).map(|i| Op::new(i, 0, true)).collect();
+        lanes.add_many(&mut r, &lanes.entries(&zero_free_sum), &minus);
+    }
+    lanes.store(&r)
 }
 
 #[cfg(test)]
@@ -997,13 +1039,16 @@ mod tests {
         for planes in forced.chain(mixed).chain(chosen) {
             let scale = Scalar::<E>::from(if planes.doubled() { 2 } else { 1 });
             let want: Vec<Point<E>> = want.iter().map(|w| w * &scale).collect();
-            let got = subset_sum_products::<E>(&pts, &planes, 0..rows.len());
-            let got: Vec<Point<E>> = got.into_iter().map(wrap::<E>).collect();
-            assert_eq!(got, want);
-            // A sub-range of keys gives the same products.
-            if rows.len() > 1 {
-                let tail = subset_sum_products::<E>(&pts, &planes, 1..rows.len());
-                assert_eq!(wrap::<E>(tail[0].clone()), want[1]);
+            // On every backend this CPU runs (each falls back on curves it lacks).
+            for backend in Backend::available() {
+                let got = subset_sum_products_on::<E>(backend, &pts, &planes, 0..rows.len());
+                let got: Vec<Point<E>> = got.into_iter().map(wrap::<E>).collect();
+                assert_eq!(got, want, "{backend:?}");
+                // A sub-range of keys gives the same products.
+                if rows.len() > 1 {
+                    let tail = subset_sum_products_on::<E>(backend, &pts, &planes, 1..rows.len());
+                    assert_eq!(wrap::<E>(tail[0].clone()), want[1]);
+                }
             }
         }
     }

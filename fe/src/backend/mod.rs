@@ -1,0 +1,311 @@
+//! Point-addition backends: the seam between the algorithms of [`crate::msm`] and the
+//! arithmetic that runs them.
+//!
+//! The algorithms are written once against [`Lanes`]: load points, turn them into addends,
+//! and apply a list of independent additions `acc[i] ±= entry[j]` ([`Op`]). A backend decides
+//! how the list runs:
+//!
+//! * [`Backend::Curv`]: one `curv` addition after another, on every curve (the fallback).
+//! * [`Backend::Avx2`]: Ristretto255 only, four additions at a time in AVX2 registers
+//!   (`avx2.rs`, the workspace's only `unsafe` code).
+//!
+//! The backend is chosen once per process: the fastest one this CPU runs, unless the
+//! environment variable `CRYPTONN_FE_BACKEND` names one (`curv` or `avx2`); a backend the CPU
+//! cannot run is never chosen. [`Backend::available`] lists them for tests and benchmarks,
+//! which pick one per call with the `_on` functions of [`crate::msm`].
+
+use crate::group::{FeCurve, RawPoint};
+use curv::elliptic::curves::ECPoint;
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+/// The environment variable that forces a backend.
+pub const BACKEND_VAR: &str = "CRYPTONN_FE_BACKEND";
+
+/// A point-addition backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// `curv`'s serial addition, one at a time (every curve, every CPU).
+    Curv,
+    /// Four Ristretto255 additions at once with AVX2 (x86-64 CPUs that have it).
+    Avx2,
+}
+
+impl Backend {
+    /// The name `CRYPTONN_FE_BACKEND` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Curv => "curv",
+            Backend::Avx2 => "avx2",
+        }
+    }
+
+    /// Parses a backend name.
+    pub fn parse(name: &str) -> Option<Backend> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "curv" | "serial" => Some(Backend::Curv),
+            "avx2" => Some(Backend::Avx2),
+            _ => None,
+        }
+    }
+
+    /// The backends this CPU runs, fallback first.
+    pub fn available() -> Vec<Backend> {
+        let mut v = vec![Backend::Curv];
+        if avx2_enabled() {
+            v.push(Backend::Avx2);
+        }
+        v
+    }
+
+    /// The backend of this process: `CRYPTONN_FE_BACKEND` if it names one this CPU runs,
+    /// else the fastest available.
+    pub fn active() -> Backend {
+        static ACTIVE: OnceLock<Backend> = OnceLock::new();
+        *ACTIVE.get_or_init(|| {
+            let available = Backend::available();
+            let forced = std::env::var(BACKEND_VAR)
+                .ok()
+                .and_then(|v| Backend::parse(&v));
+            match forced {
+                Some(b) if available.contains(&b) => b,
+                _ => *available.last().unwrap_or(&Backend::Curv),
+            }
+        })
+    }
+}
+
+/// Whether the AVX2 backend runs here: the CPU has AVX2 and dalek's points have the layout
+/// the backend reads (checked once).
+pub(crate) fn avx2_enabled() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            avx2::cpu_has_avx2() && avx2::layout_holds()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// One addition of a list: `accs[acc] += table[entry]`, or `−=` with `neg`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Op {
+    pub(crate) acc: u32,
+    pub(crate) entry: u32,
+    pub(crate) neg: bool,
+}
+
+impl Op {
+    pub(crate) fn new(acc: usize, entry: usize, neg: bool) -> Op {
+        Op {
+            acc: acc as u32,
+            entry: entry as u32,
+            neg,
+        }
+    }
+}
+
+/// Batched point arithmetic, the only thing the algorithms of [`crate::msm`] ask of a backend.
+pub(crate) trait Lanes<E: FeCurve>: Sync {
+    /// A point being summed into.
+    type Acc: Clone + Send + Sync;
+    /// A point in the form it is added in.
+    type Entry: Clone + Send + Sync;
+    /// Points into the backend's form.
+    fn load(&self, points: &[RawPoint<E>]) -> Vec<Self::Acc>;
+    /// Points back into curv's form.
+    fn store(&self, points: &[Self::Acc]) -> Vec<RawPoint<E>>;
+    /// The identity.
+    fn identity(&self) -> Self::Acc;
+    /// Every point as an addend.
+    fn entries(&self, points: &[Self::Acc]) -> Vec<Self::Entry>;
+    /// `accs[op.acc] ±= table[op.entry]` for every op, in order.
+    fn add_many(&self, accs: &mut [Self::Acc], table: &[Self::Entry], ops: &[Op]);
+}
+
+/// The fallback: curv's addition, one at a time.
+pub(crate) struct CurvLanes;
+
+impl<E: FeCurve> Lanes<E> for CurvLanes {
+    type Acc = RawPoint<E>;
+    type Entry = RawPoint<E>;
+
+    fn load(&self, points: &[RawPoint<E>]) -> Vec<Self::Acc> {
+        points.to_vec()
+    }
+
+    fn store(&self, points: &[Self::Acc]) -> Vec<RawPoint<E>> {
+        points.to_vec()
+    }
+
+    fn identity(&self) -> Self::Acc {
+        E::Point::zero()
+    }
+
+    fn entries(&self, points: &[Self::Acc]) -> Vec<Self::Entry> {
+        points.to_vec()
+    }
+
+    fn add_many(&self, accs: &mut [Self::Acc], table: &[Self::Entry], ops: &[Op]) {
+        for op in ops {
+            let (acc, q) = (&mut accs[op.acc as usize], &table[op.entry as usize]);
+            if op.neg {
+                acc.sub_point_assign(q)
+            } else {
+                acc.add_point_assign(q)
+            }
+        }
+    }
+}
+
+/// The AVX2 backend on Ristretto255 (only where [`avx2_enabled`]).
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct Avx2Lanes;
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes<crate::Ristretto> for Avx2Lanes {
+    type Acc = avx2::Ext;
+    type Entry = avx2::Niels;
+
+    fn load(&self, points: &[RawPoint<crate::Ristretto>]) -> Vec<Self::Acc> {
+        points
+            .iter()
+            .map(|p| avx2::from_dalek(p.underlying_ref()))
+            .collect()
+    }
+
+    fn store(&self, points: &[Self::Acc]) -> Vec<RawPoint<crate::Ristretto>> {
+        points
+            .iter()
+            .map(|p| ECPoint::from_underlying(avx2::to_dalek(p)))
+            .collect()
+    }
+
+    fn identity(&self) -> Self::Acc {
+        avx2::Ext::IDENTITY
+    }
+
+    fn entries(&self, points: &[Self::Acc]) -> Vec<Self::Entry> {
+        avx2::niels_many(points)
+    }
+
+    fn add_many(&self, accs: &mut [Self::Acc], table: &[Self::Entry], ops: &[Op]) {
+        avx2::add_many(accs, table, ops)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::group::{generator, Ristretto};
+    use curv::elliptic::curves::{Point, Scalar};
+    use rand::{Rng, SeedableRng};
+
+    type P = RawPoint<Ristretto>;
+
+    fn random_point() -> P {
+        (Point::<Ristretto>::generator() * Scalar::<Ristretto>::random()).into_raw()
+    }
+
+    /// Random points, the identity, a point and its negation, and repeated points.
+    fn awkward_points(n: usize) -> Vec<P> {
+        let mut v: Vec<P> = (0..n).map(|_| random_point()).collect();
+        let g = generator::<Ristretto>();
+        let mut neg = P::zero();
+        neg.sub_point_assign(&v[0]);
+        v.extend([P::zero(), g, g, neg, v[1]]);
+        v
+    }
+
+    /// `ops` applied by curv one at a time: the reference.
+    fn reference(accs: &[P], table: &[P], ops: &[Op]) -> Vec<P> {
+        let mut accs = accs.to_vec();
+        Lanes::<Ristretto>::add_many(&CurvLanes, &mut accs, table, ops);
+        accs
+    }
+
+    fn check_lanes<L: Lanes<Ristretto>>(lanes: &L, seed: u64) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let pts = awkward_points(12);
+        let n = pts.len();
+        // The round trip, and the identity.
+        assert!(
+            lanes.store(&lanes.load(&pts)) == pts,
+            "load then store changes a point"
+        );
+        assert!(lanes.store(&[lanes.identity()])[0].is_zero());
+        // Random lists of ops, accumulators repeated within a list (chains), doublings
+        // (an entry equal to its accumulator), subtractions of a point from itself.
+        for _ in 0..20 {
+            let len = rng.gen_range(0..64);
+            let ops: Vec<Op> = (0..len)
+                .map(|_| Op::new(rng.gen_range(0..n), rng.gen_range(0..n), rng.gen_bool(0.5)))
+                .collect();
+            let want = reference(&pts, &pts, &ops);
+            let mut accs = lanes.load(&pts);
+            lanes.add_many(&mut accs, &lanes.entries(&lanes.load(&pts)), &ops);
+            assert!(
+                lanes.store(&accs) == want,
+                "a batch of additions differs from curv"
+            );
+        }
+        // A long chain on one accumulator with entries rebuilt from it: doublings and sums.
+        let mut acc = lanes.load(&pts[..1]);
+        let mut want = pts[0];
+        for i in 0..300 {
+            let q = if i % 3 == 0 {
+                acc.clone()
+            } else {
+                lanes.load(&pts[i % n..i % n + 1])
+            };
+            let qc = lanes.store(&q)[0];
+            let neg = i % 5 == 0;
+            lanes.add_many(&mut acc, &lanes.entries(&q), &[Op::new(0, 0, neg)]);
+            if neg {
+                want.sub_point_assign(&qc)
+            } else {
+                want.add_point_assign(&qc)
+            }
+        }
+        assert!(
+            lanes.store(&acc)[0] == want,
+            "a chain of 300 additions differs from curv"
+        );
+    }
+
+    #[test]
+    fn every_available_backend_adds_as_curv_does() {
+        for b in Backend::available() {
+            match b {
+                Backend::Curv => check_lanes(&CurvLanes, 1),
+                #[cfg(target_arch = "x86_64")]
+                Backend::Avx2 => {
+                    for seed in 0..4 {
+                        check_lanes(&Avx2Lanes, seed)
+                    }
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                Backend::Avx2 => unreachable!("AVX2 is only detected on x86-64"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_forced_backend_names_parse() {
+        assert_eq!(Backend::parse("AVX2"), Some(Backend::Avx2));
+        assert_eq!(Backend::parse(" curv "), Some(Backend::Curv));
+        assert_eq!(Backend::parse("avx512"), None);
+        assert!(Backend::available().contains(&Backend::active()));
+        eprintln!(
+            "backends here: {:?}, active {:?}",
+            Backend::available(),
+            Backend::active()
+        );
+    }
+}
