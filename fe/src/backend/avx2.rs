@@ -59,8 +59,6 @@ use curve25519_dalek::ristretto::RistrettoPoint;
 
 /// Limbs per field element.
 const L: usize = 10;
-/// Bit offset of every limb: `⌈25.5·i⌉`.
-const OFFSETS: [u32; L] = [0, 26, 51, 77, 102, 128, 153, 179, 204, 230];
 /// Limbs of `2p`, the bias of a subtraction.
 const TWO_P: [u64; L] = [
     134217690, 67108862, 134217726, 67108862, 134217726, 67108862, 134217726, 67108862, 134217726,
@@ -71,21 +69,25 @@ const TWO_D: [u64; L] = [
     45281625, 27714825, 36363642, 13898781, 229458, 15978800, 54557047, 27058993, 29715967, 9444199,
 ];
 
+/// 40 limbs of 32 bits: every limb the backend stores is below `2^28`, and 160 bytes per
+/// point (as dalek's) keep the tables as small as curv's.
+type Row = [u32; 4 * L];
+
 /// A point in extended coordinates, point-major: limb `i` of coordinate `c` (X, Y, Z, T) at
 /// `10c + i`, every limb reduced.
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
-pub(crate) struct Ext([u64; 4 * L]);
+pub(crate) struct Ext(Row);
 
 /// An addend `(Y+X, Y−X, 2Z, 2dT)`, laid out as [`Ext`].
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
-pub(crate) struct Niels([u64; 4 * L]);
+pub(crate) struct Niels(Row);
 
 impl Ext {
     /// The identity `(0:1:1:0)`.
     pub(crate) const IDENTITY: Ext = {
-        let mut a = [0u64; 4 * L];
+        let mut a = [0u32; 4 * L];
         a[L] = 1;
         a[2 * L] = 1;
         Ext(a)
@@ -425,14 +427,15 @@ fn transpose(r: [V; 4]) -> [V; 4] {
 /// Four point-major rows of 40 words into lane form.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn gather(rows: [&[u64; 4 * L]; 4]) -> P4 {
+fn gather(rows: [&Row; 4]) -> P4 {
     let mut out = [[_mm256_setzero_si256(); L]; 4];
     for g in 0..L {
         let mut r = [_mm256_setzero_si256(); 4];
         for (v, row) in r.iter_mut().zip(rows) {
-            // SAFETY: words 4g..4g+4 of a 40-word array are in bounds (g < 10); the load is
+            // SAFETY: limbs 4g..4g+4 of a 40-limb array are in bounds (g < 10); the load is
             // unaligned and reads plain integers.
-            *v = unsafe { _mm256_loadu_si256(row.as_ptr().add(4 * g).cast()) };
+            let four = unsafe { _mm_loadu_si128(row.as_ptr().add(4 * g).cast()) };
+            *v = _mm256_cvtepu32_epi64(four);
         }
         for (l, v) in transpose(r).into_iter().enumerate() {
             let k = 4 * g + l;
@@ -445,8 +448,10 @@ fn gather(rows: [&[u64; 4 * L]; 4]) -> P4 {
 /// Lane form back into four point-major rows.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn scatter(p: &P4, rows: [&mut [u64; 4 * L]; 4]) {
+fn scatter(p: &P4, rows: [&mut Row; 4]) {
     let mut rows = rows;
+    // The low 32 bits of each 64-bit lane, into the low 128 bits.
+    let low_halves = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
     for g in 0..L {
         let mut r = [_mm256_setzero_si256(); 4];
         for (l, v) in r.iter_mut().enumerate() {
@@ -454,8 +459,9 @@ fn scatter(p: &P4, rows: [&mut [u64; 4 * L]; 4]) {
             *v = p[k / L][k % L];
         }
         for (v, row) in transpose(r).into_iter().zip(rows.iter_mut()) {
-            // SAFETY: as in `gather`, words 4g..4g+4 are in bounds; the store is unaligned.
-            unsafe { _mm256_storeu_si256(row.as_mut_ptr().add(4 * g).cast(), v) };
+            let four = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(v, low_halves));
+            // SAFETY: as in `gather`, limbs 4g..4g+4 are in bounds; the store is unaligned.
+            unsafe { _mm_storeu_si128(row.as_mut_ptr().add(4 * g).cast(), four) };
         }
     }
 }
@@ -481,7 +487,7 @@ fn add_group(accs: &mut [Ext], table: &[Niels], group: &[Op]) {
         negs[l] = op.neg;
     }
     let r = add_niels(&gather(p_rows), &gather(q_rows), lane_mask(negs));
-    let mut out = [[0u64; 4 * L]; 4];
+    let mut out = [[0u32; 4 * L]; 4];
     let [o0, o1, o2, o3] = &mut out;
     scatter(&r, [o0, o1, o2, o3]);
     for (l, op) in group.iter().enumerate() {
@@ -521,7 +527,7 @@ fn niels_many_avx2(points: &[Ext]) -> Vec<Niels> {
             *r = &p.0;
         }
         let q = niels(&gather(rows));
-        let mut tmp = [[0u64; 4 * L]; 4];
+        let mut tmp = [[0u32; 4 * L]; 4];
         let [o0, o1, o2, o3] = &mut tmp;
         scatter(&q, [o0, o1, o2, o3]);
         for (d, t) in dst.iter_mut().zip(tmp) {
@@ -533,7 +539,7 @@ fn niels_many_avx2(points: &[Ext]) -> Vec<Niels> {
 
 const fn identity_niels() -> Niels {
     // (Y+X, Y−X, 2Z, 2dT) of (0:1:1:0).
-    let mut a = [0u64; 4 * L];
+    let mut a = [0u32; 4 * L];
     a[0] = 1;
     a[L] = 1;
     a[2 * L] = 2;
@@ -589,74 +595,46 @@ fn dalek_point(limbs: [[u64; 5]; 4]) -> RistrettoPoint {
     unsafe { core::mem::transmute::<[[u64; 5]; 4], RistrettoPoint>(limbs) }
 }
 
-/// `Σ limbs[i]·2^offsets[i]`, folded below `2^255` (congruent modulo `p`), as 4 words.
-fn to_words(limbs: &[u64], offsets: &[u32]) -> [u64; 4] {
-    let mut w = [0u64; 6];
-    for (&l, &off) in limbs.iter().zip(offsets) {
-        add_at(&mut w, u128::from(l) << (off % 64), (off / 64) as usize);
+/// Radix-`2^51` limbs carried below `2^51` each (`2^255 ≡ 19` for the top carry; the last
+/// carry into limb 1 leaves it below `2^51 + 2^13`, which the split below still fits).
+fn carry51(mut l: [u64; 5]) -> [u64; 5] {
+    const M: u64 = (1 << 51) - 1;
+    for i in 0..4 {
+        l[i + 1] += l[i] >> 51;
+        l[i] &= M;
     }
-    for _ in 0..2 {
-        // 2^255 ≡ 19: fold the bits from 255 up.
-        let hi = (w[3] >> 63) | (w[4] << 1);
-        let hi = u128::from(hi) | (u128::from(w[5]) << 65);
-        w[3] &= u64::MAX >> 1;
-        w[4] = 0;
-        w[5] = 0;
-        add_at(&mut w, hi * 19, 0);
-    }
-    [w[0], w[1], w[2], w[3]]
+    l[0] += 19 * (l[4] >> 51);
+    l[4] &= M;
+    l[1] += l[0] >> 51;
+    l[0] &= M;
+    l
 }
 
-/// `w += v·2^(64·at)` with carries.
-fn add_at(w: &mut [u64; 6], v: u128, at: usize) {
-    let mut carry = v;
-    let mut i = at;
-    while carry != 0 && i < w.len() {
-        let s = u128::from(w[i]) + (carry & u128::from(u64::MAX));
-        w[i] = s as u64;
-        carry = (carry >> 64) + (s >> 64);
-        i += 1;
-    }
-}
-
-/// Bits `off..off+bits` of a 256-bit value.
-fn bits_at(w: &[u64; 4], off: u32, bits: u32) -> u64 {
-    let (i, sh) = ((off / 64) as usize, off % 64);
-    let mut v = w[i] >> sh;
-    if sh != 0 && i + 1 < 4 {
-        v |= w[i + 1] << (64 - sh);
-    }
-    v & ((1u64 << bits) - 1)
-}
-
-fn limb_bits(i: usize) -> u32 {
-    if i.is_multiple_of(2) {
-        26
-    } else {
-        25
-    }
-}
-
-/// A curv point in the backend's form.
+/// A curv point in the backend's form: dalek's limb `k` (offset `51k`) is this module's limbs
+/// `2k` (26 bits at the same offset) and `2k + 1` (the next 25 bits).
 pub(crate) fn from_dalek(p: &RistrettoPoint) -> Ext {
-    let mut out = [0u64; 4 * L];
-    for (c, limbs) in dalek_limbs(p).iter().enumerate() {
-        let w = to_words(limbs, &[0, 51, 102, 153, 204]);
-        for i in 0..L {
-            out[c * L + i] = bits_at(&w, OFFSETS[i], limb_bits(i));
+    let mut out = [0u32; 4 * L];
+    for (c, limbs) in dalek_limbs(p).into_iter().enumerate() {
+        // dalek keeps its limbs below 2^54, so the carries cannot overflow.
+        let l = carry51(limbs);
+        for k in 0..5 {
+            out[c * L + 2 * k] = (l[k] & ((1 << 26) - 1)) as u32;
+            out[c * L + 2 * k + 1] = (l[k] >> 26) as u32;
         }
+        // Limb 1 may hold 2^25 + 2^13 − 1 at most: within the reduced bound (2^25 + 2^15).
     }
     Ext(out)
 }
 
-/// The backend's point as dalek's.
+/// The backend's point as dalek's, every limb below `2^51 + 2^13` (dalek's multiplication
+/// takes limbs below `2^54`).
 pub(crate) fn to_dalek(p: &Ext) -> RistrettoPoint {
     let mut limbs = [[0u64; 5]; 4];
     for (c, out) in limbs.iter_mut().enumerate() {
-        let w = to_words(&p.0[c * L..(c + 1) * L], &OFFSETS);
-        for (k, o) in out.iter_mut().enumerate() {
-            *o = bits_at(&w, 51 * k as u32, 51);
-        }
+        let m = &p.0[c * L..(c + 1) * L];
+        let l: [u64; 5] =
+            std::array::from_fn(|k| u64::from(m[2 * k]) + (u64::from(m[2 * k + 1]) << 26));
+        *out = carry51(l);
     }
     dalek_point(limbs)
 }
