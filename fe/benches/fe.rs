@@ -244,6 +244,21 @@ fn backend_benches(c: &mut Criterion) {
         }
         g.finish();
     }
+    let s = setup::<Ristretto>(785, 1, 1, 8);
+    let pk = s.msk.public_key();
+    let xs: Vec<Vec<i64>> = (0..64).map(|_| pixels(785)).collect();
+    let mut g = c.benchmark_group("backend/n=785/encrypt 64 vectors to bytes");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(6))
+        .throughput(Throughput::Elements(64));
+    for backend in Backend::available() {
+        let enc = feip::FeipEncryptor::new_on(&pk, backend);
+        g.bench_function(backend.name(), |b| {
+            b.iter(|| one_core().install(|| enc.encrypt_many_to_bytes(&xs).expect("enc")))
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, backend_benches, feip_benches, dlog_benches);

@@ -377,11 +377,6 @@ impl<E: FeCurve> GeneratorTable<E> {
     pub(crate) fn mul(&self, s: &Scalar<E>) -> RawPoint<E> {
         self.fixed.mul(s)
     }
-
-    /// `s·G` for a scalar recoded at the table's window width.
-    pub(crate) fn mul_digits(&self, digits: &[i32]) -> RawPoint<E> {
-        self.fixed.mul_digits(digits)
-    }
 }
 
 #[cfg(test)]

@@ -31,14 +31,15 @@
 //!
 //! then batched discrete logs, on all cores.
 
-use crate::backend::Backend;
-use crate::dlog::{DlogTable, GeneratorTable};
+use crate::backend::{same_curve, Backend, CurvLanes, Lanes, Op};
+use crate::dlog::DlogTable;
 use crate::encoding::bound_for_key;
 use crate::error::{FeError, Result};
-use crate::group::{double, generator, halve, wrap, FeCurve, RawPoint};
+use crate::group::{double, generator, halve, scalar_from_i64, wrap, FeCurve, RawPoint};
 use crate::msm::{
     best_window, double_k, msm_signed_with, recode_scalar, scalar_digits, subset_sum_products_on,
-    windows_for, BitPlanes, FixedBase, SmallMultiples, MAX_CHUNK_BITS, MAX_ZERO_FREE_CHUNK_BITS,
+    windows_for, BitPlanes, FixedBase, FixedBases, SmallMultiples, MAX_CHUNK_BITS,
+    MAX_ZERO_FREE_CHUNK_BITS,
 };
 use crate::serial::{put_i64s, put_point, put_points, put_scalar, serde_via_bytes, Encode, Reader};
 use curv::arithmetic::{BigInt, Converter};
@@ -341,22 +342,150 @@ impl<E: FeCurve> FeipCiphertext<E> {
 /// without one field inversion per point ([`FeipEncryptor::encrypt_to_bytes`]).
 pub struct FeipEncryptor<E: FeCurve> {
     pk: FeipPublicKey<E>,
-    g: GeneratorTable<E>,
-    h: Vec<FixedBase<E>>,
+    tables: EncryptionTables<E>,
+}
+
+/// The encryption tables, laid out for the backend they run on.
+enum EncryptionTables<E: FeCurve> {
+    Curv(TablesOn<E, CurvLanes>),
+    #[cfg(target_arch = "x86_64")]
+    Avx2(TablesOn<crate::Ristretto, crate::backend::Avx2Lanes>),
+}
+
+/// `B = G/2`'s small multiples and fixed-base table, and every `H_i/2`'s.
+struct TablesOn<E: FeCurve, L: Lanes<E> + Copy> {
+    /// `k·B` for `k = 0..=max`.
+    small: Vec<L::Entry>,
+    g: FixedBases<E, L>,
+    h: FixedBases<E, L>,
+}
+
+impl<E: FeCurve, L: Lanes<E> + Copy> TablesOn<E, L> {
+    fn new(lanes: L, b: &RawPoint<E>, hs: &[RawPoint<E>], small: usize) -> Self {
+        let small = SmallMultiples::<E>::new(b, small.max(1));
+        let mut multiples = vec![lanes.identity()];
+        multiples.extend(lanes.load(small.multiples()));
+        TablesOn {
+            small: lanes.entries(&multiples),
+            g: FixedBases::new(lanes, std::slice::from_ref(b), ENC_WINDOW),
+            h: FixedBases::new(lanes, hs, ENC_WINDOW),
+        }
+    }
+
+    /// `[C_0/2, C_1/2, …]` for every vector `xs[v]` with the recoded randomness `digits[v]`.
+    ///
+    /// The elements run in parallel chunks, element-major within a chunk, so that each
+    /// element's table (about 380 KiB) is used by all vectors while it is in cache.
+    fn halves(&self, xs: &[Vec<i64>], digits: &[Vec<i32>]) -> Vec<Vec<RawPoint<E>>> {
+        let lanes = *self.h.lanes();
+        let (nv, n) = (xs.len(), xs.first().map_or(0, Vec::len));
+        let per = 32usize.div_ceil(nv.max(1)).min(n.max(1));
+        let starts: Vec<usize> = (0..n).step_by(per).collect();
+        let chunks: Vec<Vec<RawPoint<E>>> = starts
+            .par_iter()
+            .map(|&start| {
+                let elems = start..(start + per).min(n);
+                let mut accs = vec![lanes.identity(); elems.len() * nv];
+                let mut products = Vec::with_capacity(accs.len());
+                let (mut small, mut large) = (Vec::new(), Vec::new());
+                for (j, i) in elems.enumerate() {
+                    for (v, (x, d)) in xs.iter().zip(digits).enumerate() {
+                        let a = j * nv + v;
+                        products.push((a, i, d.as_slice()));
+                        match x[i] {
+                            0 => {}
+                            x if x.unsigned_abs() < self.small.len() as u64 => {
+                                small.push(Op::new(a, x.unsigned_abs() as usize, x < 0))
+                            }
+                            x => {
+                                large.push((a, recode_scalar(&scalar_from_i64::<E>(x), ENC_WINDOW)))
+                            }
+                        }
+                    }
+                }
+                self.h.add_products(&mut accs, &products);
+                lanes.add_many(&mut accs, &self.small, &small);
+                let large: Vec<(usize, usize, &[i32])> =
+                    large.iter().map(|(a, d)| (*a, 0, d.as_slice())).collect();
+                self.g.add_products(&mut accs, &large);
+                lanes.store(&accs)
+            })
+            .collect();
+        let mut c0 = vec![lanes.identity(); nv];
+        let products: Vec<(usize, usize, &[i32])> = digits
+            .iter()
+            .enumerate()
+            .map(|(v, d)| (v, 0, d.as_slice()))
+            .collect();
+        self.g.add_products(&mut c0, &products);
+        let mut out: Vec<Vec<RawPoint<E>>> = lanes
+            .store(&c0)
+            .into_iter()
+            .map(|c| {
+                let mut v = Vec::with_capacity(n + 1);
+                v.push(c);
+                v
+            })
+            .collect();
+        for chunk in chunks {
+            for (k, p) in chunk.into_iter().enumerate() {
+                out[k % nv].push(p);
+            }
+        }
+        out
+    }
+}
+
+impl<E: FeCurve> EncryptionTables<E> {
+    fn new(backend: Backend, b: RawPoint<E>, hs: Vec<RawPoint<E>>, small: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if backend == Backend::Avx2 && crate::backend::avx2_enabled() {
+            let mut all = hs;
+            all.push(b);
+            match same_curve::<E, crate::Ristretto>(all) {
+                Ok(mut all) => {
+                    let b = all.pop().expect("pushed above");
+                    let lanes = crate::backend::Avx2Lanes;
+                    return EncryptionTables::Avx2(TablesOn::new(lanes, &b, &all, small));
+                }
+                Err(mut all) => {
+                    let b = all.pop().expect("pushed above");
+                    return EncryptionTables::Curv(TablesOn::new(CurvLanes, &b, &all, small));
+                }
+            }
+        }
+        let _ = backend;
+        EncryptionTables::Curv(TablesOn::new(CurvLanes, &b, &hs, small))
+    }
+
+    fn halves(&self, xs: &[Vec<i64>], digits: &[Vec<i32>]) -> Vec<Vec<RawPoint<E>>> {
+        match self {
+            EncryptionTables::Curv(t) => t.halves(xs, digits),
+            #[cfg(target_arch = "x86_64")]
+            EncryptionTables::Avx2(t) => t
+                .halves(xs, digits)
+                .into_iter()
+                .map(|v| same_curve::<crate::Ristretto, E>(v).expect("built for this curve"))
+                .collect(),
+        }
+    }
 }
 
 impl<E: FeCurve> FeipEncryptor<E> {
     /// Precomputes the tables for `pk` (`n·38·64` points, about 380 KiB per element on
-    /// Ristretto, in parallel).
+    /// Ristretto, in parallel) for the process's backend ([`Backend::active`]).
     pub fn new(pk: &FeipPublicKey<E>) -> Self {
+        Self::new_on(pk, Backend::active())
+    }
+
+    /// [`FeipEncryptor::new`] for a chosen backend (the fallback where this curve or CPU
+    /// lacks it): for comparisons; the ciphertexts are distributed the same on every backend.
+    pub fn new_on(pk: &FeipPublicKey<E>, backend: Backend) -> Self {
         let small = pk.params.x_bound.min(1 << 16) as usize;
+        let b = halve::<E>(&generator::<E>());
+        let hs: Vec<RawPoint<E>> = pk.h.par_iter().map(|p| halve::<E>(p.as_raw())).collect();
         FeipEncryptor {
-            g: GeneratorTable::for_base(&halve::<E>(&generator::<E>()), small, ENC_WINDOW),
-            h: pk
-                .h
-                .par_iter()
-                .map(|p| FixedBase::new(&halve::<E>(p.as_raw()), ENC_WINDOW))
-                .collect(),
+            tables: EncryptionTables::new(backend, b, hs, small),
             pk: pk.clone(),
         }
     }
@@ -391,33 +520,7 @@ impl<E: FeCurve> FeipEncryptor<E> {
         let digits: Vec<Vec<i32>> = (0..xs.len())
             .map(|_| recode_scalar(&Scalar::<E>::random(), ENC_WINDOW))
             .collect();
-        let columns: Vec<Vec<RawPoint<E>>> = self
-            .h
-            .par_iter()
-            .enumerate()
-            .map(|(i, t)| {
-                xs.iter()
-                    .zip(&digits)
-                    .map(|(x, d)| {
-                        let mut ci = t.mul_digits(d);
-                        if x[i] != 0 {
-                            ci.add_point_assign(&self.g.mul_i64(x[i]));
-                        }
-                        ci
-                    })
-                    .collect()
-            })
-            .collect();
-        Ok(digits
-            .par_iter()
-            .enumerate()
-            .map(|(v, d)| {
-                let mut out = Vec::with_capacity(self.h.len() + 1);
-                out.push(self.g.mul_digits(d));
-                out.extend(columns.iter().map(|c| c[v].clone()));
-                out
-            })
-            .collect())
+        Ok(self.tables.halves(xs, &digits))
     }
 
     /// Encrypts `x` (length `n`, `|x_i| ≤ x_bound`).
@@ -1107,6 +1210,51 @@ serde_via_bytes!(FeipCiphertext);
 mod tests {
     use super::*;
     use crate::group::{Ristretto, Secp256k1};
+    use proptest::prelude::{prop_assert_eq, proptest, ProptestConfig};
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(6))]
+        /// Ciphertexts made on every backend decrypt on every backend to the inner products:
+        /// plaintext entries past the small multiples of `G` (2^16) and negative, several
+        /// vectors at once and one alone, points and bytes.
+        #[test]
+        fn every_backend_encrypts_and_decrypts_the_same_products(
+            xs in proptest::collection::vec(proptest::collection::vec(-70_000i64..=70_000, 13), 1..6),
+            ys in proptest::collection::vec(proptest::collection::vec(-7i64..=7, 13), 1..9),
+        ) {
+            let params = FeipParams::new(13, 70_000).expect("params");
+            let (pk, msk) = setup::<Ristretto>(params);
+            let keys = msk.derive_keys(&ys).expect("keys");
+            let dlog = dlog_table();
+            let want: Vec<Vec<i64>> = xs
+                .iter()
+                .map(|x| ys.iter().map(|y| x.iter().zip(y).map(|(a, b)| a * b).sum()).collect())
+                .collect();
+            for enc in Backend::available() {
+                let encryptor = FeipEncryptor::new_on(&pk, enc);
+                let cts = encryptor.encrypt_many(&xs).expect("encrypt");
+                let from_bytes: Vec<FeipCiphertext<Ristretto>> = encryptor
+                    .encrypt_many_to_bytes(&xs)
+                    .expect("encrypt")
+                    .iter()
+                    .map(|b| FeipCiphertext::from_bytes(b).expect("decode"))
+                    .collect();
+                let one = encryptor.encrypt(&xs[0]).expect("encrypt");
+                for dec in Backend::available() {
+                    let d = FeipDecryptor::new(&params, &keys, dlog).expect("dec").with_backend(dec);
+                    prop_assert_eq!(&d.decrypt(&cts, dlog).expect("decrypt"), &want);
+                    prop_assert_eq!(&d.decrypt(&from_bytes, dlog).expect("decrypt"), &want);
+                    let got = d.decrypt(std::slice::from_ref(&one), dlog).expect("decrypt");
+                    prop_assert_eq!(&got[0], &want[0]);
+                }
+            }
+        }
+    }
+
+    fn dlog_table() -> &'static DlogTable<Ristretto> {
+        static T: std::sync::OnceLock<DlogTable<Ristretto>> = std::sync::OnceLock::new();
+        T.get_or_init(|| DlogTable::new(1 << 14).expect("dlog"))
+    }
 
     /// A child key is a function of the parent and the label only, fits its own public key,
     /// and its function keys decrypt nothing in range under another child or the parent.

@@ -24,7 +24,7 @@ use std::ops::Range;
 pub type RawPoint<E> = <E as Curve>::Point;
 
 /// A `curv` curve usable by the schemes of this crate.
-pub trait FeCurve: Curve {
+pub trait FeCurve: Curve + 'static {
     /// Length in bytes of a compressed point encoding.
     const POINT_LEN: usize;
 

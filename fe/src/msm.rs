@@ -215,6 +215,11 @@ impl<E: FeCurve> SmallMultiples<E> {
         }
     }
 
+    /// `k·P` for `k = 1..=max`, in order.
+    pub(crate) fn multiples(&self) -> &[RawPoint<E>] {
+        &self.table
+    }
+
     /// Largest tabulated multiple.
     pub fn max(&self) -> usize {
         self.table.len()
@@ -326,6 +331,62 @@ impl<E: FeCurve> FixedBase<E> {
     /// `s·P`.
     pub fn mul(&self, s: &Scalar<E>) -> RawPoint<E> {
         self.mul_digits(&recode_scalar(s, self.w))
+    }
+}
+
+/// Fixed-base tables of many points in a backend's addend form, applied to many scalars in
+/// one list of independent additions: encryption's `r·H_i` for every element `i` and vector.
+///
+/// Entry `k·half + d − 1` of base `b` (at `b·stride` in one flat table) is `d·2^(wk)·P_b`, as
+/// in [`FixedBase`]; a product is one addition per non-zero digit of the recoded scalar.
+pub(crate) struct FixedBases<E: FeCurve, L: Lanes<E>> {
+    lanes: L,
+    half: usize,
+    stride: usize,
+    table: Vec<L::Entry>,
+}
+
+impl<E: FeCurve, L: Lanes<E>> FixedBases<E, L> {
+    /// The tables of `bases` at window width `w` (2 to 8), built on all cores.
+    pub(crate) fn new(lanes: L, bases: &[RawPoint<E>], w: usize) -> Self {
+        let per_base: Vec<(usize, Vec<L::Entry>)> = bases
+            .par_iter()
+            .map(|p| {
+                let t = FixedBase::<E>::new(p, w);
+                (t.half, lanes.entries(&lanes.load(&t.table)))
+            })
+            .collect();
+        let half = per_base.first().map_or(1, |(h, _)| *h);
+        let stride = per_base.first().map_or(0, |(_, t)| t.len());
+        FixedBases {
+            lanes,
+            half,
+            stride,
+            table: per_base.into_iter().flat_map(|(_, t)| t).collect(),
+        }
+    }
+
+    /// The backend the tables are laid out for.
+    pub(crate) fn lanes(&self) -> &L {
+        &self.lanes
+    }
+
+    /// `accs[a] += s·P_b` for every `(a, b, digits of s)`, the digits recoded at the tables'
+    /// window width.
+    pub(crate) fn add_products(&self, accs: &mut [L::Acc], products: &[(usize, usize, &[i32])]) {
+        let windows = products.iter().map(|p| p.2.len()).max().unwrap_or(0);
+        let mut ops = Vec::with_capacity(products.len() * windows);
+        // Digit-major, so that neighbouring additions have different accumulators and run in
+        // one batch.
+        for k in 0..windows {
+            for &(a, b, digits) in products {
+                if let Some(&d) = digits.get(k).filter(|&&d| d != 0) {
+                    let entry = b * self.stride + k * self.half + d.unsigned_abs() as usize - 1;
+                    ops.push(Op::new(a, entry, d < 0));
+                }
+            }
+        }
+        self.lanes.add_many(accs, &self.table, &ops);
     }
 }
 

@@ -129,7 +129,21 @@ pub(crate) trait Lanes<E: FeCurve>: Sync {
     fn add_many(&self, accs: &mut [Self::Acc], table: &[Self::Entry], ops: &[Op]);
 }
 
+/// `points` as curve `F`'s when `E` is `F` (each vector backend serves one curve), else back.
+pub(crate) fn same_curve<E: FeCurve, F: FeCurve>(
+    points: Vec<RawPoint<E>>,
+) -> std::result::Result<Vec<RawPoint<F>>, Vec<RawPoint<E>>> {
+    let any: Box<dyn std::any::Any> = Box::new(points);
+    match any.downcast::<Vec<RawPoint<F>>>() {
+        Ok(v) => Ok(*v),
+        Err(any) => Err(*any
+            .downcast::<Vec<RawPoint<E>>>()
+            .expect("the box holds what was put in")),
+    }
+}
+
 /// The fallback: curv's addition, one at a time.
+#[derive(Clone, Copy)]
 pub(crate) struct CurvLanes;
 
 impl<E: FeCurve> Lanes<E> for CurvLanes {
@@ -166,6 +180,7 @@ impl<E: FeCurve> Lanes<E> for CurvLanes {
 
 /// The AVX2 backend on Ristretto255 (only where [`avx2_enabled`]).
 #[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
 pub(crate) struct Avx2Lanes;
 
 #[cfg(target_arch = "x86_64")]
