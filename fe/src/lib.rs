@@ -12,7 +12,8 @@
 //! Both end with a bounded discrete logarithm ([`dlog`]), solved by baby-step giant-step with a
 //! precomputed table; results outside the promised bound are errors, never wrong numbers.
 //! [`msm`] holds the fast arithmetic (bit planes over subset sums and the bucket method for
-//! small signed scalars, fixed-base tables), [`encoding`] the fixed-point codes and bound checks, [`serial`]
+//! small signed scalars, fixed-base tables), [`backend`] the point additions it runs on
+//! (curv's, or four at once with AVX2 on Ristretto255, chosen at run time), [`encoding`] the fixed-point codes and bound checks, [`serial`]
 //! the versioned, validated binary format. Everything is generic over the curve ([`FeCurve`]):
 //! [`Ristretto`] (default, about 128-bit security) and [`Secp256k1`].
 //!

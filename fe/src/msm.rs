@@ -41,8 +41,10 @@
 //!   complement only; buckets: about 1,040), and for `n = 64` about 124 with uniform entries
 //!   and 75-87 with the gradients of training (two thirds zeros).
 //!
-//! The functions work on `curv`'s raw points ([`RawPoint`]) through the `ECPoint` trait, so they
-//! run at the speed of the underlying library's point addition.
+//! The functions take and return `curv`'s raw points ([`RawPoint`]). The bit-plane products and
+//! encryption's fixed-base products run their additions through a backend
+//! ([`crate::backend`]): lists of independent additions, which the AVX2 backend does four at a
+//! time; the other functions use curv's addition directly.
 
 use crate::backend::{Backend, Lanes, Op};
 use crate::group::{FeCurve, RawPoint};

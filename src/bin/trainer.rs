@@ -375,14 +375,15 @@ fn serve(
     drop(auth);
     let info = service.info();
     eprintln!(
-        "prediction service: {} ({}-bit first layer{}) for {}; keys for its rows from the \
-         authority at {authority}",
+        "prediction service: {} ({}-bit first layer{}, on the {} backend) for {}; keys for its \
+         rows from the authority at {authority}",
         info.model,
         info.bits,
         service
             .additions_per_query()
             .map(|a| format!(", {a} point additions per query"))
             .unwrap_or_default(),
+        fe::backend::Backend::active().name(),
         info.dataset
     );
     let listener = std::net::TcpListener::bind(listen)
