@@ -33,6 +33,10 @@ secs() { local t0=$1; echo "$(( $(date +%s%N) - t0 ))" | awk '{printf "%.1f s", 
 start "$work/authority.out" "$bin/authority" serve --quiet --dir "$work/authority" --listen 127.0.0.1:0
 tok=(--authority "$addr" --token-file "$work/authority/token")
 backends=(curv avx2)
+# The client and trainer read CRYPTONN_MNIST_DIR as their default data: the first two jobs
+# are on the embedded subset.
+mnist="${CRYPTONN_MNIST_DIR:-}"
+unset CRYPTONN_MNIST_DIR
 
 echo "== client encrypt, embedded training set"
 for b in "${backends[@]}"; do
@@ -55,9 +59,9 @@ else
   exit 1
 fi
 
-[ -n "${CRYPTONN_MNIST_DIR:-}" ] || exit 0
+[ -n "$mnist" ] || exit 0
 echo "== prediction service, full MNIST, 2,000 test images, 8 queries in flight"
-"$bin/trainer" simulate --data "$CRYPTONN_MNIST_DIR" --spec 784-128-32-10 --epochs 1 --seed 1 \
+"$bin/trainer" simulate --data "$mnist" --spec 784-128-32-10 --epochs 1 --seed 1 \
   --bits 8 --quiet --out "$work/mnist.bin"
 for bits in 8 4; do
   for b in "${backends[@]}"; do
@@ -66,7 +70,7 @@ for bits in 8 4; do
       --client-token-file "$work/serve.token" --dlog-table "$work/dlog.bin"
     echo -n "$bits-bit keys, $b: "
     "$bin/client" predict --quiet --server "$addr" --server-token-file "$work/serve.token" \
-      "${tok[@]}" --data "$CRYPTONN_MNIST_DIR" --parallel 8 --limit 2000 \
+      "${tok[@]}" --data "$mnist" --parallel 8 --limit 2000 \
       --out "$work/predictions-$b-$bits.csv" | grep -i "per hour" | tail -1
     kill "$pid"; wait "$pid" 2>/dev/null || true
   done
