@@ -1,8 +1,8 @@
 //! Point-addition backends: the seam between the algorithms of [`crate::msm`] and the
 //! arithmetic that runs them.
 //!
-//! The algorithms are written once against [`Lanes`]: load points, turn them into addends,
-//! and apply a list of independent additions `acc[i] ±= entry[j]` ([`Op`]). A backend decides
+//! The algorithms are written once against `Lanes`: load points, turn them into addends,
+//! and apply a list of independent additions `acc[i] ±= entry[j]` (`Op`). A backend decides
 //! how the list runs:
 //!
 //! * [`Backend::Curv`]: one `curv` addition after another, on every curve (the fallback).
