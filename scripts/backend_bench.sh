@@ -14,19 +14,8 @@ bin=target/release
 cargo build --release --bins -q
 rm -rf "$work"
 mkdir -p "$work"
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-
-# Starts a server command (its stdout into $1), waits for "listening on"; sets $addr and $pid.
-start() {
-  local out=$1; shift
-  "$@" > "$out" 2> "$out.err" &
-  pid=$!
-  pids+=("$pid")
-  for _ in $(seq 1200); do grep -q "listening on" "$out" && break; sleep 0.1; done
-  addr=$(sed -n 's/^listening on //p' "$out")
-  [ -n "$addr" ] || { cat "$out.err"; exit 1; }
-}
+# shellcheck source=start_server.sh
+source scripts/start_server.sh
 secs() { local t0=$1; echo "$(( $(date +%s%N) - t0 ))" | awk '{printf "%.1f s", $1 / 1e9}'; }
 
 "$bin/authority" init --dir "$work/authority" --batch-size 64 > /dev/null

@@ -440,18 +440,12 @@ impl<E: FeCurve> EncryptionTables<E> {
     fn new(backend: Backend, b: RawPoint<E>, hs: Vec<RawPoint<E>>, small: usize) -> Self {
         #[cfg(target_arch = "x86_64")]
         if backend == Backend::Avx2 && crate::backend::avx2_enabled() {
-            let mut all = hs;
-            all.push(b);
-            match same_curve::<E, crate::Ristretto>(all) {
-                Ok(mut all) => {
-                    let b = all.pop().expect("pushed above");
-                    let lanes = crate::backend::Avx2Lanes;
-                    return EncryptionTables::Avx2(TablesOn::new(lanes, &b, &all, small));
-                }
-                Err(mut all) => {
-                    let b = all.pop().expect("pushed above");
-                    return EncryptionTables::Curv(TablesOn::new(CurvLanes, &b, &all, small));
-                }
+            if let (Ok(b), Ok(hs)) = (
+                same_curve::<E, crate::Ristretto>(vec![b.clone()]),
+                same_curve::<E, crate::Ristretto>(hs.clone()),
+            ) {
+                let lanes = crate::backend::Avx2Lanes;
+                return EncryptionTables::Avx2(TablesOn::new(lanes, &b[0], &hs, small));
             }
         }
         let _ = backend;

@@ -14,11 +14,8 @@
 //! [`Ristretto`] (the default: fast, prime order, about 128-bit security) and [`Secp256k1`]
 //! are implemented.
 
-use crate::backend::{Backend, CurvLanes};
-use crate::msm::{products_with, BitPlanes};
 use curv::elliptic::curves::{Curve, ECPoint, ECScalar, Point, Scalar};
 pub use curv::elliptic::curves::{Ristretto, Secp256k1};
-use std::ops::Range;
 
 /// The raw point type of a curve, on which the hot loops work directly.
 pub type RawPoint<E> = <E as Curve>::Point;
@@ -44,19 +41,6 @@ pub trait FeCurve: Curve + 'static {
     /// Encryption computes its points for halved bases, so that their doubles are the
     /// ciphertext and this batched encoding (one shared inversion on Ristretto) serializes it.
     fn encode_doubled(points: &[RawPoint<Self>]) -> Vec<u8>;
-
-    /// [`crate::msm::subset_sum_products_on`]: the bit-plane products on `backend`, or on
-    /// the fallback where this curve has no such backend.
-    #[doc(hidden)]
-    fn planes_on(
-        backend: Backend,
-        points: &[RawPoint<Self>],
-        planes: &BitPlanes,
-        keys: Range<usize>,
-    ) -> Vec<RawPoint<Self>> {
-        let _ = backend;
-        products_with::<Self, _>(&CurvLanes, points, planes, keys)
-    }
 }
 
 impl FeCurve for Ristretto {
@@ -83,20 +67,6 @@ impl FeCurve for Ristretto {
             out[32 * i..32 * i + 32].copy_from_slice(&e);
         }
         out
-    }
-
-    fn planes_on(
-        backend: Backend,
-        points: &[RawPoint<Self>],
-        planes: &BitPlanes,
-        keys: Range<usize>,
-    ) -> Vec<RawPoint<Self>> {
-        #[cfg(target_arch = "x86_64")]
-        if backend == Backend::Avx2 && crate::backend::avx2_enabled() {
-            return products_with::<Self, _>(&crate::backend::Avx2Lanes, points, planes, keys);
-        }
-        let _ = backend;
-        products_with::<Self, _>(&CurvLanes, points, planes, keys)
     }
 }
 

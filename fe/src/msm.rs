@@ -46,7 +46,7 @@
 //! ([`crate::backend`]): lists of independent additions, which the AVX2 backend does four at a
 //! time; the other functions use curv's addition directly.
 
-use crate::backend::{Backend, Lanes, Op};
+use crate::backend::{same_curve, Backend, CurvLanes, Lanes, Op};
 use crate::group::{FeCurve, RawPoint};
 use curv::elliptic::curves::{ECPoint, Scalar};
 use rayon::prelude::*;
@@ -960,7 +960,15 @@ pub fn subset_sum_products_on<E: FeCurve>(
 ) -> Vec<RawPoint<E>> {
     assert_eq!(points.len(), planes.n, "one point per scalar");
     assert!(keys.end <= planes.keys);
-    E::planes_on(backend, points, planes, keys)
+    #[cfg(target_arch = "x86_64")]
+    if backend == Backend::Avx2 && crate::backend::avx2_enabled() {
+        if let Ok(points) = same_curve::<E, crate::Ristretto>(points.to_vec()) {
+            let out = products_with(&crate::backend::Avx2Lanes, &points, planes, keys);
+            return same_curve::<crate::Ristretto, E>(out).expect("E is Ristretto here");
+        }
+    }
+    let _ = backend;
+    products_with::<E, _>(&CurvLanes, points, planes, keys)
 }
 
 /// [`subset_sum_products`] with the arithmetic of `lanes`.
