@@ -259,6 +259,23 @@ fn backend_benches(c: &mut Criterion) {
         });
     }
     g.finish();
+    let bytes = feip::FeipEncryptor::new(&pk)
+        .encrypt_many_to_bytes(&xs[..1])
+        .expect("enc")
+        .remove(0);
+    let mut g = c.benchmark_group("backend/n=785/decode one ciphertext's elements");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .throughput(Throughput::Elements(785));
+    // The ciphertext's 785 element points, after the envelope, `C_0` and the length.
+    let points = &bytes[bytes.len() - 785 * 32..];
+    for backend in Backend::available() {
+        g.bench_function(backend.name(), |b| {
+            b.iter(|| fe::serial::decode_points_on::<Ristretto>(backend, points).expect("decode"))
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, backend_benches, feip_benches, dlog_benches);

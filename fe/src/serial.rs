@@ -14,6 +14,7 @@
 //! could hold. The types also implement `serde` through these bytes, so they can travel inside
 //! other serde messages.
 
+use crate::backend::Backend;
 use crate::error::{FeError, Result};
 use crate::group::FeCurve;
 use curv::elliptic::curves::{Point, Scalar};
@@ -158,10 +159,10 @@ impl<'a> Reader<'a> {
         Point::from_bytes(b).map_err(|_| FeError::InvalidEncoding("group element"))
     }
 
-    /// A vector of points with its length.
+    /// A vector of points with its length, decoded together on the process's backend.
     pub fn points<E: FeCurve>(&mut self) -> Result<Vec<Point<E>>> {
         let n = self.len(E::POINT_LEN)?;
-        (0..n).map(|_| self.point::<E>()).collect()
+        decode_points_on(Backend::active(), self.take(n * E::POINT_LEN)?)
     }
 
     /// A canonical scalar.
@@ -175,6 +176,13 @@ impl<'a> Reader<'a> {
         let n = self.len(8)?;
         (0..n).map(|_| self.i64()).collect()
     }
+}
+
+/// Decodes concatenated canonical point encodings on `backend` ([`Reader::points`] uses the
+/// process's): for tests and comparisons of the backends.
+pub fn decode_points_on<E: FeCurve>(backend: Backend, bytes: &[u8]) -> Result<Vec<Point<E>>> {
+    crate::backend::decode_points(backend, bytes)
+        .map_err(|_| FeError::InvalidEncoding("group element"))
 }
 
 /// Appends a point's compressed encoding.

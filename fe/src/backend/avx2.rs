@@ -39,11 +39,21 @@
 //! eight multiplications, complete (it also doubles and adds the identity). Subtracting an
 //! addend swaps `Y+X` with `Y−X` and negates `2dT`, lane by lane.
 //!
+//! # Decoding
+//!
+//! Ciphertexts arrive as 32-byte encodings, and decoding one (RFC 9496, section 4.3.1) costs
+//! an inverse square root: `w³·(w⁷)^((p−5)/8)` for `w = v·u2²`, 252 squarings and about 20
+//! multiplications. [`decompress_many`] runs it on four encodings at once, with a squaring of
+//! its own (55 products instead of 100; each product's factor `2^[i≠j]·2^[i,j odd]·19^[i+j≥10]`
+//! is split between its inputs so that both stay below `2^32`, which needs even limbs below
+//! `2^27` and odd ones below `2^26`). The byte checks (`s < p`, `s` even), the comparisons
+//! and the signs of the sign fix-ups are read lane by lane from canonical limbs: the inputs
+//! are public ciphertexts, so nothing needs constant time. The decoded point is
+//! `(x, y, 1, x·y)`, exactly dalek's.
+//!
 //! # Conversion from and to `curve25519-dalek`
 //!
-//! The issue asked for points to enter and leave as encodings. A Ristretto encoding costs an
-//! inverse square root (about 250 multiplications) each way, as much as 30 additions, so the
-//! backend reads the coordinates of dalek 3's `RistrettoPoint` directly (four elements of five
+//! Between the algorithms' calls points are curv's (dalek's), and the backend reads the coordinates of dalek 3's `RistrettoPoint` directly (four elements of five
 //! 64-bit limbs in radix `2^51`, its `u64_backend`). That layout is not a promise of dalek's,
 //! so [`layout_holds`] checks it at run time on known points and on sums against dalek's own
 //! `+`, and the backend is used only if every check passes; a different layout (another dalek
@@ -68,6 +78,17 @@ const TWO_P: [u64; L] = [
 const TWO_D: [u64; L] = [
     45281625, 27714825, 36363642, 13898781, 229458, 15978800, 54557047, 27058993, 29715967, 9444199,
 ];
+
+/// Limbs of `d`.
+const D: [u64; L] = [
+    56195235, 13857412, 51736253, 6949390, 114729, 24766616, 60832955, 30306712, 48412415, 21499315,
+];
+/// Limbs of `√−1 = 2^((p−1)/4)`.
+const SQRT_M1: [u64; L] = [
+    34513072, 25610706, 9377949, 3500415, 12389472, 33281959, 41962654, 31548777, 326685, 11406482,
+];
+/// Limbs of 1.
+const ONE: [u64; L] = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
 /// 40 limbs of 32 bits: every limb the backend stores is below `2^28`, and 160 bytes per
 /// point (as dalek's) keep the tables as small as curv's.
@@ -361,6 +382,131 @@ fn mul(a: &F4, b: &F4) -> F4 {
     carry([c0, c1, c2, c3, c4, c5, c6, c7, c8, c9])
 }
 
+/// `a²`, reduced, for inputs with even limbs below `2^27` and odd ones below `2^26` (reduced
+/// elements and `a + 2p − b` of reduced ones).
+///
+/// The 55 products `a_i·a_j`, `i ≤ j`, of the multiplication's formula, each with its factor
+/// `2^[i≠j]·2^[i,j odd]·19^[i+j≥10]` split between its two inputs so that both stay below
+/// `2^32` (`2a_i < 2^28`, `38a_j < 2^32` for odd `j`, `19a_j < 2^32`).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn sq(a: &F4) -> F4 {
+    // Generated from the formula above, summed as balanced trees.
+    let (n19, n38) = (splat(19), splat(38));
+    let a2_0 = _mm256_add_epi64(a[0], a[0]);
+    let a2_1 = _mm256_add_epi64(a[1], a[1]);
+    let a2_2 = _mm256_add_epi64(a[2], a[2]);
+    let a2_3 = _mm256_add_epi64(a[3], a[3]);
+    let a2_4 = _mm256_add_epi64(a[4], a[4]);
+    let a2_5 = _mm256_add_epi64(a[5], a[5]);
+    let a2_6 = _mm256_add_epi64(a[6], a[6]);
+    let a2_7 = _mm256_add_epi64(a[7], a[7]);
+    let a2_8 = _mm256_add_epi64(a[8], a[8]);
+    let a19_6 = _mm256_mul_epu32(a[6], n19);
+    let a19_7 = _mm256_mul_epu32(a[7], n19);
+    let a19_8 = _mm256_mul_epu32(a[8], n19);
+    let a19_9 = _mm256_mul_epu32(a[9], n19);
+    let a38_5 = _mm256_mul_epu32(a[5], n38);
+    let a38_7 = _mm256_mul_epu32(a[7], n38);
+    let a38_9 = _mm256_mul_epu32(a[9], n38);
+    let c0 = _mm256_add_epi64(
+        _mm256_add_epi64(
+            _mm256_mul_epu32(a[0], a[0]),
+            _mm256_add_epi64(_mm256_mul_epu32(a2_1, a38_9), _mm256_mul_epu32(a2_2, a19_8)),
+        ),
+        _mm256_add_epi64(
+            _mm256_mul_epu32(a2_3, a38_7),
+            _mm256_add_epi64(_mm256_mul_epu32(a2_4, a19_6), _mm256_mul_epu32(a[5], a38_5)),
+        ),
+    );
+    let c1 = _mm256_add_epi64(
+        _mm256_add_epi64(_mm256_mul_epu32(a2_0, a[1]), _mm256_mul_epu32(a2_2, a19_9)),
+        _mm256_add_epi64(
+            _mm256_mul_epu32(a2_3, a19_8),
+            _mm256_add_epi64(_mm256_mul_epu32(a2_4, a19_7), _mm256_mul_epu32(a2_5, a19_6)),
+        ),
+    );
+    let c2 = _mm256_add_epi64(
+        _mm256_add_epi64(
+            _mm256_mul_epu32(a2_0, a[2]),
+            _mm256_add_epi64(_mm256_mul_epu32(a[1], a2_1), _mm256_mul_epu32(a2_3, a38_9)),
+        ),
+        _mm256_add_epi64(
+            _mm256_mul_epu32(a2_4, a19_8),
+            _mm256_add_epi64(_mm256_mul_epu32(a2_5, a38_7), _mm256_mul_epu32(a[6], a19_6)),
+        ),
+    );
+    let c3 = _mm256_add_epi64(
+        _mm256_add_epi64(_mm256_mul_epu32(a2_0, a[3]), _mm256_mul_epu32(a2_1, a[2])),
+        _mm256_add_epi64(
+            _mm256_mul_epu32(a2_4, a19_9),
+            _mm256_add_epi64(_mm256_mul_epu32(a2_5, a19_8), _mm256_mul_epu32(a2_6, a19_7)),
+        ),
+    );
+    let c4 = _mm256_add_epi64(
+        _mm256_add_epi64(
+            _mm256_mul_epu32(a2_0, a[4]),
+            _mm256_add_epi64(_mm256_mul_epu32(a2_1, a2_3), _mm256_mul_epu32(a[2], a[2])),
+        ),
+        _mm256_add_epi64(
+            _mm256_mul_epu32(a2_5, a38_9),
+            _mm256_add_epi64(_mm256_mul_epu32(a2_6, a19_8), _mm256_mul_epu32(a[7], a38_7)),
+        ),
+    );
+    let c5 = _mm256_add_epi64(
+        _mm256_add_epi64(_mm256_mul_epu32(a2_0, a[5]), _mm256_mul_epu32(a2_1, a[4])),
+        _mm256_add_epi64(
+            _mm256_mul_epu32(a2_2, a[3]),
+            _mm256_add_epi64(_mm256_mul_epu32(a2_6, a19_9), _mm256_mul_epu32(a2_7, a19_8)),
+        ),
+    );
+    let c6 = _mm256_add_epi64(
+        _mm256_add_epi64(
+            _mm256_mul_epu32(a2_0, a[6]),
+            _mm256_add_epi64(_mm256_mul_epu32(a2_1, a2_5), _mm256_mul_epu32(a2_2, a[4])),
+        ),
+        _mm256_add_epi64(
+            _mm256_mul_epu32(a[3], a2_3),
+            _mm256_add_epi64(_mm256_mul_epu32(a2_7, a38_9), _mm256_mul_epu32(a[8], a19_8)),
+        ),
+    );
+    let c7 = _mm256_add_epi64(
+        _mm256_add_epi64(_mm256_mul_epu32(a2_0, a[7]), _mm256_mul_epu32(a2_1, a[6])),
+        _mm256_add_epi64(
+            _mm256_mul_epu32(a2_2, a[5]),
+            _mm256_add_epi64(_mm256_mul_epu32(a2_3, a[4]), _mm256_mul_epu32(a2_8, a19_9)),
+        ),
+    );
+    let c8 = _mm256_add_epi64(
+        _mm256_add_epi64(
+            _mm256_mul_epu32(a2_0, a[8]),
+            _mm256_add_epi64(_mm256_mul_epu32(a2_1, a2_7), _mm256_mul_epu32(a2_2, a[6])),
+        ),
+        _mm256_add_epi64(
+            _mm256_mul_epu32(a2_3, a2_5),
+            _mm256_add_epi64(_mm256_mul_epu32(a[4], a[4]), _mm256_mul_epu32(a[9], a38_9)),
+        ),
+    );
+    let c9 = _mm256_add_epi64(
+        _mm256_add_epi64(_mm256_mul_epu32(a2_0, a[9]), _mm256_mul_epu32(a2_1, a[8])),
+        _mm256_add_epi64(
+            _mm256_mul_epu32(a2_2, a[7]),
+            _mm256_add_epi64(_mm256_mul_epu32(a2_3, a[6]), _mm256_mul_epu32(a2_4, a[5])),
+        ),
+    );
+    carry([c0, c1, c2, c3, c4, c5, c6, c7, c8, c9])
+}
+
+/// `a^(2^k)` for `k ≥ 1`.
+#[target_feature(enable = "avx2")]
+fn sq_times(a: &F4, k: u32) -> F4 {
+    let mut x = sq(a);
+    for _ in 1..k {
+        x = sq(&x);
+    }
+    x
+}
+
 /// Constant limbs as a vector element.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -577,6 +723,134 @@ pub(crate) fn niels_many(points: &[Ext]) -> Vec<Niels> {
     unsafe { niels_many_avx2(points) }
 }
 
+// ---- Decoding Ristretto255 encodings, four at once ----
+
+/// `x^((p−5)/8) = x^(2^252 − 3)`: the exponentiation of a square root, by the usual chain
+/// (252 squarings, 11 multiplications).
+#[target_feature(enable = "avx2")]
+fn pow_p58(x: &F4) -> F4 {
+    let x2 = sq(x);
+    let x9 = mul(x, &sq_times(&x2, 2));
+    let x11 = mul(&x2, &x9);
+    let e5 = mul(&x9, &sq(&x11)); // x^(2^5 − 1)
+    let e10 = mul(&sq_times(&e5, 5), &e5);
+    let e20 = mul(&sq_times(&e10, 10), &e10);
+    let e40 = mul(&sq_times(&e20, 20), &e20);
+    let e50 = mul(&sq_times(&e40, 10), &e10);
+    let e100 = mul(&sq_times(&e50, 50), &e50);
+    let e200 = mul(&sq_times(&e100, 100), &e100);
+    let e250 = mul(&sq_times(&e200, 50), &e50);
+    mul(&sq_times(&e250, 2), x) // x^(2^252 − 4 + 1)
+}
+
+/// Every lane's limbs.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn lanes(a: &F4) -> [[u64; L]; 4] {
+    let mut out = [[0u64; L]; 4];
+    for (i, v) in a.iter().enumerate() {
+        let mut w = [0u64; 4];
+        // SAFETY: an unaligned store of one vector into four u64s.
+        unsafe { _mm256_storeu_si256(w.as_mut_ptr().cast(), *v) };
+        for l in 0..4 {
+            out[l][i] = w[l];
+        }
+    }
+    out
+}
+
+/// `−a` in the lanes whose element is negative (odd canonical value), for a reduced `a`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn abs(a: &F4) -> F4 {
+    let neg = lanes(a).map(|l| canonical(l)[0] & 1 == 1);
+    select(a, &sub(&[_mm256_setzero_si256(); L], a), lane_mask(neg))
+}
+
+/// The decoding of RFC 9496 (section 4.3.1) of four field elements `s` that the caller
+/// checked canonical and non-negative: each lane's point as dalek's limbs `(x, y, 1, x·y)`,
+/// or `None` where `s` encodes no point.
+#[target_feature(enable = "avx2")]
+fn decode4(s: &F4) -> [Option<[[u64; 5]; 4]>; 4] {
+    let (one, zero) = (constant(&ONE), [_mm256_setzero_si256(); L]);
+    let ss = sq(s);
+    let u1 = sub(&one, &ss);
+    let u2 = add(&one, &ss);
+    let u2_sqr = sq(&u2);
+    // v = −(d·u1²) − u2², carried before its negation (a subtrahend must be reduced).
+    let v = sub(&zero, &carry(add(&mul(&constant(&D), &sq(&u1)), &u2_sqr)));
+    // (was_square, r) = SQRT_RATIO_M1(1, w): r = w³·(w⁷)^((p−5)/8), then the sign fix-ups.
+    let w = mul(&v, &u2_sqr);
+    let w3 = mul(&sq(&w), &w);
+    let w7 = mul(&sq(&w3), &w);
+    let r = mul(&w3, &pow_p58(&w7));
+    let check = lanes(&mul(&w, &sq(&r))).map(canonical);
+    let correct = check.map(|c| c == [1, 0, 0, 0, 0]);
+    let flipped = check.map(|c| c == MINUS_ONE);
+    let flipped_i = check.map(|c| c == MINUS_SQRT_M1);
+    let rotate = std::array::from_fn(|l| flipped[l] || flipped_i[l]);
+    let r = abs(&select(
+        &r,
+        &mul(&r, &constant(&SQRT_M1)),
+        lane_mask(rotate),
+    ));
+    let den_x = mul(&r, &u2);
+    let den_y = mul(&mul(&r, &den_x), &v);
+    let x = abs(&mul(&add(s, s), &den_x));
+    let y = mul(&u1, &den_y);
+    let t = mul(&x, &y);
+    let (x, y, t) = (
+        lanes(&x).map(canonical),
+        lanes(&y).map(canonical),
+        lanes(&t).map(canonical),
+    );
+    std::array::from_fn(|l| {
+        let ok = (correct[l] || flipped[l]) && t[l][0] & 1 == 0 && y[l] != [0; 5];
+        ok.then_some([x[l], y[l], [1, 0, 0, 0, 0], t[l]])
+    })
+}
+
+/// Four lanes' limbs as one vector element.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn from_lanes(l: [[u64; L]; 4]) -> F4 {
+    std::array::from_fn(|i| {
+        _mm256_set_epi64x(
+            l[3][i] as i64,
+            l[2][i] as i64,
+            l[1][i] as i64,
+            l[0][i] as i64,
+        )
+    })
+}
+
+/// Decodes encodings four at a time.
+#[target_feature(enable = "avx2")]
+fn decompress_many_avx2(encodings: &[[u8; 32]]) -> Vec<Option<RistrettoPoint>> {
+    let mut out = Vec::with_capacity(encodings.len());
+    for group in encodings.chunks(4) {
+        let parsed: [Option<[u64; L]>; 4] =
+            std::array::from_fn(|l| group.get(l).and_then(encoding_limbs));
+        // A lane that fails the byte checks decodes 0 (the identity) and is then refused.
+        let decoded = decode4(&from_lanes(parsed.map(|p| p.unwrap_or([0; L]))));
+        for (p, d) in parsed.iter().zip(decoded).take(group.len()) {
+            out.push(p.and(d).map(dalek_point));
+        }
+    }
+    out
+}
+
+/// Ristretto255 decodings (RFC 9496, section 4.3.1) of `encodings`, four at once: `None`
+/// for each that encodes no point (non-canonical, negative, or not a valid `s`).
+pub(crate) fn decompress_many(encodings: &[[u8; 32]]) -> Vec<Option<RistrettoPoint>> {
+    assert!(
+        super::avx2_enabled(),
+        "the AVX2 backend runs only where it was detected"
+    );
+    // SAFETY: as in `add_many`.
+    unsafe { decompress_many_avx2(encodings) }
+}
+
 // ---- Conversion from and to dalek's coordinates (scalar code) ----
 
 /// dalek 3's `RistrettoPoint` as its four coordinates' radix-`2^51` limbs.
@@ -608,6 +882,64 @@ fn carry51(mut l: [u64; 5]) -> [u64; 5] {
     l[1] += l[0] >> 51;
     l[0] &= M;
     l
+}
+
+/// `p − 1` and `−√−1` as canonical radix-`2^51` limbs.
+const MINUS_ONE: [u64; 5] = [
+    2251799813685228,
+    2251799813685247,
+    2251799813685247,
+    2251799813685247,
+    2251799813685247,
+];
+const MINUS_SQRT_M1: [u64; 5] = [
+    533094393274173,
+    2016890930128738,
+    18285341111199,
+    134597186663265,
+    1486323764102114,
+];
+
+/// The canonical radix-`2^51` limbs (the value below `p`, each limb below `2^51`) of one
+/// lane's element, whose limbs are below `2^32`.
+fn canonical(m: [u64; L]) -> [u64; 5] {
+    const M: u64 = (1 << 51) - 1;
+    let mut l = carry51(std::array::from_fn(|k| m[2 * k] + (m[2 * k + 1] << 26)));
+    // Now h < 2^255 + 2^64 < 2p, so h ≥ p exactly when h + 19 carries out of bit 255.
+    let mut q = (l[0] + 19) >> 51;
+    for limb in &l[1..] {
+        q = (limb + q) >> 51;
+    }
+    // h − q·p: add 19q, carry, and drop bit 255.
+    l[0] += 19 * q;
+    for k in 0..4 {
+        l[k + 1] += l[k] >> 51;
+        l[k] &= M;
+    }
+    l[4] &= M;
+    l
+}
+
+/// Bit offsets of this module's limbs, `⌈25.5·i⌉`.
+const OFFSETS: [usize; L] = [0, 26, 51, 77, 102, 128, 153, 179, 204, 230];
+
+/// The field element of an encoding that passes RFC 9496's byte checks (`s < p` and even),
+/// as exact-width limbs.
+fn encoding_limbs(b: &[u8; 32]) -> Option<[u64; L]> {
+    let at_least_p = b[31] == 0x7f && b[1..31].iter().all(|&x| x == 0xff) && b[0] >= 0xed;
+    if b[31] & 0x80 != 0 || at_least_p || b[0] & 1 == 1 {
+        return None;
+    }
+    let w: [u64; 4] =
+        std::array::from_fn(|i| u64::from_le_bytes(std::array::from_fn(|j| b[8 * i + j])));
+    Some(std::array::from_fn(|i| {
+        let (q, r, width) = (OFFSETS[i] / 64, OFFSETS[i] % 64, 26 - i % 2);
+        let mut v = w[q] >> r;
+        if r + width > 64 {
+            v |= w[q + 1] << (64 - r);
+        }
+        v & ((1 << width) - 1)
+    }))
 }
 
 /// A curv point in the backend's form: dalek's limb `k` (offset `51k`) is this module's limbs

@@ -9,13 +9,16 @@
 //! * [`Backend::Avx2`]: Ristretto255 only, four additions at a time in AVX2 registers
 //!   (`avx2.rs`, the workspace's only `unsafe` code).
 //!
+//! The AVX2 backend also decodes points from their encodings, four at a time
+//! (`serial::Reader::points`, so every ciphertext a process reads).
+//!
 //! The backend is chosen once per process: the fastest one this CPU runs, unless the
 //! environment variable `CRYPTONN_FE_BACKEND` names one (`curv` or `avx2`); a backend the CPU
 //! cannot run is never chosen. [`Backend::available`] lists them for tests and benchmarks,
 //! which pick one per call with the `_on` functions of [`crate::msm`].
 
-use crate::group::{FeCurve, RawPoint};
-use curv::elliptic::curves::ECPoint;
+use crate::group::{wrap, FeCurve, RawPoint};
+use curv::elliptic::curves::{ECPoint, Point};
 use std::sync::OnceLock;
 
 #[cfg(target_arch = "x86_64")]
@@ -140,6 +143,41 @@ pub(crate) fn same_curve<E: FeCurve, F: FeCurve>(
             .downcast::<Vec<RawPoint<E>>>()
             .expect("the box holds what was put in")),
     }
+}
+
+/// Decodes canonical point encodings (`E::POINT_LEN` bytes each, concatenated) on `backend`
+/// (the fallback where this curve or CPU lacks it): the points, or the index of the first
+/// encoding that is not a point (a trailing partial encoding included).
+pub(crate) fn decode_points<E: FeCurve>(
+    backend: Backend,
+    bytes: &[u8],
+) -> std::result::Result<Vec<Point<E>>, usize> {
+    if !bytes.len().is_multiple_of(E::POINT_LEN) {
+        return Err(bytes.len() / E::POINT_LEN);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if backend == Backend::Avx2
+        && avx2_enabled()
+        && std::any::TypeId::of::<E>() == std::any::TypeId::of::<crate::Ristretto>()
+    {
+        let encodings: Vec<[u8; 32]> = bytes
+            .chunks_exact(32)
+            .map(|c| std::array::from_fn(|i| c[i]))
+            .collect();
+        let mut raw = Vec::with_capacity(encodings.len());
+        for (i, d) in avx2::decompress_many(&encodings).into_iter().enumerate() {
+            raw.push(RawPoint::<crate::Ristretto>::from_underlying(d.ok_or(i)?));
+        }
+        if let Ok(raw) = same_curve::<crate::Ristretto, E>(raw) {
+            return Ok(raw.into_iter().map(wrap).collect());
+        }
+    }
+    let _ = backend;
+    bytes
+        .chunks(E::POINT_LEN)
+        .enumerate()
+        .map(|(i, b)| Point::from_bytes(b).map_err(|_| i))
+        .collect()
 }
 
 /// The fallback: curv's addition, one at a time.
@@ -307,6 +345,140 @@ mod tests {
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 Backend::Avx2 => unreachable!("AVX2 is only detected on x86-64"),
+            }
+        }
+    }
+
+    /// Encodings that decode, that do not, and that sit on the edges of the byte checks.
+    fn awkward_encodings(rng: &mut rand::rngs::StdRng) -> Vec<[u8; 32]> {
+        let enc = |p: &P| -> [u8; 32] { p.underlying_ref().compress().to_bytes() };
+        let mut v: Vec<[u8; 32]> = awkward_points(20).iter().map(enc).collect();
+        let mut flipped = v[0];
+        flipped[0] ^= 1; // negative s
+        let mut high = v[1];
+        high[31] |= 0x80; // bit 255 set
+        v.extend([flipped, high]);
+        let p_minus = |k: u8| {
+            let mut b = [0xffu8; 32];
+            b[0] = 0xed - k;
+            b[31] = 0x7f;
+            b
+        };
+        // p − 2 (canonical), p − 1 (odd), p and p + 1 (not canonical), 2^255 − 2, all ones.
+        v.extend([p_minus(2), p_minus(1), p_minus(0), {
+            let mut b = p_minus(0);
+            b[0] = 0xee;
+            b
+        }]);
+        v.extend([[0xff; 32], {
+            let mut b = [0xff; 32];
+            b[31] = 0x7f;
+            b[0] = 0xfe;
+            b
+        }]);
+        // Random strings, and random even ones below 2^255 (about half of those are points).
+        for i in 0..60 {
+            let mut b: [u8; 32] = rng.gen();
+            if i % 2 == 0 {
+                b[0] &= 0xfe;
+                b[31] &= 0x7f;
+            }
+            v.push(b);
+        }
+        v
+    }
+
+    /// dalek's decoding of one encoding: the reference.
+    fn dalek_decode(e: &[u8; 32]) -> Option<curve25519_dalek::ristretto::RistrettoPoint> {
+        curve25519_dalek::ristretto::CompressedRistretto(*e).decompress()
+    }
+
+    #[test]
+    fn every_available_backend_decodes_as_dalek_does() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let encodings = awkward_encodings(&mut rng);
+        let valid: Vec<[u8; 32]> = encodings
+            .iter()
+            .filter(|e| dalek_decode(e).is_some())
+            .copied()
+            .collect();
+        assert!(valid.len() > 30 && valid.len() < encodings.len() - 30);
+        for b in Backend::available() {
+            // One at a time: the same verdict, the same point, the same encoding back.
+            for e in &encodings {
+                match (decode_points::<Ristretto>(b, e), dalek_decode(e)) {
+                    (Ok(p), Some(d)) => {
+                        assert!(p.len() == 1 && *p[0].as_raw().underlying_ref() == d);
+                        assert_eq!(p[0].to_bytes(true).to_vec(), e.to_vec());
+                    }
+                    (Err(i), None) => assert_eq!(i, 0),
+                    (got, want) => panic!(
+                        "{b:?} decodes {e:?} as {:?}, dalek as {:?}",
+                        got.is_ok(),
+                        want.is_some()
+                    ),
+                }
+            }
+            // Together (groups of four, a partial last one): the points in order, and the
+            // index of the first refused encoding.
+            for len in [valid.len(), valid.len() - 1, 5, 3] {
+                let bytes = valid[..len].concat();
+                let got = decode_points::<Ristretto>(b, &bytes).expect("valid encodings");
+                let want: Vec<_> = valid[..len].iter().map(dalek_decode).collect();
+                assert!(got
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| Some(*g.as_raw().underlying_ref()) == *w));
+                assert_eq!(got.len(), len);
+            }
+            let first_bad = encodings
+                .iter()
+                .position(|e| dalek_decode(e).is_none())
+                .expect("some are refused");
+            assert_eq!(
+                decode_points::<Ristretto>(b, &encodings.concat()).err(),
+                Some(first_bad)
+            );
+            // A trailing partial encoding is refused, and other curves take the fallback.
+            assert_eq!(
+                decode_points::<Ristretto>(b, &valid[0][..31]).err(),
+                Some(0)
+            );
+            let bytes = [valid[0].as_slice(), &valid[1][..5]].concat();
+            assert_eq!(decode_points::<Ristretto>(b, &bytes).err(), Some(1));
+            let k = Point::<crate::Secp256k1>::generator() * Scalar::<crate::Secp256k1>::random();
+            let kb = k.to_bytes(true).to_vec();
+            assert!(decode_points::<crate::Secp256k1>(b, &kb).expect("secp256k1") == vec![k]);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Any bytes: every backend agrees with dalek on which decode and to what.
+        #[test]
+        fn any_bytes_decode_as_dalek_decodes(
+            raw in proptest::collection::vec(proptest::prelude::any::<[u8; 32]>(), 1..9),
+            even in proptest::prelude::any::<bool>(),
+        ) {
+            let encodings: Vec<[u8; 32]> = raw
+                .into_iter()
+                .map(|mut e| {
+                    if even {
+                        e[0] &= 0xfe;
+                        e[31] &= 0x7f;
+                    }
+                    e
+                })
+                .collect();
+            for b in Backend::available() {
+                for e in &encodings {
+                    let got = decode_points::<Ristretto>(b, e).ok();
+                    let want = dalek_decode(e);
+                    proptest::prop_assert_eq!(
+                        got.map(|p| *p[0].as_raw().underlying_ref()),
+                        want
+                    );
+                }
             }
         }
     }
