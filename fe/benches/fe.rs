@@ -259,6 +259,16 @@ fn backend_benches(c: &mut Criterion) {
         });
     }
     g.finish();
+    let mut g = c.benchmark_group("backend/n=785/build the encryption tables");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(6));
+    for backend in Backend::available() {
+        g.bench_function(backend.name(), |b| {
+            b.iter(|| one_core().install(|| feip::FeipEncryptor::new_on(&pk, backend)))
+        });
+    }
+    g.finish();
     let bytes = feip::FeipEncryptor::new(&pk)
         .encrypt_many_to_bytes(&xs[..1])
         .expect("enc")
