@@ -5,9 +5,10 @@
 # authority, queried by `client predict` with the 10,000 test images encrypted. Prints the
 # float and quantized plaintext accuracy, the client's encryption time and query size, the
 # throughput with all cores and with one, and the latency idle and under 8 concurrent queries,
-# for 8-bit first-layer keys (the training's) and for 4-bit ones (`trainer serve --bits 4`).
+# for 8-bit first-layer keys (the training's) and for 4-bit and 3-bit ones (`trainer serve
+# --bits 4`); `BITS="8 4"` picks the key sizes.
 #
-#   CRYPTONN_MNIST_DIR=/path/to/mnist ./scripts/inference_bench.sh [WORKDIR]
+#   CRYPTONN_MNIST_DIR=/path/to/mnist [BITS="8 4 3"] ./scripts/inference_bench.sh [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work="${1:-inference-bench}"
@@ -18,7 +19,10 @@ echo "== model: one epoch on full MNIST (simulated; bit-identical to encrypted t
 "$bin/trainer" simulate --data "$CRYPTONN_MNIST_DIR" --spec 784-128-32-10 --epochs 1 --seed 1 \
   --bits 8 --quiet --out "$work/model.bin"
 "$bin/trainer" evaluate --model "$work/model.bin" --data "$CRYPTONN_MNIST_DIR" --bits 8
-"$bin/trainer" evaluate --model "$work/model.bin" --data "$CRYPTONN_MNIST_DIR" --bits 4 | tail -1
+for bits in ${BITS:-8 4 3}; do
+  [ "$bits" = 8 ] || "$bin/trainer" evaluate --model "$work/model.bin" --data "$CRYPTONN_MNIST_DIR" \
+    --bits "$bits" | tail -1
+done
 
 # serve THREADS BITS: a service with THREADS decryption threads (empty: all cores) and
 # BITS-bit keys; sets $svc_addr.
@@ -37,7 +41,7 @@ predict() {
     "${tok[@]}" --data "$CRYPTONN_MNIST_DIR" "$@"
 }
 
-for bits in 8 4; do
+for bits in ${BITS:-8 4 3}; do
   serve "" $bits
   echo "== $bits-bit keys, all cores ($(nproc)): the 10,000 test images, 8 queries in flight"
   predict --parallel 8 --out "$work/predictions-$bits.csv"
